@@ -1,0 +1,187 @@
+"""How many accepted deliveries the broker loses when a worker is SIGKILLed or Redis restarts.
+
+    .venv/bin/python -m bench.broker_loss --fault kill  [--times 20] [--rate 100]
+    .venv/bin/python -m bench.broker_loss --fault redis [--times 8]  [--rate 50]
+
+Reproduces the known weakness written down in docs/figures.md: kombu's Redis transport
+takes a message off the list (``BRPOP``, ``Channel._brpop_read``) before it records it in
+its ``unacked`` hash (``QoS.append``); a worker SIGKILLed in between, or a Redis restart
+that drops the ``BRPOP`` reply, loses that message for good, although the receiver had
+answered 202 for it.
+
+Starts its own PostgreSQL and Redis (AOF everysec), pushes a steady stream of deliveries
+to the queue exactly as the receiver does (one ``LPUSH`` each, counted only once Redis
+answered), runs one ``celery worker`` as the Procfile does, and ``--times`` times either
+SIGKILLs the worker's process group and starts a new one, or shuts Redis down gracefully
+and starts it again. Then waits until nothing is queued or unacknowledged and prints how
+many pushed deliveries never reached the ``deliveries`` table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import redis
+
+from config.local_servers import EmbeddedPostgres, EmbeddedRedis
+from migrations import apply_migrations
+from tests.support import body_of, card_redemption, envelope
+from workers.messages import DELIVERY_QUEUE, delivery_message
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Pusher(threading.Thread):
+    """LPUSH ``rate`` deliveries a second, each retried until Redis acknowledges it."""
+
+    def __init__(self, redis_url: str, rate: float) -> None:
+        super().__init__(daemon=True)
+        self.redis_url = redis_url
+        self.rate = rate
+        self.pushed: list[str] = []
+        self.stop = threading.Event()
+        data = card_redemption("gift", "r_TEMPLATE", amount=100, balance_after=5000)
+        self.template = body_of(envelope("redemption.succeeded", data, event_id="ev_TEMPLATE"))
+
+    def run(self) -> None:
+        client: redis.Redis | None = None
+        started = time.monotonic()
+        i = 0
+        while not self.stop.is_set():
+            pause = started + i / self.rate - time.monotonic()
+            if pause > 0:
+                self.stop.wait(pause)
+            body = self.template.decode().replace("TEMPLATE", f"loss_{i}")
+            delivery_id = uuid.uuid4().hex
+            message = delivery_message(body, delivery_id, datetime.now(UTC).isoformat())
+            while not self.stop.is_set():
+                try:
+                    if client is None:
+                        client = redis.Redis.from_url(
+                            self.redis_url, socket_timeout=2, socket_connect_timeout=1
+                        )
+                    client.lpush(DELIVERY_QUEUE, message)
+                except redis.RedisError:
+                    client = None
+                    self.stop.wait(0.05)
+                    continue
+                self.pushed.append(delivery_id)  # what the receiver would answer 202 for
+                break
+            i += 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fault", choices=("kill", "redis"), required=True)
+    parser.add_argument("--times", type=int, default=None, help="kill: 20, redis: 8")
+    parser.add_argument("--rate", type=float, default=None, help="kill: 100/s, redis: 50/s")
+    args = parser.parse_args()
+    times = args.times or (20 if args.fault == "kill" else 8)
+    rate = args.rate or (100.0 if args.fault == "kill" else 50.0)
+
+    workdir = Path(tempfile.mkdtemp(prefix="vfy-bench-loss-"))
+    postgres = EmbeddedPostgres(workdir / "pg", durable=False)
+    broker = EmbeddedRedis(workdir / "redis", appendfsync="everysec")
+    postgres.start()
+    broker.start()
+    with psycopg.connect(postgres.url(), autocommit=True) as conn:
+        apply_migrations(conn)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": postgres.url(),
+        "REDIS_URL": broker.url(),
+        "BROKER_VISIBILITY_TIMEOUT_SECONDS": "10",
+        "RETRY_BACKOFF_MAX_SECONDS": "4",
+        "LOG_LEVEL": "WARNING",
+        "WORKER_METRICS_PORT": "0",
+    }
+
+    def worker(n: int) -> subprocess.Popen[bytes]:
+        args = [
+            sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+            "--queues", DELIVERY_QUEUE, "--concurrency", "2", "--without-gossip",
+            "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING",
+        ]  # fmt: skip
+        with (workdir / f"worker-{n}.log").open("wb") as log:
+            return subprocess.Popen(
+                args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    pusher = Pusher(broker.url(), rate)
+    proc = worker(0)
+    try:
+        pusher.start()
+        time.sleep(3)  # the stream flows before the first fault
+        for n in range(1, times + 1):
+            time.sleep(random.uniform(0.5, 2.0) if args.fault == "kill" else 3.0)
+            if args.fault == "kill":
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                proc = worker(n)
+            else:
+                broker.stop()
+                time.sleep(random.uniform(0.2, 2.0))
+                broker.start()
+        pusher.stop.set()
+        pusher.join()
+        lost = settle(postgres.url(), broker.url(), pusher.pushed)
+    finally:
+        pusher.stop.set()
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        broker.stop()
+        postgres.stop(mode="immediate")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+    what = "SIGKILLs of the worker" if args.fault == "kill" else "graceful Redis restarts"
+    print(
+        f"{times} {what}, {rate:g} deliveries/s: {len(pusher.pushed)} accepted by Redis, "
+        f"{len(lost)} never applied ({len(lost) / len(pusher.pushed):.2%})"
+    )
+    for delivery_id in lost[:10]:
+        print(f"  lost: {delivery_id}")
+    return 0
+
+
+def settle(database_url: str, redis_url: str, pushed: list[str]) -> list[str]:
+    """The ids never recorded, once all are, or nothing was queued or unacknowledged for
+    15 s (longer than the visibility timeout: nothing more can come back), or after 3 min."""
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 180
+    idle_since = None
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT count(*) FROM deliveries").fetchone()
+            try:
+                idle = client.llen(DELIVERY_QUEUE) == 0 and client.hlen("unacked") == 0
+            except redis.RedisError:  # still loading its AOF after the last restart
+                idle = False
+            if row is not None and row[0] >= len(pushed) and idle:
+                break
+            idle_since = (idle_since or time.monotonic()) if idle else None
+            if idle_since is not None and time.monotonic() - idle_since > 15:
+                break
+            time.sleep(1)
+        recorded = {r[0] for r in conn.execute("SELECT delivery_id FROM deliveries")}
+    client.close()
+    return [d for d in pushed if d not in recorded]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""gunicorn settings of the ``web`` process (``gunicorn -c config/gunicorn.py receiver.wsgi:app``).
+
+Worker class chosen by measurement (see the README's figures): ``gthread`` keeps
+connections alive and lets a slow broker call block one thread, not the process.
+SIGTERM: gunicorn stops accepting, lets in-flight requests finish within
+``graceful_timeout``, then exits.
+"""
+
+import os
+import shutil
+import tempfile
+
+from config.entry import load_settings
+
+# Checked here, in the master, before gunicorn uses a value or starts a worker: a bad or
+# missing variable stops gunicorn with the one line every process prints, status 2. (A
+# worker exiting at import instead is only respawned by gunicorn, forever; and PORT or
+# LOG_LEVEL read raw would fail inside gunicorn without naming the variable.)
+_settings = load_settings("web", os.environ)
+
+bind = f"0.0.0.0:{_settings.port}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = os.environ.get("WEB_WORKER_CLASS", "gthread")
+threads = int(os.environ.get("WEB_THREADS", "8"))
+keepalive = 75  # longer than common load-balancer idle timeouts
+timeout = 30
+graceful_timeout = 20
+backlog = 2048
+accesslog = None  # the app logs what matters; no per-request line with headers
+errorlog = "-"
+loglevel = _settings.log_level.lower()
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "config.logs.JsonFormatter"}},
+    "handlers": {
+        "stdout": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "stream": "ext://sys.stdout",
+        }
+    },
+    "root": {"handlers": ["stdout"], "level": loglevel.upper()},
+    "loggers": {
+        "gunicorn.error": {"handlers": ["stdout"], "level": loglevel.upper(), "propagate": False},
+        "gunicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+    },
+}
+
+# Prometheus multi-process mode: every gunicorn worker writes its metrics to files in
+# this folder and /metrics adds them up.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vfy-web-metrics-")
+
+
+def on_starting(server: object) -> None:
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
+
+
+def child_exit(server: object, worker: object) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined,no-untyped-call]
+
+
+# gunicorn's control socket is one fixed path per user: several web processes on one
+# machine (tests, benchmarks) would fight over it, and nothing here uses it.
+control_socket_disable = True

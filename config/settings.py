@@ -1,0 +1,262 @@
+"""One frozen, typed settings object built from the environment.
+
+Every process (web, worker, beat, release, the CLI) builds exactly one ``Settings`` from
+``os.environ`` in its entry module and passes it down. A malformed value raises
+``SettingsError`` whose message starts with the variable's name, so the entry module can
+print one line and exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+class SettingsError(ValueError):
+    """A variable is missing or malformed; the message names it."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # --- CONTRACT.md ---------------------------------------------------------------
+    database_url: str | None = None
+    """None means: use the embedded local PostgreSQL (local runs only)."""
+    redis_url: str | None = None
+    """None means: use the embedded local Redis (local runs only)."""
+    webhook_secrets: tuple[bytes, ...] = ()
+    port: int = 8000
+    ops_api_token: str | None = None
+    max_body_bytes: int = 1_048_576
+    log_level: str = "INFO"
+
+    # --- receiver --------------------------------------------------------------------
+    enqueue_timeout_seconds: float = 5.0
+    """Total time the receiver spends retrying a failing broker before answering 503."""
+
+    # --- workers ---------------------------------------------------------------------
+    db_pool_max_size: int = 4
+    event_max_retries: int = 12
+    retry_backoff_max_seconds: int = 120
+    broker_visibility_timeout_seconds: int = 300
+    worker_metrics_port: int = 9808
+    """Port of the worker's Prometheus endpoint (multi-process mode); 0: none."""
+
+    # --- reconciliation jobs -----------------------------------------------------------
+    redrive_after_seconds: int = 600
+    redrive_max_attempts: int = 5
+    redrive_interval_seconds: int = 300
+    verify_interval_seconds: int = 900
+    verify_after_seconds: int = 3600
+    drift_interval_seconds: int = 3600
+    retention_interval_seconds: int = 86400
+    retention_days: int = 30
+    retention_event_ids_days: int = 90
+    """Event ids (no bodies) are kept this long after an event was last seen, for dedup."""
+    verify_batch_size: int = 100
+    voucherify_api_url: str | None = None
+    voucherify_app_id: str | None = None
+    voucherify_app_token: str | None = None
+    voucherify_api_rate: float = 5.0
+    """Requests per second the verify job may send to Voucherify's API."""
+
+    def __repr__(self) -> str:  # never print secrets
+        hidden = {"webhook_secrets", "ops_api_token", "voucherify_app_token"}
+        parts = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in hidden and value:
+                value = "***"
+            elif field.name in ("database_url", "redis_url") and value:
+                value = redact_url(value)
+            parts.append(f"{field.name}={value!r}")
+        return f"Settings({', '.join(parts)})"
+
+    @property
+    def voucherify_api_enabled(self) -> bool:
+        return bool(
+            self.voucherify_api_url and self.voucherify_app_id and self.voucherify_app_token
+        )
+
+    def require_webhook_secrets(self) -> tuple[bytes, ...]:
+        """The web process cannot verify anything without a secret: fail at start-up."""
+        if not self.webhook_secrets:
+            raise SettingsError(
+                "VOUCHERIFY_WEBHOOK_SECRET",
+                "required for the web process (the secret from Voucherify's Project settings "
+                "-> Webhooks; several may be given separated by commas)",
+            )
+        return self.webhook_secrets
+
+    def with_urls(self, database_url: str, redis_url: str) -> Settings:
+        return dataclasses.replace(self, database_url=database_url, redis_url=redis_url)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        env = _Env(environ)
+        return cls(
+            database_url=env.get("DATABASE_URL", _postgres_url, None),
+            redis_url=env.get("REDIS_URL", _redis_url, None),
+            webhook_secrets=env.get("VOUCHERIFY_WEBHOOK_SECRET", _secrets, ()),
+            port=env.get("PORT", _int_range(1, 65535), 8000),
+            ops_api_token=env.get("OPS_API_TOKEN", _token, None),
+            max_body_bytes=env.get("MAX_BODY_BYTES", _int_range(1, 1 << 30), 1_048_576),
+            log_level=env.get("LOG_LEVEL", _log_level, "INFO"),
+            enqueue_timeout_seconds=env.get("ENQUEUE_TIMEOUT_SECONDS", _seconds(0.1, 6.0), 5.0),
+            db_pool_max_size=env.get("DB_POOL_MAX_SIZE", _int_range(1, 100), 4),
+            event_max_retries=env.get("EVENT_MAX_RETRIES", _int_range(0, 100), 12),
+            retry_backoff_max_seconds=env.get(
+                "RETRY_BACKOFF_MAX_SECONDS", _int_range(1, 3600), 120
+            ),
+            broker_visibility_timeout_seconds=env.get(
+                "BROKER_VISIBILITY_TIMEOUT_SECONDS", _int_range(10, 86400), 300
+            ),
+            worker_metrics_port=env.get("WORKER_METRICS_PORT", _int_range(0, 65535), 9808),
+            redrive_after_seconds=env.get("REDRIVE_AFTER_SECONDS", _int_range(1, 10**7), 600),
+            redrive_max_attempts=env.get("REDRIVE_MAX_ATTEMPTS", _int_range(1, 1000), 5),
+            redrive_interval_seconds=env.get("REDRIVE_INTERVAL_SECONDS", _int_range(1, 10**7), 300),
+            verify_interval_seconds=env.get("VERIFY_INTERVAL_SECONDS", _int_range(1, 10**7), 900),
+            verify_after_seconds=env.get("VERIFY_AFTER_SECONDS", _int_range(1, 10**7), 3600),
+            drift_interval_seconds=env.get("DRIFT_INTERVAL_SECONDS", _int_range(1, 10**7), 3600),
+            retention_interval_seconds=env.get(
+                "RETENTION_INTERVAL_SECONDS", _int_range(1, 10**7), 86400
+            ),
+            retention_days=env.get("RETENTION_DAYS", _int_range(7, 36500), 30),
+            retention_event_ids_days=env.get("RETENTION_EVENT_IDS_DAYS", _int_range(15, 36500), 90),
+            verify_batch_size=env.get("VERIFY_BATCH_SIZE", _int_range(1, 10_000), 100),
+            voucherify_api_url=env.get("VOUCHERIFY_API_URL", _http_url, None),
+            voucherify_app_id=env.get("VOUCHERIFY_APP_ID", _token, None),
+            voucherify_app_token=env.get("VOUCHERIFY_APP_TOKEN", _token, None),
+            voucherify_api_rate=env.get("VOUCHERIFY_API_RATE", _seconds(0.1, 100.0), 5.0),
+        ).checked()
+
+    def checked(self) -> Settings:
+        if self.retry_backoff_max_seconds >= self.broker_visibility_timeout_seconds:
+            # A retry countdown longer than the visibility timeout makes Redis hand the
+            # waiting message to another worker: the retry would run twice.
+            raise SettingsError(
+                "RETRY_BACKOFF_MAX_SECONDS",
+                f"must be below BROKER_VISIBILITY_TIMEOUT_SECONDS "
+                f"({self.broker_visibility_timeout_seconds})",
+            )
+        return self
+
+
+# libpq and redis-py both also take the password as a query parameter.
+_PASSWORD_PARAM = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (user-info or ``?password=``), for logs."""
+    parts = urlsplit(url)
+    query = _PASSWORD_PARAM.sub(r"\1***", parts.query)
+    if parts.password is None and query == parts.query:
+        return url
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+class _Env:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self._environ.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError as exc:
+            raise SettingsError(name, str(exc)) from None
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"expected a number of seconds, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected a number of seconds from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _url(schemes: tuple[str, ...], what: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        try:
+            parts = urlsplit(raw)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            # Not urlsplit's message: it quotes the bad "port", which is a piece of the
+            # password when the password holds an unencoded '/', '?' or '#'.
+            raise ValueError(
+                f"not a valid {what} URL (bad host or port; percent-encode special "
+                "characters in the user name and password)"
+            ) from None
+        if parts.scheme not in schemes:
+            raise ValueError(
+                f"not a valid {what} URL: the scheme must be one of {', '.join(schemes)}"
+            )
+        if parts.scheme not in ("unix",) and not parts.hostname and "host=" not in parts.query:
+            raise ValueError(f"not a valid {what} URL: no host")
+        return raw
+
+    return parse
+
+
+_postgres_url = _url(("postgresql", "postgres"), "PostgreSQL")
+_redis_url = _url(("redis", "rediss", "unix"), "Redis")
+_http_url = _url(("http", "https"), "HTTP")
+
+
+def _secrets(raw: str) -> tuple[bytes, ...]:
+    secrets = tuple(part.strip().encode() for part in raw.split(",") if part.strip())
+    if not secrets:
+        raise ValueError("no secret given (only commas and blanks)")
+    return secrets
+
+
+def _token(raw: str) -> str:
+    if any(ch.isspace() for ch in raw):
+        raise ValueError("must not contain whitespace")
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return level
+
+
+def configure_logging_level(settings: Settings) -> int:
+    return int(logging.getLevelName(settings.log_level))

@@ -1,0 +1,47 @@
+"""Ordered SQL migrations, applied by the ``release`` process (``python -m migrations``).
+
+Each ``NNNN_name.sql`` file runs once, in its own transaction, in name order; applied
+versions are recorded in ``schema_migrations``. An advisory lock makes two release
+processes started at once take turns, so a second run on an up-to-date database does
+nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from typing import Any
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+_LOCK_KEY = 0x766F7563  # "vouc": one advisory lock for all migration runs
+
+
+def migration_files() -> list[tuple[str, str]]:
+    files = [f for f in resources.files(__name__).iterdir() if f.name.endswith(".sql")]
+    return [
+        (f.name.removesuffix(".sql"), f.read_text()) for f in sorted(files, key=lambda f: f.name)
+    ]
+
+
+def apply_migrations(conn: psycopg.Connection[Any]) -> list[str]:
+    """Apply what is missing; return the versions applied now (empty when up to date)."""
+    applied_now: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        for version, sql in migration_files():
+            if version in done:
+                continue
+            with conn.transaction():
+                conn.execute(sql.encode())
+                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+            applied_now.append(version)
+            log.info("migration.applied", extra={"version": version})
+    return applied_now

@@ -1,0 +1,25 @@
+"""The ``release`` process: apply the database migrations, then exit."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import psycopg
+
+from config import logs
+from config.entry import load_settings
+from migrations import apply_migrations
+
+
+def main() -> None:
+    settings = load_settings("release", os.environ)
+    logs.configure(settings.log_level)
+    assert settings.database_url is not None
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        applied = apply_migrations(conn)
+    logging.getLogger("migrations").info("migrations.done", extra={"applied": applied})
+
+
+if __name__ == "__main__":
+    main()

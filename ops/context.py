@@ -1,0 +1,85 @@
+"""Where the ops tools get PostgreSQL and Redis from.
+
+The web process uses the process's pool (``workers.db.get_pool``: opened lazily on the first
+ops request or scrape, re-opened after a fork), never at import and never on the webhook
+path. The CLI, a short-lived process, opens one plain connection instead. Every ops
+transaction gets a ``statement_timeout`` so a slow query cannot hold a web thread for long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+import psycopg
+import redis
+
+from config.settings import Settings
+
+Connect = Callable[[float], AbstractContextManager[psycopg.Connection[Any]]]
+
+QUEUES = ("deliveries", "deliveries.parked", "jobs")
+"""The Redis lists whose depth the stats and gauges report."""
+
+
+class OpsContext:
+    def __init__(self, settings: Settings, connect: Connect | None = None) -> None:
+        if settings.database_url is None or settings.redis_url is None:
+            raise ValueError("the ops tools need settings with both URLs resolved")
+        self.settings = settings
+        self.database_url: str = settings.database_url
+        self.redis_url: str = settings.redis_url
+        self._connect = connect or self._pooled
+        self._redis: redis.Redis | None = None
+        self._lock = threading.Lock()
+
+    def _pooled(self, timeout: float) -> AbstractContextManager[psycopg.Connection[Any]]:
+        from workers.db import get_pool
+
+        pool = get_pool(self.database_url, self.settings.db_pool_max_size)
+        return pool.connection(timeout=timeout)
+
+    @contextlib.contextmanager
+    def transaction(
+        self, statement_timeout_ms: int = 10_000, wait_seconds: float = 5.0
+    ) -> Iterator[psycopg.Connection[Any]]:
+        """One transaction: committed when the block ends, rolled back when it raises."""
+        with self._connect(wait_seconds) as conn, conn.transaction():
+            conn.execute(
+                "SELECT set_config('statement_timeout', %(ms)s, true)",
+                {"ms": str(statement_timeout_ms)},
+            )
+            yield conn
+
+    def redis(self) -> redis.Redis:
+        with self._lock:  # gthread: several requests may ask at once
+            if self._redis is None:
+                self._redis = redis.Redis.from_url(
+                    self.redis_url, socket_connect_timeout=2, socket_timeout=2, retry=None
+                )
+            return self._redis
+
+    def queue_depths(self) -> dict[str, int]:
+        client = self.redis()
+        with client.pipeline(transaction=False) as pipe:
+            for queue in QUEUES:
+                pipe.llen(queue)
+            depths = pipe.execute()
+        return {queue: int(depth) for queue, depth in zip(QUEUES, depths, strict=True)}
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+
+
+def direct_connect(database_url: str) -> Connect:
+    """One new connection per transaction: for the CLI, which runs a few and exits."""
+
+    def connect(timeout: float) -> AbstractContextManager[psycopg.Connection[Any]]:
+        return psycopg.connect(database_url, connect_timeout=max(2, int(timeout)))
+
+    return connect

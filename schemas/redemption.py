@@ -1,0 +1,255 @@
+"""Marshmallow schemas of the redemption family, loading into frozen dataclasses.
+
+Only the fields the handlers use are declared; everything else is excluded at the
+boundary (a full load of the 6 KB payload costs several times more). All six types share
+one data shape (``EventCustomerRedemption`` in Voucherify's spec), so one set of schemas
+serves them; the per-type schemas differ in what they require.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
+
+REDEMPTION_STATUSES = ("SUCCEEDED", "FAILED", "ROLLED_BACK")
+ORDER_STATUSES = ("CREATED", "PAID", "CANCELED", "FULFILLED")
+GIFT_VOUCHER = "GIFT_VOUCHER"
+LOYALTY_CARD = "LOYALTY_CARD"
+
+
+class RedemptionStatus(fields.String):
+    """``ROLLED BACK`` (webhook schema) and ``ROLLED_BACK`` (REST, examples) are one status."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs).strip().upper().replace(" ", "_")
+        if text not in REDEMPTION_STATUSES:
+            raise ValidationError(f"Must be one of: {', '.join(REDEMPTION_STATUSES)}.")
+        return text
+
+
+class _Loose(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+
+def _opt_str() -> fields.String:
+    return fields.String(allow_none=True, load_default=None)
+
+
+_INT64 = validate.Range(min=-(2**63), max=2**63 - 1)
+
+
+def _opt_int() -> fields.Integer:
+    return fields.Integer(strict=True, allow_none=True, load_default=None, validate=_INT64)
+
+
+def _opt_datetime() -> fields.AwareDateTime:
+    return fields.AwareDateTime(allow_none=True, load_default=None, default_timezone=None)
+
+
+# --- dataclasses ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    id: str
+    status: str | None
+    amount: int | None
+    total_amount: int | None
+    customer_id: str | None
+    updated_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Voucher:
+    id: str | None
+    code: str | None
+    type: str | None
+    gift_balance: int | None
+    loyalty_balance: int | None
+
+    @property
+    def ledger_kind(self) -> str | None:
+        """``gift_credit`` / ``loyalty_points`` for cards; None for coupons and the rest."""
+        return {GIFT_VOUCHER: "gift_credit", LOYALTY_CARD: "loyalty_points"}.get(self.type or "")
+
+
+@dataclass(frozen=True, slots=True)
+class Redemption:
+    id: str
+    status: str | None
+    date: datetime | None
+    amount: int | None
+    parent_id: str | None
+    customer_id: str | None
+    failure_code: str | None
+    failure_message: str | None
+    reason: str | None
+    order_id: str | None
+    voucher: Voucher | None
+
+
+@dataclass(frozen=True, slots=True)
+class RedemptionEvent:
+    """One event of the redemption family, as the handlers see it."""
+
+    event_id: str
+    type: str
+    created_at: datetime | None
+    redemption: Redemption
+    rollback: Redemption | None
+    order: Order | None
+    voucher: Voucher | None
+    customer_id: str | None
+
+    @property
+    def card(self) -> Voucher | None:
+        """The voucher whose balance this redemption moved (top level, else the snapshot)."""
+        if self.voucher is not None and self.voucher.type:
+            return self.voucher
+        return self.redemption.voucher
+
+
+# --- schemas -------------------------------------------------------------------------
+
+
+class _Balance(_Loose):
+    balance = _opt_int()
+
+
+class VoucherSchema(_Loose):
+    id = _opt_str()
+    code = _opt_str()
+    type = _opt_str()
+    gift = fields.Nested(_Balance, allow_none=True, load_default=None)
+    loyalty_card = fields.Nested(_Balance, allow_none=True, load_default=None)
+
+    @post_load
+    def make(self, data: dict[str, Any], **_: Any) -> Voucher:
+        gift, loyalty = data["gift"], data["loyalty_card"]
+        return Voucher(
+            id=data["id"],
+            code=data["code"],
+            type=(data["type"] or "").upper() or None,
+            gift_balance=gift["balance"] if gift else None,
+            loyalty_balance=loyalty["balance"] if loyalty else None,
+        )
+
+
+class OrderSchema(_Loose):
+    id = fields.String(required=True)
+    status = fields.String(
+        allow_none=True, load_default=None, validate=validate.OneOf(ORDER_STATUSES)
+    )
+    amount = _opt_int()
+    total_amount = _opt_int()
+    customer_id = _opt_str()
+    updated_at = _opt_datetime()
+    created_at = _opt_datetime()
+
+    @post_load
+    def make(self, data: dict[str, Any], **_: Any) -> Order:
+        return Order(
+            id=data["id"],
+            status=data["status"],
+            amount=data["amount"],
+            total_amount=data["total_amount"],
+            customer_id=data["customer_id"],
+            updated_at=data["updated_at"] or data["created_at"],
+        )
+
+
+class _OrderRef(_Loose):
+    id = _opt_str()
+
+
+class RollbackSchema(_Loose):
+    """``redemption_rollback``: its own fields only; the order and voucher are top level."""
+
+    id = fields.String(required=True, validate=validate.Length(min=1))
+    status = RedemptionStatus(allow_none=True, load_default=None)
+    date = _opt_datetime()
+    amount = _opt_int()
+    redemption = _opt_str()
+    customer_id = _opt_str()
+    failure_code = _opt_str()
+    failure_message = _opt_str()
+    reason = _opt_str()
+
+    @post_load
+    def make(self, data: dict[str, Any], **_: Any) -> Redemption:
+        data.setdefault("order", None)
+        data.setdefault("voucher", None)
+        return Redemption(
+            id=data["id"],
+            status=data["status"],
+            date=data["date"],
+            amount=data["amount"],
+            parent_id=data["redemption"],
+            customer_id=data["customer_id"],
+            failure_code=data["failure_code"],
+            failure_message=data["failure_message"],
+            reason=data["reason"],
+            order_id=data["order"]["id"] if data["order"] else None,
+            voucher=data["voucher"],
+        )
+
+
+class RedemptionSchema(RollbackSchema):
+    order = fields.Nested(_OrderRef, allow_none=True, load_default=None)
+    voucher = fields.Nested(VoucherSchema, allow_none=True, load_default=None)
+
+
+class _Customer(_Loose):
+    id = _opt_str()
+
+
+class RedemptionDataSchema(_Loose):
+    """``data`` of a redemption-family event; the rollback events require the rollback."""
+
+    redemption = fields.Nested(RedemptionSchema, required=True)
+    redemption_rollback = fields.Nested(RollbackSchema, allow_none=True, load_default=None)
+    order = fields.Nested(OrderSchema, allow_none=True, load_default=None)
+    voucher = fields.Nested(VoucherSchema, allow_none=True, load_default=None)
+    customer = fields.Nested(_Customer, allow_none=True, load_default=None)
+
+
+class RollbackDataSchema(RedemptionDataSchema):
+    redemption_rollback = fields.Nested(RollbackSchema, required=True)
+
+
+_REDEMPTION_DATA = RedemptionDataSchema()
+_ROLLBACK_DATA = RollbackDataSchema()
+_DATETIME = fields.AwareDateTime(allow_none=True)
+
+
+def load_redemption_event(
+    event_id: str, event_type: str, created_at: str | None, data: Any, rollback: bool
+) -> RedemptionEvent:
+    """Load ``data`` of a redemption-family event; raises ``ValidationError`` when invalid."""
+    if not isinstance(data, dict):
+        raise ValidationError({"data": ["Must be an object."]})
+    schema = _ROLLBACK_DATA if rollback else _REDEMPTION_DATA
+    loaded: dict[str, Any] = schema.load(data)
+    try:
+        created = _DATETIME.deserialize(created_at) if created_at else None
+    except ValidationError as exc:
+        raise ValidationError({"event.created_at": exc.messages}) from exc
+    redemption: Redemption = loaded["redemption"]
+    order: Order | None = loaded["order"]
+    customer = loaded["customer"]
+    return RedemptionEvent(
+        event_id=event_id,
+        type=event_type,
+        created_at=created,
+        redemption=redemption,
+        rollback=loaded["redemption_rollback"],
+        order=order,
+        voucher=loaded["voucher"],
+        customer_id=(customer or {}).get("id")
+        or redemption.customer_id
+        or (order.customer_id if order else None),
+    )

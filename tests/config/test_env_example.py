@@ -1,0 +1,60 @@
+"""``.env.example`` lists every variable ``Settings.from_env`` reads, with its default."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from config.settings import Settings
+from tests.conftest import ROOT
+
+LINE = re.compile(r"^(# )?([A-Z][A-Z0-9_]*)=(.*)$")
+
+
+class RecordingEnviron(dict[str, str]):
+    """An empty environment that records which variables were asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.asked.append(key)
+        return super().get(key, default)
+
+
+def example() -> tuple[dict[str, str], set[str]]:
+    """The example's active assignments, and the variables it shows commented out."""
+    active: dict[str, str] = {}
+    commented: set[str] = set()
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        match = LINE.match(line)
+        if match:
+            if match.group(1):
+                commented.add(match.group(2))
+            else:
+                active[match.group(2)] = match.group(3)
+    return active, commented
+
+
+def test_every_settings_variable_is_listed() -> None:
+    environ = RecordingEnviron()
+    Settings.from_env(environ)
+    active, commented = example()
+    assert environ.asked  # from_env reads through .get
+    assert set(environ.asked) <= set(active) | commented
+    assert not set(active) & commented
+
+
+def test_each_listed_variable_has_a_comment_line_above_it() -> None:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    for number, line in enumerate(lines):
+        if LINE.match(line):
+            above = lines[number - 1]
+            assert above.startswith("# "), line
+            assert not LINE.match(above), line
+
+
+def test_listed_values_are_the_defaults() -> None:
+    active, _ = example()
+    assert Settings.from_env(active) == Settings.from_env({})

@@ -1,0 +1,176 @@
+"""``Settings.from_env``: defaults, coercion, one clear error per malformed variable, and
+no secret in its repr or its error messages."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from config.settings import Settings, SettingsError, redact_url
+
+
+def test_defaults_of_an_empty_environment() -> None:
+    settings = Settings.from_env({})
+    assert settings == Settings()
+    # CONTRACT.md's defaults.
+    assert settings.database_url is None  # the embedded local database (local runs)
+    assert settings.redis_url is None
+    assert settings.webhook_secrets == ()
+    assert settings.port == 8000
+    assert settings.ops_api_token is None
+    assert settings.max_body_bytes == 1_048_576
+    assert settings.log_level == "INFO"
+    # The receiver's and workers' own.
+    assert settings.enqueue_timeout_seconds == 5.0
+    assert settings.retry_backoff_max_seconds < settings.broker_visibility_timeout_seconds
+    assert not settings.voucherify_api_enabled
+
+
+def test_blank_values_mean_the_default() -> None:
+    assert Settings.from_env({"PORT": "  ", "LOG_LEVEL": "", "DATABASE_URL": ""}) == Settings()
+
+
+def test_values_are_coerced() -> None:
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://app:pw@db.internal:5432/vfy",
+            "REDIS_URL": "rediss://:pw@cache.internal:6380/1",
+            "VOUCHERIFY_WEBHOOK_SECRET": " old , new ,",
+            "PORT": " 9000 ",
+            "OPS_API_TOKEN": "tok",
+            "MAX_BODY_BYTES": "2048",
+            "LOG_LEVEL": "debug",
+            "ENQUEUE_TIMEOUT_SECONDS": "2.5",
+        }
+    )
+    assert settings.database_url == "postgresql://app:pw@db.internal:5432/vfy"
+    assert settings.redis_url == "rediss://:pw@cache.internal:6380/1"
+    assert settings.webhook_secrets == (b"old", b"new")
+    assert settings.port == 9000
+    assert settings.ops_api_token == "tok"
+    assert settings.max_body_bytes == 2048
+    assert settings.log_level == "DEBUG"
+    assert settings.enqueue_timeout_seconds == 2.5
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "not a url"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://db:port/x"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql:///x"}, "DATABASE_URL"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://"}, "REDIS_URL"),
+        ({"PORT": "abc"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"PORT": "0"}, "PORT"),
+        ({"MAX_BODY_BYTES": "-1"}, "MAX_BODY_BYTES"),
+        ({"MAX_BODY_BYTES": "1MB"}, "MAX_BODY_BYTES"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"VOUCHERIFY_WEBHOOK_SECRET": " , ,"}, "VOUCHERIFY_WEBHOOK_SECRET"),
+        ({"OPS_API_TOKEN": "two words"}, "OPS_API_TOKEN"),
+        ({"ENQUEUE_TIMEOUT_SECONDS": "soon"}, "ENQUEUE_TIMEOUT_SECONDS"),
+        ({"ENQUEUE_TIMEOUT_SECONDS": "30"}, "ENQUEUE_TIMEOUT_SECONDS"),
+        ({"VOUCHERIFY_API_URL": "ftp://api"}, "VOUCHERIFY_API_URL"),
+        ({"RETRY_BACKOFF_MAX_SECONDS": "300"}, "RETRY_BACKOFF_MAX_SECONDS"),
+        (
+            {"RETRY_BACKOFF_MAX_SECONDS": "60", "BROKER_VISIBILITY_TIMEOUT_SECONDS": "60"},
+            "RETRY_BACKOFF_MAX_SECONDS",
+        ),
+        (
+            {"RETRY_BACKOFF_MAX_SECONDS": "600", "BROKER_VISIBILITY_TIMEOUT_SECONDS": "300"},
+            "RETRY_BACKOFF_MAX_SECONDS",
+        ),
+    ],
+)
+def test_malformed_variable_is_named_first_in_the_error(
+    environ: dict[str, str], variable: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(environ)
+    assert str(caught.value).startswith(f"{variable}: ")
+    assert caught.value.variable == variable
+    assert len(str(caught.value).splitlines()) == 1
+
+
+def test_backoff_just_below_the_visibility_timeout_is_accepted() -> None:
+    settings = Settings.from_env(
+        {"RETRY_BACKOFF_MAX_SECONDS": "59", "BROKER_VISIBILITY_TIMEOUT_SECONDS": "60"}
+    )
+    assert settings.retry_backoff_max_seconds == 59
+
+
+def test_require_webhook_secrets_names_the_variable() -> None:
+    with pytest.raises(SettingsError, match=r"^VOUCHERIFY_WEBHOOK_SECRET: ") as caught:
+        Settings.from_env({}).require_webhook_secrets()
+    assert caught.value.variable == "VOUCHERIFY_WEBHOOK_SECRET"
+    assert Settings.from_env({"VOUCHERIFY_WEBHOOK_SECRET": "a,b"}).require_webhook_secrets() == (
+        b"a",
+        b"b",
+    )
+
+
+def test_repr_shows_no_secret_and_no_password() -> None:
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://app:db-pass-1@db:5432/vfy?sslmode=require",
+            "REDIS_URL": "redis://default:redis-pass-2@cache:6379/0",
+            "VOUCHERIFY_WEBHOOK_SECRET": "webhook-secret-3,webhook-secret-4",
+            "OPS_API_TOKEN": "ops-token-5",
+            "VOUCHERIFY_API_URL": "https://api.voucherify.io",
+            "VOUCHERIFY_APP_ID": "app-id",
+            "VOUCHERIFY_APP_TOKEN": "app-token-6",
+        }
+    )
+    for text in (repr(settings), str(settings)):
+        for secret in (
+            "db-pass-1",
+            "redis-pass-2",
+            "webhook-secret-3",
+            "webhook-secret-4",
+            "ops-token-5",
+            "app-token-6",
+        ):
+            assert secret not in text
+        # Still useful to an operator: where it connects, as whom.
+        assert "postgresql://app:***@db:5432/vfy?sslmode=require" in text
+        assert "redis://default:***@cache:6379/0" in text
+        assert "app-id" in text
+
+
+def test_password_given_as_a_query_parameter_is_redacted() -> None:
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://app@db/vfy?sslmode=require&password=db-pass-1",
+            "REDIS_URL": "redis://cache:6379/0?Password=redis-pass-2",
+        }
+    )
+    assert "db-pass-1" not in repr(settings)
+    assert "redis-pass-2" not in repr(settings)
+    assert redact_url("postgresql://app@db/vfy?password=x&sslmode=require") == (
+        "postgresql://app@db/vfy?password=***&sslmode=require"
+    )
+    assert redact_url("postgresql://app@db/vfy") == "postgresql://app@db/vfy"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:s3cr/et@db:5432/vfy",
+        "postgresql://app:s3cr?et@db/vfy",
+        "postgresql://app:s3cr#et@db/vfy",
+    ],
+)
+def test_error_on_a_dsn_never_quotes_its_password(url: str) -> None:
+    # An unencoded '/', '?' or '#' in the password makes urlsplit read part of it as the
+    # port; the error names the variable but must not echo that part.
+    with pytest.raises(SettingsError, match=r"^DATABASE_URL: ") as caught:
+        Settings.from_env({"DATABASE_URL": url})
+    assert "s3cr" not in str(caught.value)

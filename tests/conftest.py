@@ -1,0 +1,245 @@
+"""Real servers for the tests.
+
+Without ``TEST_DATABASE_URL`` / ``TEST_REDIS_URL`` the session starts its own PostgreSQL
+and Redis from the embedded binaries (the same ones a local run uses), in a temporary
+folder, and stops them at the end. With them, the tests use the given servers: each
+session creates its own databases there (``vfy_test_<pid>_…``) and drops them after, and
+uses its own Redis database number (``TEST_REDIS_DB``, default 15), flushed between tests.
+
+The fault tests always start their own servers, since they stop and restart them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+import redis
+
+from config.local_servers import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
+from config.settings import Settings
+from migrations import apply_migrations
+from tests.support import SECRET
+
+ROOT = Path(__file__).resolve().parent.parent
+DOMAIN_TABLES = (
+    "events",
+    "deliveries",
+    "dead_letters",
+    "orders",
+    "redemptions",
+    "ledger_entries",
+    "card_balances",
+    "flags",
+    "job_runs",
+)
+
+
+def _with_dbname(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{dbname}"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An admin URL (database ``postgres``) of a server the session may create databases on."""
+    given = os.environ.get("TEST_DATABASE_URL")
+    if given:
+        yield given
+        return
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres"), durable=False)
+    server.start()
+    try:
+        yield server.url()
+    finally:
+        server.stop(mode="immediate")
+
+
+def create_database(admin_url: str, migrated: bool = True) -> str:
+    name = f"vfy_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # name built above, not user input
+    url = _with_dbname(admin_url, name)
+    if migrated:
+        with psycopg.connect(url, autocommit=True) as conn:
+            apply_migrations(conn)
+    return url
+
+
+def drop_database(admin_url: str, url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def migrated_database(postgres_server: str) -> Iterator[str]:
+    url = create_database(postgres_server)
+    yield url
+    drop_database(postgres_server, url)
+
+
+@pytest.fixture
+def database_url(migrated_database: str) -> str:
+    """The session's migrated database, emptied before each test."""
+    with psycopg.connect(migrated_database, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {', '.join(DOMAIN_TABLES)} RESTART IDENTITY CASCADE")
+    return migrated_database
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection for reading what the code under test wrote."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    given = os.environ.get("TEST_REDIS_URL")
+    if given:
+        db_number = os.environ.get("TEST_REDIS_DB", "15")
+        yield urlunsplit(urlsplit(given)._replace(path=f"/{db_number}"))
+        return
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server.url()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    client = redis.Redis.from_url(redis_server)
+    client.flushdb()
+    client.close()
+    return redis_server
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(database_url: str, redis_url: str) -> Settings:
+    return Settings.from_env(
+        {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "VOUCHERIFY_WEBHOOK_SECRET": SECRET,
+        }
+    )
+
+
+# --- real processes -------------------------------------------------------------------
+
+
+def process_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_"))}
+    env.update({"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "INFO"})
+    env.update(overrides)
+    return env
+
+
+class Processes:
+    """Start real pipeline processes (as in the Procfile); stop them all at the end."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with (self.log_dir / f"{name}-{len(self.running)}.log").open("wb") as log:
+            # The child keeps its own copy of the descriptor; ours is closed at once.
+            proc = subprocess.Popen(
+                args,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.running.append(proc)
+        return proc
+
+    def worker(self, env: dict[str, str], concurrency: int = 2) -> subprocess.Popen[bytes]:
+        args = [
+            sys.executable,
+            "-m",
+            "celery",
+            "--quiet",  # no banner: every stdout line is a JSON log line
+            "-A",
+            "workers.app",
+            "worker",
+            "--queues",
+            "deliveries,jobs",
+            "--concurrency",
+            str(concurrency),
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "--loglevel",
+            "INFO",
+        ]
+        return self._spawn("worker", args, env)
+
+    def beat(self, env: dict[str, str], schedule_file: Path) -> subprocess.Popen[bytes]:
+        """A ``beat`` as in the Procfile; each one needs a schedule file of its own."""
+        args = [
+            sys.executable,
+            "-m",
+            "celery",
+            "--quiet",  # no banner: every stdout line is a JSON log line
+            "-A",
+            "workers.app",
+            "beat",
+            "--loglevel",
+            "INFO",
+            "--schedule",
+            str(schedule_file),
+        ]
+        return self._spawn("beat", args, env)
+
+    def web(self, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+        port = free_port()
+        env = {**env, "PORT": str(port), "WEB_CONCURRENCY": env.get("WEB_CONCURRENCY", "1")}
+        args = [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.py", "receiver.wsgi:app"]
+        proc = self._spawn("web", args, env)
+        wait_for_port(port, timeout=30)
+        return proc, port
+
+    def stop_all(self) -> None:
+        for proc in self.running:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.running:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait(timeout=5)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}"
+            for path in sorted(self.log_dir.glob("*.log"))
+        )
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop_all()

@@ -1,0 +1,109 @@
+"""The whole flow with real processes: gunicorn receiver -> Redis -> celery worker -> PostgreSQL."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.conftest import Processes, process_env
+from tests.support import (
+    SECRET,
+    body_of,
+    card_redemption,
+    card_rollback,
+    card_rollback_failed,
+    envelope,
+    sign,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def post(port: int, body: bytes, signature: str | None = None) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    headers = {"Content-Type": "application/json"}
+    if signature is not None:
+        headers["x-voucherify-signature"] = signature
+    conn.request("POST", "/webhooks/voucherify", body=body, headers=headers)
+    response = conn.getresponse()
+    payload = json.loads(response.read() or b"{}")
+    conn.close()
+    return response.status, payload
+
+
+def test_signed_webhooks_end_as_rows_in_postgresql(
+    processes: Processes, database_url: str, redis_url: str, db: psycopg.Connection[Any]
+) -> None:
+    env = process_env(
+        DATABASE_URL=database_url, REDIS_URL=redis_url, VOUCHERIFY_WEBHOOK_SECRET=SECRET
+    )
+    _, port = processes.web(env)
+    processes.worker(env)
+
+    redeemed = envelope(
+        "redemption.succeeded",
+        card_redemption("gift", "r_e2e", amount=2000, balance_after=8000),
+        event_id="evred_e2e_1",
+    )
+    rolled = envelope(
+        "redemption.rollback.succeeded",
+        card_rollback("gift", "r_e2e", "rr_e2e", amount=2000, balance_after=10000),
+        event_id="evred_e2e_2",
+    )
+    failed = envelope(
+        "redemption.rollback.failed",
+        card_rollback_failed("r_e2e", "rrf_e2e"),
+        event_id="evred_e2e_3",
+    )
+    invalid_data = card_redemption("gift", "r_bad", amount=1, balance_after=1)
+    invalid_data["redemption"]["date"] = "yesterday"
+    invalid = envelope("redemption.succeeded", invalid_data, event_id="evred_e2e_bad")
+    unknown = envelope("voucher.published", {"voucher": {"id": "v_1"}}, event_id="evvou_e2e")
+
+    accepted = []
+    for doc in (rolled, redeemed, redeemed, failed, invalid, unknown):  # out of order, a duplicate
+        body = body_of(doc)
+        status, payload = post(port, body, sign(body))
+        assert status == 202, payload
+        assert payload["status"] == "accepted"
+        accepted.append(payload["delivery_id"])
+    status, payload = post(port, body_of(unknown), sign(body_of(unknown), "wrong-secret"))
+    assert status == 401
+    assert payload == {"error": "invalid_signature"}
+
+    def all_recorded() -> bool:
+        row = db.execute("SELECT count(*) FROM deliveries").fetchone()
+        return row is not None and row[0] == len(accepted)
+
+    wait_until(
+        all_recorded, timeout=60, what="every accepted delivery recorded\n" + processes.logs()
+    )
+
+    statuses = dict(db.execute("SELECT event_id, status FROM events").fetchall())
+    assert statuses == {
+        "evred_e2e_1": "processed",
+        "evred_e2e_2": "processed",
+        "evred_e2e_3": "processed",
+        "evred_e2e_bad": "dead",
+        "evvou_e2e": "ignored",
+    }
+    delivered = {r[0] for r in db.execute("SELECT delivery_id FROM deliveries").fetchall()}
+    assert delivered == set(accepted)
+    assert db.execute("SELECT status, rollback_id FROM redemptions").fetchall() == [
+        ("ROLLED_BACK", "rr_e2e")
+    ]
+    assert db.execute("SELECT status FROM orders").fetchall() == [("CANCELED",)]
+    assert db.execute(
+        "SELECT effect, kind, amount FROM ledger_entries ORDER BY effect"
+    ).fetchall() == [("debit", "gift_credit", -2000), ("restore", "gift_credit", 2000)]
+    assert db.execute("SELECT category, rollback_id FROM flags").fetchall() == [
+        ("already_rolled_back", "rrf_e2e")
+    ]
+    reason = db.execute("SELECT reason FROM dead_letters").fetchone()
+    assert reason is not None
+    assert "date" in reason[0]

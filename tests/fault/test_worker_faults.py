@@ -1,0 +1,195 @@
+"""A real worker under fire: SIGKILL mid-batch, PostgreSQL gone for 15 s.
+
+These tests run their own PostgreSQL and Redis (they stop them), and real ``celery
+worker`` processes started the way the Procfile starts them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from config.local_servers import EmbeddedPostgres, EmbeddedRedis
+from migrations import apply_migrations
+from tests.conftest import Processes, process_env
+from tests.support import body_of, card_redemption, envelope, wait_until
+from workers.messages import DELIVERY_QUEUE, delivery_message
+
+pytestmark = pytest.mark.fault
+
+
+class Servers:
+    def __init__(self, root: Path) -> None:
+        self.postgres = EmbeddedPostgres(root / "pg", durable=False)
+        self.redis = EmbeddedRedis(root / "redis")
+
+    def start(self) -> None:
+        self.postgres.start()
+        self.redis.start()
+        with psycopg.connect(self.postgres.url(), autocommit=True) as conn:
+            apply_migrations(conn)
+
+    def stop(self) -> None:
+        self.redis.stop()
+        self.postgres.stop(mode="immediate")
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Servers]:
+    servers = Servers(tmp_path / "servers")
+    servers.start()
+    yield servers
+    servers.stop()
+
+
+def worker_env(servers: Servers) -> dict[str, str]:
+    return process_env(
+        DATABASE_URL=servers.postgres.url(),
+        REDIS_URL=servers.redis.url(),
+        # Short horizons so the test sees redelivery and retries in seconds, not minutes.
+        BROKER_VISIBILITY_TIMEOUT_SECONDS="10",
+        RETRY_BACKOFF_MAX_SECONDS="4",
+        EVENT_MAX_RETRIES="30",
+    )
+
+
+def enqueue_card_redemptions(redis_url: str, prefix: str, count: int) -> list[str]:
+    client = redis.Redis.from_url(redis_url)
+    event_ids = []
+    try:
+        pipe = client.pipeline()
+        for i in range(count):
+            event_id = f"ev_{prefix}_{i}"
+            data = card_redemption("gift", f"r_{prefix}_{i}", amount=100 + i, balance_after=5000)
+            body = body_of(envelope("redemption.succeeded", data, event_id=event_id)).decode()
+            received_at = datetime.now(UTC).isoformat()
+            pipe.lpush(DELIVERY_QUEUE, delivery_message(body, uuid.uuid4().hex, received_at))
+            event_ids.append(event_id)
+        pipe.execute()
+    finally:
+        client.close()
+    return event_ids
+
+
+def count(url: str, query: str) -> int:
+    try:
+        with psycopg.connect(url, connect_timeout=2) as conn:
+            row = conn.execute(query).fetchone()
+    except psycopg.OperationalError:
+        return -1
+    assert row is not None
+    return int(row[0])
+
+
+def assert_applied_exactly_once(url: str, event_ids: list[str], *, tries: int | None) -> None:
+    with psycopg.connect(url) as conn:
+        events: list[Any] = conn.execute(
+            "SELECT event_id, status, attempts FROM events ORDER BY event_id"
+        ).fetchall()
+        entries: list[Any] = conn.execute(
+            "SELECT redemption_id, count(*) FROM ledger_entries GROUP BY 1"
+        ).fetchall()
+        total = conn.execute("SELECT sum(amount) FROM ledger_entries").fetchone()
+    assert sorted(e[0] for e in events) == sorted(event_ids)
+    assert {e[1] for e in events} == {"processed"}
+    if tries is not None:
+        # attempts counts the event's committed tries (failed ones included): 1 means
+        # it committed once and every redelivery found it done.
+        assert {e[2] for e in events} == {tries}
+    assert len(entries) == len(event_ids)
+    assert {e[1] for e in entries} == {1}
+    assert total is not None
+    # ev_<prefix>_<i> spent 100 + i: the ledger total is right to the unit.
+    assert total[0] == -sum(100 + int(e.rsplit("_", 1)[1]) for e in event_ids)
+
+
+def test_a_worker_killed_with_sigkill_mid_batch_loses_nothing_and_applies_nothing_twice(
+    servers: Servers, processes: Processes
+) -> None:
+    env = worker_env(servers)
+    event_ids = enqueue_card_redemptions(servers.redis.url(), "kill", 400)
+    url = servers.postgres.url()
+    first = processes.worker(env)
+    wait_until(
+        lambda: count(url, "SELECT count(*) FROM events") >= 60,
+        timeout=60,
+        what="the first worker to be mid-batch\n" + processes.logs(),
+    )
+    os.killpg(first.pid, signal.SIGKILL)  # main process and its pool: nothing can clean up
+    first.wait(timeout=10)
+    done_at_kill = count(url, "SELECT count(*) FROM events")
+    assert done_at_kill < len(event_ids), "the batch finished before the kill: enqueue more"
+
+    processes.worker(env)
+    wait_until(
+        lambda: (
+            count(url, "SELECT count(*) FROM events WHERE status = 'processed'") == len(event_ids)
+        ),
+        timeout=120,
+        interval=0.5,
+        what="every event applied after the restart\n" + processes.logs(),
+    )
+    assert_applied_exactly_once(url, event_ids, tries=1)
+
+
+def test_events_arriving_while_postgresql_is_down_for_15s_are_applied_once_it_is_back(
+    servers: Servers, processes: Processes
+) -> None:
+    env = worker_env(servers)
+    url = servers.postgres.url()
+    processes.worker(env)
+    before = enqueue_card_redemptions(servers.redis.url(), "before", 20)
+    wait_until(lambda: count(url, "SELECT count(*) FROM events") == 20, timeout=60)
+
+    servers.postgres.stop(mode="fast")
+    during = enqueue_card_redemptions(servers.redis.url(), "during", 100)
+    time.sleep(15)  # the outage itself, not a wait for a result
+    servers.postgres.start()
+
+    wait_until(
+        lambda: count(url, "SELECT count(*) FROM events WHERE status = 'processed'") == 120,
+        timeout=120,
+        interval=0.5,
+        what="every event applied after PostgreSQL came back\n" + processes.logs(),
+    )
+    # Tries that failed while PostgreSQL was coming back are counted in attempts.
+    assert_applied_exactly_once(url, before + during, tries=None)
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM dead_letters").fetchone() == (0,)
+
+
+def test_a_worker_stopped_with_sigterm_mid_batch_hands_its_messages_back_at_once(
+    servers: Servers, processes: Processes
+) -> None:
+    """Warm shutdown: the task in hand finishes, reserved messages return to the queue."""
+    env = {**worker_env(servers), "BROKER_VISIBILITY_TIMEOUT_SECONDS": "3600"}
+    env["RETRY_BACKOFF_MAX_SECONDS"] = "60"
+    event_ids = enqueue_card_redemptions(servers.redis.url(), "term", 300)
+    url = servers.postgres.url()
+    first = processes.worker(env)
+    wait_until(lambda: count(url, "SELECT count(*) FROM events") >= 40, timeout=60)
+    first.terminate()
+    assert first.wait(timeout=30) == 0
+    assert count(url, "SELECT count(*) FROM events") < len(event_ids)
+
+    # With a one-hour visibility timeout, only a clean hand-back lets this finish quickly.
+    processes.worker(env)
+    wait_until(
+        lambda: (
+            count(url, "SELECT count(*) FROM events WHERE status = 'processed'") == len(event_ids)
+        ),
+        timeout=90,
+        interval=0.5,
+        what="every event applied after the restart\n" + processes.logs(),
+    )
+    assert_applied_exactly_once(url, event_ids, tries=1)

@@ -1,0 +1,111 @@
+"""One run of a job at a time: the Redis lock, and run_job / run_locked built on it."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import redis
+from psycopg_pool import ConnectionPool
+
+from config.settings import Settings
+from tests.jobs.conftest import rows
+from tests.support import wait_until
+from workers.jobs import JOBS, run_job
+from workers.jobs.lock import LOCK_PREFIX, JobLock
+from workers.jobs.runner import run_locked
+
+
+def test_a_second_holder_is_refused_until_the_first_releases(redis_client: redis.Redis) -> None:
+    first, second = JobLock(redis_client, "t", 30), JobLock(redis_client, "t", 30)
+    assert first.acquire()
+    assert not second.acquire()
+    assert 0 < int(redis_client.pttl(LOCK_PREFIX + "t")) <= 30_000  # it expires on its own
+    assert first.release()
+    assert second.acquire()
+    assert second.release()
+
+
+def test_an_expired_lock_taken_over_is_not_released_by_its_old_holder(
+    redis_client: redis.Redis,
+) -> None:
+    old = JobLock(redis_client, "t", 0.2)
+    assert old.acquire()
+    new = JobLock(redis_client, "t", 30)
+    wait_until(new.acquire, timeout=10, what="the old lock to expire")
+    assert not old.release()  # compare-and-delete: the token is not ours any more
+    assert redis_client.get(LOCK_PREFIX + "t") == new.token.encode()
+    assert new.release()
+
+
+def test_run_job_skips_while_another_run_holds_the_lock(
+    settings: Settings, redis_client: redis.Redis, db: psycopg.Connection[Any]
+) -> None:
+    holder = JobLock(redis_client, "redrive", 60)
+    assert holder.acquire()
+    assert run_job("redrive", settings)["status"] == "skipped"
+    assert holder.release()
+    assert run_job("redrive", settings)["status"] == "succeeded"
+    assert redis_client.get(LOCK_PREFIX + "redrive") is None  # released after the run
+    assert rows(db, "SELECT job, outcome FROM job_runs ORDER BY id") == [
+        ("redrive", "skipped"),
+        ("redrive", "succeeded"),
+    ]
+
+
+def test_two_runs_at_once_one_works_and_the_other_is_skipped(
+    pool: ConnectionPool, redis_url: str, db: psycopg.Connection[Any]
+) -> None:
+    spec = JOBS["drift"]
+    inside, leave = threading.Event(), threading.Event()
+    results: list[dict[str, Any]] = []
+
+    def slow(deadline: float) -> dict[str, int]:
+        inside.set()
+        assert leave.wait(30)
+        return {"cards": 1}
+
+    def first_run() -> None:
+        client = redis.Redis.from_url(redis_url)
+        try:
+            results.append(run_locked(spec, slow, pool, client))
+        finally:
+            client.close()
+
+    thread = threading.Thread(target=first_run)
+    thread.start()
+    try:
+        assert inside.wait(30)
+        client = redis.Redis.from_url(redis_url)
+        try:
+            second = run_locked(spec, lambda deadline: {"cards": 2}, pool, client)
+        finally:
+            client.close()
+    finally:
+        leave.set()
+        thread.join(30)
+    assert second["status"] == "skipped"
+    assert results == [{"job": "drift", "status": "succeeded", "result": {"cards": 1}}]
+    assert rows(db, "SELECT outcome, result FROM job_runs ORDER BY started_at") == [
+        ("succeeded", {"cards": 1}),
+        ("skipped", None),
+    ]
+
+
+def test_a_failing_job_is_recorded_and_releases_its_lock(
+    pool: ConnectionPool, redis_client: redis.Redis, db: psycopg.Connection[Any]
+) -> None:
+    def broken(deadline: float) -> dict[str, int]:
+        raise RuntimeError("boom")
+
+    answer = run_locked(JOBS["retention"], broken, pool, redis_client)
+    assert answer["status"] == "failed"
+    assert "boom" in answer["error"]
+    assert rows(db, "SELECT outcome, error FROM job_runs") == [("failed", "RuntimeError: boom")]
+    assert redis_client.get(LOCK_PREFIX + "retention") is None
+
+
+def test_verify_is_off_without_api_settings(settings: Settings) -> None:
+    assert not settings.voucherify_api_enabled
+    assert run_job("verify", settings) == {"job": "verify", "status": "disabled", "result": {}}

@@ -1,0 +1,137 @@
+"""The dashboard in a real headless Chromium (Debian's ``chromium``, driven by Playwright),
+served by a real web process: log in, resolve a flag, replay a dead letter, search.
+
+Screenshots are kept in tests/artifacts/. Outside CI the test is skipped when Chromium or
+Playwright is missing (``apt-get install chromium``; ``pip install -e '.[dev]'``); in CI
+(``CI`` set) it must run, and fails instead. ``scripts/setup`` installs Chromium.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from tests.conftest import ROOT, Processes, process_env
+from tests.ops.conftest import TOKEN, State
+from tests.support import SECRET
+from workers.messages import DELIVERY_QUEUE
+
+pytestmark = pytest.mark.e2e
+
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    missing = []
+    if not Path(path).exists():
+        missing.append("Debian's chromium package (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("playwright (pip install -e '.[dev]')")
+    if missing:
+        reason = "the browser test needs " + " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(reason + ": CI must run it (scripts/setup installs chromium)")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture
+def page() -> Iterator[Any]:
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=executable, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            yield context.new_page()
+        finally:
+            browser.close()
+
+
+def test_an_operator_logs_in_resolves_a_flag_and_replays_a_dead_letter(
+    page: Any,
+    processes: Processes,
+    state: State,
+    database_url: str,
+    redis_url: str,
+    db: psycopg.Connection[Any],
+    redis_client: redis.Redis,
+) -> None:
+    env = process_env(
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        VOUCHERIFY_WEBHOOK_SECRET=SECRET,
+        OPS_API_TOKEN=TOKEN,
+    )
+    _, port = processes.web(env)
+    base = f"http://127.0.0.1:{port}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.set_default_timeout(15_000)
+
+    # Not logged in: the login form, with 401.
+    response = page.goto(f"{base}/ops/")
+    assert response.status == 401
+    page.fill("input[name=token]", "wrong")
+    page.click("button[type=submit]")
+    assert "not the one configured" in page.content()
+    page.fill("input[name=token]", TOKEN)
+    page.click("button[type=submit]")
+    page.wait_for_selector("h1:has-text('Overview')")
+    assert page.url == f"{base}/ops/"
+    page.screenshot(path=str(ARTIFACTS / "ops-dashboard-overview.png"), full_page=True)
+
+    # Resolve the newest open flag with a note.
+    flag_id = db.execute("SELECT max(id) FROM flags WHERE status = 'open'").fetchone()[0]
+    row = page.locator(f"#flag-{flag_id}")
+    row.locator("input[name=note]").fill("refunded by hand")
+    row.locator("button:has-text('Resolve')").click()
+    page.wait_for_selector(f"text=Flag {flag_id} resolved.")
+    assert db.execute("SELECT status, note FROM flags WHERE id = %s", (flag_id,)).fetchone() == (
+        "resolved",
+        "refunded by hand",
+    )
+    assert page.locator(f"#flag-{flag_id}").count() == 0  # gone from the open flags
+
+    # Replay the dead letter.
+    letter_id = db.execute("SELECT id FROM dead_letters").fetchone()[0]
+    page.locator(f"#dead-letter-{letter_id} button:has-text('Replay')").click()
+    page.wait_for_selector(f"text=Event {state.dead_event} re-queued")
+    assert db.execute("SELECT replayed_at IS NOT NULL FROM dead_letters").fetchone() == (True,)
+    assert redis_client.llen(DELIVERY_QUEUE) == 1
+    page.screenshot(path=str(ARTIFACTS / "ops-dashboard.png"), full_page=True)
+
+    # What happened to a redemption: search its id.
+    page.fill("input[name=q]", state.redeemed)
+    page.press("input[name=q]", "Enter")
+    page.click(f"a[href='/ops/redemptions/{state.redeemed}']")
+    page.wait_for_selector("h1:has-text('Redemption')")
+    assert "ROLLED_BACK" in page.content()
+    assert "redemption.rollback.succeeded" in page.content()
+    page.screenshot(path=str(ARTIFACTS / "ops-dashboard-redemption.png"), full_page=True)
+
+    # Logging out ends the session.
+    page.click("button:has-text('Log out')")
+    page.wait_for_selector("input[name=token]")
+    assert page.goto(f"{base}/ops/").status == 401

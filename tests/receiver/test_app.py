@@ -1,0 +1,398 @@
+"""The receiver app against CONTRACT.md's Receiver section: every answer, and what lands
+in Redis (a real server) for each. Flask's test client, except where noted."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
+from werkzeug.test import EnvironBuilder, TestResponse, run_wsgi_app
+
+from config.local_servers import free_port
+from config.settings import Settings, SettingsError
+from receiver.app import create_app
+from tests.support import SECRET, body_of, envelope, fixture, sign
+from workers.messages import DELIVERY_QUEUE, PROCESS_DELIVERY_TASK
+
+WEBHOOK = "/webhooks/voucherify"
+
+
+@pytest.fixture
+def make_settings(database_url: str, redis_url: str) -> Callable[..., Settings]:
+    """Settings on the test servers, with some variables overridden (None drops one)."""
+
+    def make(**overrides: str | None) -> Settings:
+        env = {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "VOUCHERIFY_WEBHOOK_SECRET": SECRET,
+        }
+        for name, value in overrides.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        return Settings.from_env(env)
+
+    return make
+
+
+@pytest.fixture
+def client(settings: Settings) -> FlaskClient:
+    return create_app(settings).test_client()
+
+
+def post(
+    client: FlaskClient,
+    body: bytes,
+    signature: str | None = "sign",
+    content_type: str | None = "application/json",
+) -> TestResponse:
+    headers = {}
+    if signature == "sign":
+        signature = sign(body)
+    if signature is not None:
+        headers["x-voucherify-signature"] = signature
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    return client.post(WEBHOOK, data=body, headers=headers)
+
+
+def queued(redis_client: redis.Redis) -> list[dict[str, Any]]:
+    """The messages on the deliveries list, oldest first, with their body decoded."""
+    messages = []
+    for raw in reversed(redis_client.lrange(DELIVERY_QUEUE, 0, -1)):
+        message = json.loads(raw)
+        message["decoded_body"] = json.loads(base64.b64decode(message["body"]))
+        messages.append(message)
+    return messages
+
+
+def redemption_body() -> bytes:
+    return body_of(envelope("redemption.succeeded", fixture("redemption.succeeded")))
+
+
+# --- 202 ----------------------------------------------------------------------------------
+
+
+def test_valid_delivery_is_accepted_and_the_raw_body_is_in_redis(
+    client: FlaskClient, redis_client: redis.Redis
+) -> None:
+    body = redemption_body()
+    before = datetime.now().astimezone()
+    response = post(client, body)
+
+    assert response.status_code == 202
+    assert response.mimetype == "application/json"
+    answer = response.get_json()
+    assert answer == {"status": "accepted", "delivery_id": answer["delivery_id"]}
+    assert answer["delivery_id"]
+
+    [message] = queued(redis_client)
+    args, kwargs, embed = message["decoded_body"]
+    assert args == []
+    assert kwargs["body"] == body.decode()
+    assert kwargs["delivery_id"] == answer["delivery_id"]
+    received_at = datetime.fromisoformat(kwargs["received_at"])
+    assert received_at.tzinfo is not None
+    assert before - timedelta(seconds=1) <= received_at <= datetime.now().astimezone()
+    assert set(kwargs) == {"body", "delivery_id", "received_at"}
+    assert embed == {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    # The kombu envelope a Celery worker consumes.
+    assert message["headers"]["task"] == PROCESS_DELIVERY_TASK == "voucherify.process_delivery"
+    assert message["headers"]["id"] == answer["delivery_id"]
+    # Celery logs the headers' reprs: the body never appears in them.
+    assert "Jane Doe" in kwargs["body"]
+    assert "Jane Doe" not in json.dumps(message["headers"])
+    assert "<redacted>" in message["headers"]["kwargsrepr"]
+    assert message["content-type"] == "application/json"
+    assert message["content-encoding"] == "utf-8"
+    assert message["properties"]["body_encoding"] == "base64"
+    assert message["properties"]["delivery_info"]["routing_key"] == DELIVERY_QUEUE
+
+
+def test_each_delivery_gets_its_own_id(client: FlaskClient, redis_client: redis.Redis) -> None:
+    body = redemption_body()
+    first = post(client, body).get_json()["delivery_id"]
+    second = post(client, body).get_json()["delivery_id"]
+    assert first != second
+    assert [m["decoded_body"][1]["delivery_id"] for m in queued(redis_client)] == [first, second]
+
+
+def test_pretty_printed_body_signed_compactly_is_enqueued_as_sent(
+    client: FlaskClient, redis_client: redis.Redis
+) -> None:
+    document = envelope("redemption.succeeded", fixture("redemption.succeeded"))
+    pretty = json.dumps(document, indent=2, ensure_ascii=False).encode()
+    response = post(client, pretty, signature=sign(body_of(document)))
+    assert response.status_code == 202
+    [message] = queued(redis_client)
+    assert message["decoded_body"][1]["body"] == pretty.decode()
+
+
+def test_non_ascii_body_is_enqueued_exactly(client: FlaskClient, redis_client: redis.Redis) -> None:
+    body = '{"note":"zażółć \\"gęślą\\" jaźń","emoji":"🎟"}'.encode()
+    assert post(client, body).status_code == 202
+    [message] = queued(redis_client)
+    assert message["decoded_body"][1]["body"] == body.decode()
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json", "application/json; charset=utf-8", "application/vnd.voucherify+json"],
+)
+def test_json_content_types_are_accepted(
+    client: FlaskClient, redis_client: redis.Redis, content_type: str
+) -> None:
+    assert post(client, b'{"a":1}', content_type=content_type).status_code == 202
+    assert redis_client.llen(DELIVERY_QUEUE) == 1
+
+
+def test_rotated_secrets_are_both_accepted(
+    make_settings: Callable[..., Settings], redis_client: redis.Redis
+) -> None:
+    client = create_app(
+        make_settings(VOUCHERIFY_WEBHOOK_SECRET="old-secret, new-secret")
+    ).test_client()
+    body = b'{"a":1}'
+    assert post(client, body, signature=sign(body, "old-secret")).status_code == 202
+    assert post(client, body, signature=sign(body, "new-secret")).status_code == 202
+    assert post(client, body, signature=sign(body, "third-secret")).status_code == 401
+    assert redis_client.llen(DELIVERY_QUEUE) == 2
+
+
+# --- 401 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        None,
+        "",
+        "0" * 64,
+        sign(b'{"a":1}', "another-secret"),
+        sign(b'{"a":2}'),  # right secret, other body (a tampered delivery)
+    ],
+    ids=["missing", "empty", "zeros", "other-secret", "tampered"],
+)
+def test_invalid_signature_is_401_and_nothing_is_stored(
+    client: FlaskClient, redis_client: redis.Redis, signature: str | None
+) -> None:
+    response = post(client, b'{"a":1}', signature=signature)
+    assert response.status_code == 401
+    assert response.get_json() == {"error": "invalid_signature"}
+    assert redis_client.dbsize() == 0
+
+
+def test_app_cannot_be_built_without_a_secret(make_settings: Callable[..., Settings]) -> None:
+    with pytest.raises(SettingsError, match=r"^VOUCHERIFY_WEBHOOK_SECRET: "):
+        create_app(make_settings(VOUCHERIFY_WEBHOOK_SECRET=None))
+
+
+# --- 400 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[1,2,3]", b'"a string"', b"42", b"null", b'{"a":', b"", b'{"a":"\xff\xfe"}'],
+    ids=["array", "string", "number", "null", "invalid-json", "empty", "invalid-utf8"],
+)
+def test_signed_body_that_is_not_a_json_object_is_400(
+    client: FlaskClient, redis_client: redis.Redis, body: bytes
+) -> None:
+    response = post(client, body)
+    assert response.status_code == 400
+    assert set(response.get_json()) == {"error"}
+    assert redis_client.dbsize() == 0
+
+
+# --- 413 ----------------------------------------------------------------------------------
+
+LIMIT = 1000
+
+
+@pytest.fixture
+def small_limit_app(make_settings: Callable[..., Settings]) -> Flask:
+    return create_app(make_settings(MAX_BODY_BYTES=str(LIMIT)))
+
+
+def object_of_size(size: int) -> bytes:
+    body = b'{"pad":"' + b"x" * (size - 10) + b'"}'
+    assert len(body) == size
+    return body
+
+
+def test_body_at_the_limit_is_accepted(small_limit_app: Flask, redis_client: redis.Redis) -> None:
+    response = post(small_limit_app.test_client(), object_of_size(LIMIT))
+    assert response.status_code == 202
+    assert redis_client.llen(DELIVERY_QUEUE) == 1
+
+
+def test_body_over_the_limit_with_its_content_length_is_413(
+    small_limit_app: Flask, redis_client: redis.Redis
+) -> None:
+    response = post(small_limit_app.test_client(), object_of_size(LIMIT + 1))
+    assert response.status_code == 413
+    assert redis_client.dbsize() == 0
+
+
+class EndlessBody(io.RawIOBase):
+    """A request body that never ends, counting what the app reads of it."""
+
+    def __init__(self, body: bytes = b"") -> None:
+        self.prefix = body
+        self.read_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        size = len(buffer)
+        chunk = (self.prefix[self.read_bytes : self.read_bytes + size]).ljust(size, b" ")
+        buffer[:size] = chunk
+        self.read_bytes += size
+        return size
+
+
+def streamed(app: Flask, stream: io.RawIOBase, signature: str) -> tuple[str, bytes]:
+    """POST ``stream`` with no Content-Length, as a server does for a chunked body."""
+    environ = EnvironBuilder(
+        path=WEBHOOK,
+        method="POST",
+        content_type="application/json",
+        headers={"x-voucherify-signature": signature},
+    ).get_environ()
+    environ.pop("CONTENT_LENGTH", None)
+    environ["wsgi.input"] = stream
+    environ["wsgi.input_terminated"] = True  # what gunicorn sets for a chunked body
+    app_iter, status, _ = run_wsgi_app(app, environ, buffered=True)
+    return status, b"".join(app_iter)
+
+
+def test_endless_body_without_content_length_is_413_after_reading_at_most_the_limit(
+    small_limit_app: Flask, redis_client: redis.Redis
+) -> None:
+    # A valid signed object followed by an endless run of spaces: still a JSON object,
+    # still signed (the whitespace-stripped form), but larger than the limit.
+    body = b'{"a":1}'
+    stream = EndlessBody(body)
+    status, answer = streamed(small_limit_app, stream, sign(body))
+    assert status.startswith("413")
+    assert json.loads(answer)["error"] == "body_too_large"
+    # One byte past the limit is needed to tell "more" from "exactly the limit".
+    assert stream.read_bytes <= LIMIT + 1
+    assert redis_client.dbsize() == 0
+
+
+def test_streamed_body_at_the_limit_is_accepted(
+    small_limit_app: Flask, redis_client: redis.Redis
+) -> None:
+    body = object_of_size(LIMIT)
+    status, _ = streamed(small_limit_app, io.BytesIO(body), sign(body))  # type: ignore[arg-type]
+    assert status.startswith("202")
+    [message] = queued(redis_client)
+    assert message["decoded_body"][1]["body"] == body.decode()
+
+
+def test_streamed_body_one_byte_over_the_limit_is_413(
+    small_limit_app: Flask, redis_client: redis.Redis
+) -> None:
+    body = object_of_size(LIMIT + 1)
+    status, _ = streamed(small_limit_app, io.BytesIO(body), sign(body))  # type: ignore[arg-type]
+    assert status.startswith("413")
+    assert redis_client.dbsize() == 0
+
+
+# --- 415 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "text/json"],
+    ids=["missing", "text-plain", "form", "text-json"],
+)
+def test_non_json_content_type_is_415(
+    client: FlaskClient, redis_client: redis.Redis, content_type: str | None
+) -> None:
+    response = post(client, b'{"a":1}', content_type=content_type)
+    assert response.status_code == 415
+    assert redis_client.dbsize() == 0
+
+
+# --- 503 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", ["1", None], ids=["budget-1s", "default-budget"])
+def test_unreachable_redis_is_503_with_retry_after_within_the_budget(
+    make_settings: Callable[..., Settings], budget: str | None
+) -> None:
+    settings = make_settings(
+        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", ENQUEUE_TIMEOUT_SECONDS=budget
+    )
+    client = create_app(settings).test_client()
+    started = time.monotonic()
+    response = post(client, redemption_body())
+    elapsed = time.monotonic() - started
+    assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) > 0
+    assert set(response.get_json()) == {"error"}
+    # The contract's bound (the one timed assertion of the suite): the sender must get an
+    # answer, and retry, well within its 10 s timeout.
+    assert elapsed <= settings.enqueue_timeout_seconds + 3
+
+
+# --- health, readiness, metrics -----------------------------------------------------------
+
+
+def test_healthz(client: FlaskClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+
+
+def test_readyz_with_both_servers_up(client: FlaskClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.get_json()["status"] == "ready"
+
+
+@pytest.mark.parametrize("down", ["redis", "postgres"])
+def test_readyz_names_the_server_that_does_not_answer(
+    make_settings: Callable[..., Settings], down: str
+) -> None:
+    closed = free_port()
+    if down == "redis":
+        settings = make_settings(REDIS_URL=f"redis://127.0.0.1:{closed}/0")
+    else:
+        settings = make_settings(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{closed}/x")
+    response = create_app(settings).test_client().get("/readyz")
+    assert response.status_code == 503
+    failed = response.get_json()["failed"]
+    assert list(failed) == [down]
+
+
+def test_metrics_is_prometheus_text_counting_answers(client: FlaskClient) -> None:
+    post(client, b'{"a":1}')
+    post(client, b'{"a":1}', signature="0" * 64)
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.mimetype == "text/plain"
+    text = response.get_data(as_text=True)
+    assert "receiver_requests_total" in text
+    samples = {
+        (sample.name, sample.labels.get("code")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("path") == WEBHOOK
+    }
+    assert samples[("receiver_requests_total", "202")] >= 1
+    assert samples[("receiver_requests_total", "401")] >= 1

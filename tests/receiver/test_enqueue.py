@@ -1,0 +1,88 @@
+"""The publisher's one-round-trip LPUSH on a real Redis: what it stores, and how it
+recovers from a dropped connection or an error reply."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+
+import pytest
+import redis
+from redis.connection import Connection
+
+from receiver.enqueue import BrokerUnavailable, DeliveryPublisher, lpush_command
+from workers.messages import DELIVERY_QUEUE, delivery_message
+
+
+def test_command_is_what_redis_py_would_send() -> None:
+    value = delivery_message('{"a":"é"}', "d1", "2024-01-01T00:00:00+00:00")
+    assert lpush_command(DELIVERY_QUEUE, value) == b"".join(
+        Connection().pack_command("LPUSH", DELIVERY_QUEUE, value)
+    )
+
+
+def test_published_message_is_the_delivery(redis_url: str, redis_client: redis.Redis) -> None:
+    publisher = DeliveryPublisher(redis_url, 1.0)
+    try:
+        publisher.publish('{"a":1}', "d1", "2024-01-01T00:00:00+00:00")
+    finally:
+        publisher.close()
+    [raw] = redis_client.lrange(DELIVERY_QUEUE, 0, -1)
+    _, kwargs, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
+    assert kwargs == {
+        "body": '{"a":1}',
+        "delivery_id": "d1",
+        "received_at": "2024-01-01T00:00:00+00:00",
+    }
+
+
+def test_threads_each_get_a_whole_message_in(redis_url: str, redis_client: redis.Redis) -> None:
+    publisher = DeliveryPublisher(redis_url, 2.0)
+    body = json.dumps({"pad": "x" * 6000})
+
+    def send(thread: int) -> None:
+        for i in range(25):
+            publisher.publish(body, f"t{thread}-{i}", "2024-01-01T00:00:00+00:00")
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    publisher.close()
+    ids = set()
+    for raw in redis_client.lrange(DELIVERY_QUEUE, 0, -1):
+        _, kwargs, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        assert kwargs["body"] == body
+        ids.add(kwargs["delivery_id"])
+    assert len(ids) == 200
+
+
+def test_a_dropped_connection_is_replaced(
+    redis_url: str, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    publisher = DeliveryPublisher(redis_url, 2.0)
+    publisher.publish("{}", "before", "t")
+    # The server closes every client connection (as a Redis restart or a proxy would).
+    assert redis_client.client_kill_filter(_type="normal", skipme=True) >= 1
+    publisher.publish("{}", "after", "t")
+    publisher.close()
+    assert redis_client.llen(DELIVERY_QUEUE) == 2
+    # The dead connection was noticed on the push, dropped, and the push retried.
+    assert [r.message for r in caplog.records] == ["delivery.enqueue_failed"]
+
+
+def test_an_error_reply_is_retried_then_given_up(
+    redis_url: str, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis_client.set(DELIVERY_QUEUE, "not a list")  # LPUSH now answers WRONGTYPE
+    publisher = DeliveryPublisher(redis_url, 0.3)
+    with pytest.raises(BrokerUnavailable, match="WRONGTYPE"):
+        publisher.publish("{}", "d1", "t")
+    assert [r.message for r in caplog.records].count("delivery.enqueue_failed") >= 2
+    # The connection is usable again once Redis takes the push.
+    redis_client.delete(DELIVERY_QUEUE)
+    publisher.publish("{}", "d2", "t")
+    publisher.close()
+    assert redis_client.llen(DELIVERY_QUEUE) == 1

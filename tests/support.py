@@ -1,0 +1,205 @@
+"""Helpers shared by the tests: fixture payloads, envelopes, signatures, polling."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+FIXTURES = Path(__file__).parent / "fixtures"
+VOUCHERIFY = FIXTURES / "voucherify"
+SEEDS = FIXTURES / "seeds"
+SECRET = "test-secret"
+
+T = TypeVar("T")
+
+REDEMPTION_FAMILY = (
+    "redemption.succeeded",
+    "redemption.failed",
+    "redemption.rollback.succeeded",
+    "redemption.rollback.failed",
+    "customer.redemption.succeeded",
+    "customer.redemption.rollback.succeeded",
+)
+
+
+def fixture(name: str) -> dict[str, Any]:
+    """A published payload from tests/fixtures/voucherify (``name`` without .example.json)."""
+    path = VOUCHERIFY / f"{name}.example.json"
+    return dict(json.loads(path.read_text()))
+
+
+def envelope(
+    event_type: str,
+    data: Any,
+    event_id: str | None = None,
+    created_at: str = "2024-02-01T10:30:00.000Z",
+    distribution: bool = False,
+) -> dict[str, Any]:
+    """A v2024-01-01 envelope around ``data``, as Voucherify POSTs it."""
+    event_id = event_id or f"ev_{uuid.uuid4().hex[:18]}"
+    return {
+        "id": f"whs_{uuid.uuid4().hex[:18]}",
+        "project_id": "proj_test",
+        "created_at": created_at,
+        "type": "Voucher-redeemed" if distribution else event_type,
+        "data": data,
+        "source": {
+            "id": "distr_test" if distribution else "wh_test",
+            "object": "distribution" if distribution else "webhook",
+            "target_url": "https://example.test/webhooks/voucherify",
+        },
+        "event": {
+            "id": event_id,
+            "type": event_type,
+            "created_at": created_at,
+            "entity_id": "r_test",
+            "group_id": "v-test",
+            "event_source": {"channel": "API"},
+        },
+    }
+
+
+def body_of(document: dict[str, Any]) -> bytes:
+    """Compact JSON, as Voucherify sends it."""
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def sign(body: bytes, secret: str = SECRET) -> str:
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def wait_until(
+    probe: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "condition"
+) -> T:
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --- card redemptions built from the published payloads ------------------------------
+# The published redemption-family examples involve only discount coupons. VOUCHERIFY.md
+# says where the amounts live: ``redemption.amount`` (positive) on a gift card or loyalty
+# card redemption, ``redemption_rollback.amount`` (negative) on its rollback, and the
+# balances after the operation on ``voucher.gift`` / ``voucher.loyalty_card``. The card
+# vouchers below come from the published REST rollback examples.
+
+
+def gift_voucher(balance: int) -> dict[str, Any]:
+    voucher = copy.deepcopy(
+        json.loads(
+            (VOUCHERIFY / "api.redemption-rollback.response.gift-card.example.json").read_text()
+        )["voucher"]
+    )
+    voucher["gift"] = {"amount": 10000, "balance": balance, "effect": "APPLY_TO_ORDER"}
+    return dict(voucher)
+
+
+def loyalty_voucher(balance: int) -> dict[str, Any]:
+    voucher = copy.deepcopy(fixture("redemption.succeeded")["voucher"])
+    voucher.update(
+        {
+            "id": "v_loyalty_test",
+            "code": "LOYALTY-TEST-1",
+            "type": "LOYALTY_CARD",
+            "loyalty_card": {"points": 1000, "balance": balance},
+        }
+    )
+    voucher.pop("discount", None)
+    return dict(voucher)
+
+
+def _card(kind: str, balance: int, voucher_id: str | None) -> dict[str, Any]:
+    voucher = gift_voucher(balance) if kind == "gift" else loyalty_voucher(balance)
+    if voucher_id:
+        voucher.update({"id": voucher_id, "code": f"CODE-{voucher_id}"})
+    return voucher
+
+
+def card_redemption(
+    kind: str,
+    redemption_id: str,
+    amount: int,
+    balance_after: int,
+    order_id: str = "ord_card_test",
+    customer_id: str = "cust_card_test",
+    date: str = "2024-02-01T08:45:32.014Z",
+    voucher_id: str | None = None,
+) -> dict[str, Any]:
+    """``data`` of a redemption.succeeded spending ``amount`` of a gift or loyalty card."""
+    data = copy.deepcopy(fixture("redemption.succeeded"))
+    voucher = _card(kind, balance_after, voucher_id)
+    data["voucher"] = voucher
+    data["customer"]["id"] = customer_id
+    data["order"].update({"id": order_id, "customer_id": customer_id, "status": "PAID"})
+    data["redemption"].update(
+        {
+            "id": redemption_id,
+            "amount": amount,
+            "date": date,
+            "customer_id": customer_id,
+            "voucher": copy.deepcopy(voucher),
+        }
+    )
+    data["redemption"]["order"]["id"] = order_id
+    return data
+
+
+def card_rollback(
+    kind: str,
+    redemption_id: str,
+    rollback_id: str,
+    amount: int,
+    balance_after: int,
+    order_id: str = "ord_card_test",
+    customer_id: str = "cust_card_test",
+    date: str = "2024-02-01T10:23:52.499Z",
+    include_amount: bool = True,
+    voucher_id: str | None = None,
+) -> dict[str, Any]:
+    """``data`` of a redemption.rollback.succeeded giving ``amount`` back to the card."""
+    data = copy.deepcopy(fixture("redemption.rollback.succeeded"))
+    voucher = _card(kind, balance_after, voucher_id)
+    data["voucher"] = voucher
+    data["customer"]["id"] = customer_id
+    data["order"].update({"id": order_id, "customer_id": customer_id, "status": "CANCELED"})
+    data["redemption"].update(
+        {"id": redemption_id, "customer_id": customer_id, "voucher": copy.deepcopy(voucher)}
+    )
+    data["redemption"]["order"]["id"] = order_id
+    rollback = data["redemption_rollback"]
+    rollback.update(
+        {"id": rollback_id, "redemption": redemption_id, "date": date, "customer_id": customer_id}
+    )
+    if include_amount:
+        rollback["amount"] = -abs(amount)
+    rollback["order"]["id"] = order_id
+    return data
+
+
+def card_rollback_failed(
+    redemption_id: str, rollback_id: str, code: str = "already_rolled_back"
+) -> dict[str, Any]:
+    data = copy.deepcopy(fixture("redemption.rollback.failed"))
+    data["redemption"]["id"] = redemption_id
+    data["redemption_rollback"].update(
+        {
+            "id": rollback_id,
+            "redemption": redemption_id,
+            "failure_code": code,
+            "failure_message": code.replace("_", " ").capitalize(),
+        }
+    )
+    return data

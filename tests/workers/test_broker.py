@@ -1,0 +1,69 @@
+"""The broker transport: a failed acknowledgement must not hold a prefetch slot forever."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+from kombu.transport import virtual
+
+from config.settings import Settings
+from workers.broker import QoS, Transport
+from workers.celery_app import make_celery
+
+
+class StubChannel:
+    do_restore = False  # nothing to restore when the test's QoS is collected
+
+
+class DeadPipeline:
+    def execute(self) -> None:
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+
+def full_window(size: int) -> QoS:
+    qos = QoS(StubChannel(), prefetch_count=size)
+    for tag in range(size):
+        virtual.QoS.append(qos, object(), f"tag-{tag}")  # in hand, as after a BRPOP
+    qos._remove_from_indices = lambda *_: DeadPipeline()  # Redis is gone
+    qos.restore_by_tag = _refuse
+    return qos
+
+
+def _refuse(*_: Any, **__: Any) -> None:
+    raise redis.ConnectionError("Connection refused.")
+
+
+def test_acks_that_fail_on_a_dead_connection_still_free_the_window() -> None:
+    qos = full_window(2)
+    assert not qos.can_consume()
+    for tag in ("tag-0", "tag-1"):
+        with pytest.raises(redis.ConnectionError):  # still raised: Celery logs it
+            qos.ack(tag)
+    # The consumer asks Redis for more, finds the connection gone and reconnects.
+    assert qos.can_consume()
+
+
+@pytest.mark.parametrize("requeue", [False, True])
+def test_a_reject_that_fails_still_frees_its_slot(requeue: bool) -> None:
+    qos = full_window(1)
+    with pytest.raises(redis.ConnectionError):
+        qos.reject("tag-0", requeue=requeue)
+    assert qos.can_consume()
+
+
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+def test_the_app_uses_it_for_redis_urls_and_rediss_keeps_tls(scheme: str) -> None:
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/unused",
+            "REDIS_URL": f"{scheme}://127.0.0.1:1/0",
+        }
+    )
+    connection = make_celery(settings).connection_for_read()
+    try:
+        assert connection.get_transport_cls() is Transport
+        assert bool(connection.ssl) == (scheme == "rediss")
+    finally:
+        connection.release()

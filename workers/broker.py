@@ -1,0 +1,66 @@
+"""kombu's Redis transport, with one fix: a failed acknowledgement frees its prefetch slot.
+
+Found while building the fault suite (``tests/fault/test_under_fire.py``; reproduced
+alone by ``tests/fault/test_broker_restart.py``): Redis restarted while a worker had its whole
+prefetch window in hand (``worker_prefetch_multiplier`` x concurrency messages: any
+backlog), then the late acknowledgements of those tasks all failed on the dead connection.
+kombu's ``QoS.ack`` writes to Redis *before* it forgets the message locally, so each failed
+ack left its delivery tag counted as in hand; with the window full, the consumer never
+asked Redis for a message again, so it never noticed the connection was gone either. The
+worker stayed up, logged nothing more, and consumed nothing until restarted by hand.
+
+Here a failed ack (or reject) still frees the slot, then raises as before (Celery logs
+"Couldn't ack"). Nothing is lost by it: the broker never heard the ack, so the message
+stays in kombu's ``unacked`` hash and is delivered again after the visibility timeout;
+the task then finds its event already applied and records a duplicate.
+
+``use_for_redis_urls()`` (called by ``make_celery``) makes the ``redis://`` and ``rediss://``
+schemes name this transport instead of kombu's own. Everything else is kombu's: the URL is
+parsed as before, ``rediss://`` still turns TLS on (kombu decides that by the scheme's
+name, which is why this is not done with Celery's ``broker_transport``), and the transport
+options apply unchanged.
+"""
+
+# kombu's QoS methods carry no annotations; calling them is the whole point here.
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import kombu.transport
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+
+SCHEMES = ("redis", "rediss")
+
+
+class QoS(kombu_redis.QoS):
+    def ack(self, delivery_tag: str) -> None:
+        try:
+            super().ack(delivery_tag)  # Redis first, then the local slot
+        except Exception:
+            virtual.QoS.ack(self, delivery_tag)  # the local slot, whatever Redis said
+            raise
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except Exception:
+            virtual.QoS.ack(self, delivery_tag)
+            raise
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
+def use_for_redis_urls() -> None:
+    """Make broker URLs with a Redis scheme use ``Transport`` (idempotent, per process)."""
+    for scheme in SCHEMES:
+        kombu.transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+        # kombu caches the class it resolved for a name; none is resolved before the app
+        # connects, but a stale entry would silently keep kombu's own class.
+        getattr(kombu.transport, "_transport_cache", {}).pop(scheme, None)

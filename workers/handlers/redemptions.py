@@ -1,0 +1,202 @@
+"""Handlers of the redemption family: orders, redemptions, ledger, card balances, flags.
+
+Every effect is an idempotent statement guarded by a key or an allowed transition, so
+any number of deliveries in any order ends in the same rows as the natural order.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from functools import partial
+from typing import Any
+
+import psycopg
+
+from schemas.redemption import Redemption, RedemptionEvent, load_redemption_event
+from workers.handlers import sql
+from workers.registry import handles
+
+log = logging.getLogger(__name__)
+
+ALREADY_ROLLED_BACK = "already_rolled_back"
+
+load_redemption = partial(load_redemption_event, rollback=False)
+load_rollback = partial(load_redemption_event, rollback=True)
+
+
+def _when(*candidates: datetime | None) -> datetime | None:
+    return next((c for c in candidates if c is not None), None)
+
+
+def record_order(
+    event: RedemptionEvent, conn: psycopg.Connection[Any], at: datetime | None
+) -> None:
+    order = event.order
+    if order is None:
+        return
+    conn.execute(
+        sql.UPSERT_ORDER,
+        {
+            "order_id": order.id,
+            "status": order.status,
+            "amount": order.amount,
+            "total_amount": order.total_amount,
+            "customer_id": order.customer_id or event.customer_id,
+            "at": _when(order.updated_at, at),
+        },
+    )
+
+
+def record_redemption(
+    event: RedemptionEvent,
+    conn: psycopg.Connection[Any],
+    status: str,
+    at: datetime | None,
+    rollback: Redemption | None = None,
+) -> None:
+    redemption = event.redemption
+    card = event.card
+    conn.execute(
+        sql.UPSERT_REDEMPTION,
+        {
+            "redemption_id": redemption.id,
+            "status": status,
+            "parent_redemption_id": redemption.parent_id,
+            "order_id": redemption.order_id or (event.order.id if event.order else None),
+            "customer_id": redemption.customer_id or event.customer_id,
+            "voucher_id": card.id if card else None,
+            "voucher_code": card.code if card else None,
+            "voucher_type": card.type if card else None,
+            "amount": redemption.amount,
+            "redeemed_at": redemption.date,
+            "failure_code": redemption.failure_code,
+            "failure_message": redemption.failure_message,
+            "rollback_id": rollback.id if rollback else None,
+            "rollback_at": rollback.date if rollback else None,
+            "rollback_reason": rollback.reason if rollback else None,
+            "at": at,
+        },
+    )
+
+
+def record_card_balance(
+    event: RedemptionEvent, conn: psycopg.Connection[Any], at: datetime | None
+) -> None:
+    card = event.voucher  # the top-level voucher carries the balance after the operation
+    if card is None or card.id is None or card.ledger_kind is None or at is None:
+        return
+    balance = card.gift_balance if card.ledger_kind == "gift_credit" else card.loyalty_balance
+    if balance is None:
+        return
+    conn.execute(
+        sql.UPSERT_CARD_BALANCE,
+        {
+            "voucher_id": card.id,
+            "voucher_code": card.code,
+            "kind": card.ledger_kind,
+            "customer_id": event.customer_id,
+            "balance": balance,
+            "at": at,
+        },
+    )
+
+
+def _ledger_row(event: RedemptionEvent, amount: int, effect: str, reason: str) -> dict[str, Any]:
+    card = event.card
+    assert card is not None
+    return {
+        "customer_id": event.customer_id,
+        "voucher_id": card.id,
+        "voucher_code": card.code,
+        "kind": card.ledger_kind,
+        "amount": amount,
+        "redemption_id": event.redemption.id,
+        "effect": effect,
+        "reason": reason,
+        "event_id": event.event_id,
+    }
+
+
+def debit(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> None:
+    card, spent = event.card, event.redemption.amount
+    if card is None or card.ledger_kind is None or not spent:
+        return  # discount coupons, promotion tiers, stacks: no ledger effect
+    conn.execute(sql.INSERT_LEDGER_ENTRY, _ledger_row(event, -abs(spent), "debit", "redemption"))
+
+
+def restore(event: RedemptionEvent, conn: psycopg.Connection[Any], reason: str) -> None:
+    card = event.card
+    if card is None or card.ledger_kind is None:
+        return
+    rollback = event.rollback
+    # The rollback's amount is negative in the payload; the original's is positive.
+    amount = (rollback.amount if rollback else None) or event.redemption.amount
+    if amount:
+        conn.execute(sql.INSERT_LEDGER_ENTRY, _ledger_row(event, abs(amount), "restore", reason))
+    else:
+        conn.execute(
+            sql.RESTORE_FROM_DEBIT,
+            {"redemption_id": event.redemption.id, "reason": reason, "event_id": event.event_id},
+        )
+
+
+@handles("redemption.succeeded", load_redemption)
+@handles("customer.redemption.succeeded", load_redemption)
+def redemption_succeeded(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> None:
+    at = _when(event.redemption.date, event.created_at)
+    record_order(event, conn, at)
+    record_redemption(event, conn, "SUCCEEDED", at)
+    debit(event, conn)
+    conn.execute(
+        sql.RESTORE_IF_ROLLED_BACK,
+        {"redemption_id": event.redemption.id, "event_id": event.event_id},
+    )
+    record_card_balance(event, conn, at)
+
+
+@handles("redemption.rollback.succeeded", load_rollback)
+@handles("customer.redemption.rollback.succeeded", load_rollback)
+def rollback_succeeded(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> None:
+    rollback = event.rollback
+    assert rollback is not None
+    at = _when(rollback.date, event.created_at)
+    record_order(event, conn, at)
+    record_redemption(event, conn, "ROLLED_BACK", at, rollback=rollback)
+    restore(event, conn, reason=rollback.reason or "rollback")
+    record_card_balance(event, conn, at)
+
+
+@handles("redemption.rollback.failed", load_rollback)
+def rollback_failed(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> None:
+    rollback = event.rollback
+    assert rollback is not None
+    code = rollback.failure_code
+    conn.execute(
+        sql.INSERT_ROLLBACK_FLAG,
+        {
+            "category": ALREADY_ROLLED_BACK if code == ALREADY_ROLLED_BACK else "review",
+            "redemption_id": event.redemption.id,
+            "rollback_id": rollback.id,
+            "voucher_id": event.card.id if event.card else None,
+            "failure_code": code,
+            "failure_message": rollback.failure_message,
+            "event_id": event.event_id,
+        },
+    )
+    # Nothing is restored and no status moves: the failed attempt changed nothing.
+    conn.execute(
+        sql.TOUCH_REDEMPTION,
+        {"redemption_id": event.redemption.id, "at": _when(rollback.date, event.created_at)},
+    )
+    log.warning(
+        "rollback.failed_flagged",
+        extra={"redemption_id": event.redemption.id, "failure_code": code},
+    )
+
+
+@handles("redemption.failed", load_redemption)
+def redemption_failed(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> None:
+    at = _when(event.redemption.date, event.created_at)
+    record_order(event, conn, at)
+    record_redemption(event, conn, "FAILED", at)

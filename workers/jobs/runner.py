@@ -1,0 +1,200 @@
+"""Run one job once: under its lock, recorded in ``job_runs``, within its time budget.
+
+``run_job(name, settings)`` is what the Celery tasks (scheduled by ``beat``) and the CLI
+call. The lock is taken here, in the job's own call, so a run from the CLI and a run from
+the schedule -- or the runs of two ``beat`` processes started by mistake -- never overlap:
+the second one is skipped and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import redis
+from psycopg_pool import ConnectionPool
+
+from config import logs
+from config.settings import Settings
+from workers.db import get_pool
+from workers.jobs import metrics
+from workers.jobs.drift import check_drift
+from workers.jobs.lock import JobLock
+from workers.jobs.redrive import redrive
+from workers.jobs.retention import apply_retention
+from workers.jobs.verify import verify
+from workers.jobs.voucherify_api import VoucherifyApi
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    name: str
+    budget_seconds: int
+    """How long one run may work; it stops between batches once this is spent."""
+    run: Callable[[Settings, ConnectionPool, redis.Redis, float], dict[str, int]]
+
+    @property
+    def soft_time_limit(self) -> int:
+        return self.budget_seconds + 30
+
+    @property
+    def time_limit(self) -> int:
+        return self.budget_seconds + 60
+
+    @property
+    def lock_ttl_seconds(self) -> int:
+        """Longer than any run can last (Celery kills it at ``time_limit``)."""
+        return self.time_limit + 30
+
+
+def _redrive(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:
+    return redrive(
+        pool, client, s.redrive_after_seconds, s.redrive_max_attempts, deadline
+    ).as_dict()
+
+
+def _verify(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:
+    url, app_id, token = s.voucherify_api_url, s.voucherify_app_id, s.voucherify_app_token
+    if not (url and app_id and token):
+        raise RuntimeError("the verify job needs VOUCHERIFY_API_URL, _APP_ID and _APP_TOKEN")
+    api = VoucherifyApi(url, app_id, token, s.voucherify_api_rate)
+    return verify(pool, api, s.verify_after_seconds, s.verify_batch_size, deadline).as_dict()
+
+
+def _drift(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:
+    return check_drift(pool, deadline).as_dict()
+
+
+def _retention(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:
+    return apply_retention(pool, s.retention_days, s.retention_event_ids_days, deadline).as_dict()
+
+
+JOBS: dict[str, JobSpec] = {
+    spec.name: spec
+    for spec in (
+        JobSpec("redrive", 60, _redrive),
+        JobSpec("verify", 180, _verify),
+        JobSpec("drift", 120, _drift),
+        JobSpec("retention", 180, _retention),
+    )
+}
+JOB_NAMES = tuple(JOBS)
+
+START_RUN = "INSERT INTO job_runs (job, runner) VALUES (%(job)s, %(runner)s) RETURNING id"
+FINISH_RUN = """
+UPDATE job_runs SET outcome = %(outcome)s, finished_at = clock_timestamp(),
+                    result = %(result)s::jsonb, error = %(error)s
+WHERE id = %(id)s
+"""
+RECORD_SKIP = """
+INSERT INTO job_runs (job, outcome, finished_at, runner)
+VALUES (%(job)s, 'skipped', clock_timestamp(), %(runner)s)
+"""
+
+
+def run_job(name: str, settings: Settings) -> dict[str, Any]:
+    """Run job ``name`` once; the answer says whether it ran, was skipped or failed.
+
+    ``{"job", "status": "succeeded" | "failed" | "skipped" | "disabled", "result": {...}}``,
+    plus ``"error"`` when it failed. Never raises for a failing job: the error is logged
+    and recorded in ``job_runs``, and the next scheduled run tries again.
+    """
+    spec = JOBS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown job {name!r}; the jobs are {', '.join(JOB_NAMES)}")
+    if name == "verify" and not settings.voucherify_api_enabled:
+        log.info("job.disabled", extra={"job": name})
+        return {"job": name, "status": "disabled", "result": {}}
+    database_url, redis_url = settings.database_url, settings.redis_url
+    if database_url is None or redis_url is None:
+        raise ValueError("run_job needs settings with both URLs resolved")
+    pool = get_pool(database_url, settings.db_pool_max_size)
+    client = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
+
+    def work(deadline: float) -> dict[str, int]:
+        return spec.run(settings, pool, client, deadline)
+
+    try:
+        return run_locked(spec, work, pool, client)
+    finally:
+        client.close()
+
+
+def run_locked(
+    spec: JobSpec,
+    work: Callable[[float], dict[str, int]],
+    pool: ConnectionPool,
+    client: redis.Redis,
+) -> dict[str, Any]:
+    """``work(deadline)`` under the job's lock, recorded; the edge where errors stop."""
+    runner = f"{socket.gethostname()}:{os.getpid()}"
+    with logs.bind(job=spec.name):
+        try:
+            lock = JobLock(client, spec.name, spec.lock_ttl_seconds)
+            acquired = lock.acquire()
+        except redis.RedisError as exc:
+            log.error("job.lock_unavailable", extra={"error": repr(exc)})
+            metrics.JOB_RUNS.labels(spec.name, "failed").inc()
+            return {"job": spec.name, "status": "failed", "result": {}, "error": repr(exc)}
+        if not acquired:
+            log.info("job.skipped", extra={"reason": "another run holds the lock"})
+            metrics.JOB_RUNS.labels(spec.name, "skipped").inc()
+            _record(pool, RECORD_SKIP, {"job": spec.name, "runner": runner})
+            return {"job": spec.name, "status": "skipped", "result": {}}
+        try:
+            return _run(spec, work, pool, runner)
+        finally:
+            lock.release_quietly()
+
+
+def _run(
+    spec: JobSpec, work: Callable[[float], dict[str, int]], pool: ConnectionPool, runner: str
+) -> dict[str, Any]:
+    started = time.monotonic()
+    run_id: int | None = None
+    try:
+        with pool.connection() as conn:
+            row = conn.execute(START_RUN, {"job": spec.name, "runner": runner}).fetchone()
+        run_id = int(row[0]) if row else None
+        result = work(started + spec.budget_seconds)
+    except Exception as exc:  # the edge of a job run: record, log, let the next run retry
+        error = f"{type(exc).__name__}: {exc}"
+        log.exception("job.failed", extra={"error": error})
+        metrics.JOB_RUNS.labels(spec.name, "failed").inc()
+        if run_id is not None:
+            _record(
+                pool,
+                FINISH_RUN,
+                {"id": run_id, "outcome": "failed", "result": None, "error": error[:2000]},
+            )
+        return {"job": spec.name, "status": "failed", "result": {}, "error": error}
+    metrics.JOB_RUNS.labels(spec.name, "succeeded").inc()
+    metrics.count(spec.name, result)
+    _record(
+        pool,
+        FINISH_RUN,
+        {"id": run_id, "outcome": "succeeded", "result": json.dumps(result), "error": None},
+    )
+    log.info(
+        "job.succeeded",
+        extra={"result": result, "ms": round((time.monotonic() - started) * 1000, 1)},
+    )
+    return {"job": spec.name, "status": "succeeded", "result": result}
+
+
+def _record(pool: ConnectionPool, query: str, params: dict[str, Any]) -> None:
+    """Best effort: the record of a run must not turn a run's outcome into an error."""
+    try:
+        with pool.connection(timeout=5) as conn:
+            conn.execute(query, params)
+    except psycopg.Error as exc:
+        log.warning("job.run_not_recorded", extra={"error": repr(exc)})
