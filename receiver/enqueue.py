@@ -1,13 +1,17 @@
 """Put a verified delivery on the broker, durably, or say it could not.
 
-One ``LPUSH`` of a ready Celery message to the queue's Redis list: when Redis answers,
-the message is in Redis (persisted per its AOF policy, see the README). A failing broker
-gets a short, bounded retry; past the budget the caller answers 503 and Voucherify
-retries later, so nothing is acknowledged that is not stored.
+One atomic Redis script per delivery: ``LPUSH`` of a ready Celery message to the queue's
+list, plus a copy of it in the accepted set (``ACCEPTED_HASH`` and its time index) that
+the worker deletes once the delivery is in PostgreSQL. The copy closes the window in
+which Celery's Redis transport holds a message nowhere but in a worker's memory; the
+re-drive job pushes again what was accepted and never recorded. When Redis answers, both
+are in Redis (persisted per its AOF policy, see the README). A failing broker gets a
+short, bounded retry; past the budget the caller answers 503 and Voucherify retries
+later, so nothing is acknowledged that is not stored.
 
 The push is one write and one read on a connection kept per thread: the command is
-packed here in a single buffer and its integer reply read back. ``redis.Redis.lpush``
-does the same round trip but costs several times more CPU per call on this path (a pool
+packed here in a single buffer and its integer reply read back. redis-py's client calls
+do the same round trip but cost several times more CPU per call on this path (a pool
 check-out that polls the socket, observability hooks, and a 7 KB message sent in three
 writes), which the receiver benchmark showed as a third of its throughput. Any error
 drops the connection, so a reply is never left half-read for the next request; the next
@@ -25,7 +29,7 @@ import time
 import redis
 from redis.connection import AbstractConnection
 
-from workers.messages import DELIVERY_QUEUE, delivery_message
+from workers.messages import ACCEPTED_HASH, ACCEPTED_INDEX, DELIVERY_QUEUE, delivery_message
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +38,37 @@ class BrokerUnavailable(Exception):
     """The message could not be stored within the time budget."""
 
 
-def lpush_command(key: str, value: bytes) -> bytes:
-    """``LPUSH key value`` in the Redis protocol, as one buffer."""
-    name = key.encode()
-    return b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(name), name, len(value), value)
+# KEYS: queue, accepted hash, accepted index; ARGV: delivery id, accepted-at, message.
+# Redis runs a script atomically and writes its effects to the AOF as one MULTI/EXEC:
+# after a crash either both the queued message and its accepted copy exist, or neither.
+ACCEPT_SCRIPT = b"""\
+local length = redis.call('LPUSH', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return length"""
+
+
+def pack_command(*args: bytes) -> bytes:
+    """One Redis command in the wire protocol (RESP), as one buffer."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+def accept_command(delivery_id: str, accepted_at: float, message: bytes) -> bytes:
+    """``EVAL`` of the accept script for one delivery."""
+    return pack_command(
+        b"EVAL",
+        ACCEPT_SCRIPT,
+        b"3",
+        DELIVERY_QUEUE.encode(),
+        ACCEPTED_HASH.encode(),
+        ACCEPTED_INDEX.encode(),
+        delivery_id.encode(),
+        b"%.3f" % accepted_at,
+        message,
+    )
 
 
 class DeliveryPublisher:
@@ -55,7 +86,8 @@ class DeliveryPublisher:
         self._local = threading.local()
 
     def publish(self, body: str, delivery_id: str, received_at: str) -> None:
-        command = lpush_command(DELIVERY_QUEUE, delivery_message(body, delivery_id, received_at))
+        message = delivery_message(body, delivery_id, received_at)
+        command = accept_command(delivery_id, time.time(), message)
         deadline = time.monotonic() + self.budget_seconds
         delay = 0.05
         attempt = 0
@@ -84,9 +116,9 @@ class DeliveryPublisher:
         except BaseException:
             connection.disconnect()  # type: ignore[no-untyped-call]
             raise
-        if not isinstance(reply, int):  # LPUSH answers the list's new length
+        if not isinstance(reply, int):  # the script answers the queue's new length
             connection.disconnect()  # type: ignore[no-untyped-call]
-            raise redis.ResponseError(f"unexpected reply to LPUSH: {reply!r}")
+            raise redis.ResponseError(f"unexpected reply to the accept script: {reply!r}")
 
     def _connection(self) -> AbstractConnection:
         """This thread's connection (created after a fork, never shared across one)."""

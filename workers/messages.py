@@ -26,6 +26,17 @@ DELIVERY_QUEUE = "deliveries"
 JOBS_QUEUE = "jobs"
 PARKED_QUEUE = "deliveries.parked"
 """Deliveries the database could not take even after their retries; never consumed."""
+ACCEPTED_HASH = "deliveries.accepted"
+"""delivery id -> message, for every delivery answered 202 and not yet recorded in the inbox.
+
+Celery's Redis transport takes a message off the list (BRPOP) before it records it as
+unacknowledged: a worker killed, or a Redis restarted, between the two loses it. The
+receiver writes this copy in the same atomic step as the queue push, the worker deletes
+it once the delivery is in PostgreSQL, and the re-drive job pushes again what stayed
+here too long (see ``workers.jobs.accepted``).
+"""
+ACCEPTED_INDEX = "deliveries.accepted.index"
+"""delivery id -> accepted-at (unix seconds): which accepted copies are old."""
 
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 

@@ -21,6 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from config import logs
 from config.settings import Settings
 from workers import metrics, processing
+from workers.accepted import Forgetter
 from workers.db import get_pool
 from workers.messages import (
     PARKED_QUEUE,
@@ -43,6 +44,7 @@ def register(app: Celery, settings: Settings) -> None:
     assert settings.redis_url is not None
     database_url, redis_url = settings.database_url, settings.redis_url
     max_retries = settings.event_max_retries
+    forgetter = Forgetter(redis_url)
 
     @app.task(name=PROCESS_DELIVERY_TASK, bind=True, max_retries=max_retries)
     def process_delivery(task: Task, body: str, delivery_id: str, received_at: str) -> str:
@@ -57,10 +59,13 @@ def register(app: Celery, settings: Settings) -> None:
             except Exception as exc:  # a bug: keep the event, let the re-drive job try later
                 log.exception("delivery.crashed")
                 error = f"{type(exc).__name__}: {exc}"
-                if not processing.record_failure(pool, body, delivery_id, received_at, error):
+                if processing.record_failure(pool, body, delivery_id, received_at, error):
+                    forgetter.forget(delivery_id)  # the inbox has it now: re-drive's turn
+                else:
                     park(redis_url, body, delivery_id, received_at)
                 metrics.EVENTS.labels("unknown", "failed").inc()
                 return "failed"
+            forgetter.forget(delivery_id)  # recorded in PostgreSQL: the copy has done its job
             elapsed = time.perf_counter() - started
             metrics.observe_outcome(outcome, received_at, elapsed)
             log.info(
@@ -86,6 +91,8 @@ def register(app: Celery, settings: Settings) -> None:
         error = f"{type(exc).__name__}: {exc}"
         pool.check()  # drop connections a restarted PostgreSQL left broken
         recorded = processing.record_failure(pool, body, delivery_id, received_at, error)
+        if recorded:
+            forgetter.forget(delivery_id)  # the inbox has it now: re-drive's turn
         metrics.RETRIES.inc()
         if retries >= max_retries:
             log.error("delivery.out_of_retries", extra={"error": error, "recorded": recorded})

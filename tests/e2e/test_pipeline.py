@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 
 from tests.conftest import Processes, process_env
 from tests.support import (
@@ -20,6 +21,7 @@ from tests.support import (
     sign,
     wait_until,
 )
+from workers.messages import ACCEPTED_HASH
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +39,11 @@ def post(port: int, body: bytes, signature: str | None = None) -> tuple[int, dic
 
 
 def test_signed_webhooks_end_as_rows_in_postgresql(
-    processes: Processes, database_url: str, redis_url: str, db: psycopg.Connection[Any]
+    processes: Processes,
+    database_url: str,
+    redis_url: str,
+    db: psycopg.Connection[Any],
+    redis_client: redis.Redis,
 ) -> None:
     env = process_env(
         DATABASE_URL=database_url, REDIS_URL=redis_url, VOUCHERIFY_WEBHOOK_SECRET=SECRET
@@ -82,6 +88,11 @@ def test_signed_webhooks_end_as_rows_in_postgresql(
 
     wait_until(
         all_recorded, timeout=60, what="every accepted delivery recorded\n" + processes.logs()
+    )
+
+    # Each worker forgot its delivery's accepted copy once the inbox had it.
+    wait_until(
+        lambda: redis_client.hlen(ACCEPTED_HASH) == 0, timeout=10, what="accepted copies forgotten"
     )
 
     statuses = dict(db.execute("SELECT event_id, status FROM events").fetchall())

@@ -391,7 +391,12 @@ def test_stats_sum_up_the_pipeline(
     assert stats["deliveries_last_hour"]["duplicate"] == 1
     assert stats["open_flags"] == {"already_rolled_back": 1, "review": 2, "drift": 0}
     assert stats["dead_letters_pending"] == 1
-    assert stats["queue_depth"] == {"deliveries": 2, "deliveries.parked": 0, "jobs": 0}
+    assert stats["queue_depth"] == {
+        "deliveries": 2,
+        "deliveries.parked": 0,
+        "jobs": 0,
+        "deliveries.accepted": 0,
+    }
     assert stats["waiting_events"] == 0
     assert stats["oldest_waiting_event_age_seconds"] is None
     assert stats["lag_last_hour_seconds"]["count"] == 7
@@ -418,6 +423,7 @@ def test_metrics_carry_the_pipeline_gauges_and_the_ops_requests(
     assert samples['pipeline_open_flags{category="drift"}'] == 0
     assert samples["pipeline_dead_letters_pending"] == 1
     assert samples['pipeline_queue_depth{queue="deliveries"}'] == 1
+    assert samples['pipeline_queue_depth{queue="deliveries.accepted"}'] == 0
     assert samples["pipeline_waiting_events"] == 1
     assert samples["pipeline_oldest_waiting_event_age_seconds"] >= 90
     assert samples['pipeline_state_up{source="postgres"}'] == 1

@@ -1,4 +1,4 @@
-"""The publisher's one-round-trip LPUSH on a real Redis: what it stores, and how it
+"""The publisher's one-round-trip accept script on a real Redis: what it stores, and how it
 recovers from a dropped connection or an error reply."""
 
 from __future__ import annotations
@@ -6,20 +6,37 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 
 import pytest
 import redis
 from redis.connection import Connection
 
-from receiver.enqueue import BrokerUnavailable, DeliveryPublisher, lpush_command
-from workers.messages import DELIVERY_QUEUE, delivery_message
+from receiver.enqueue import BrokerUnavailable, DeliveryPublisher, pack_command
+from workers.messages import ACCEPTED_HASH, ACCEPTED_INDEX, DELIVERY_QUEUE, delivery_message
 
 
 def test_command_is_what_redis_py_would_send() -> None:
     value = delivery_message('{"a":"é"}', "d1", "2024-01-01T00:00:00+00:00")
-    assert lpush_command(DELIVERY_QUEUE, value) == b"".join(
+    assert pack_command(b"LPUSH", DELIVERY_QUEUE.encode(), value) == b"".join(
         Connection().pack_command("LPUSH", DELIVERY_QUEUE, value)
     )
+
+
+def test_an_accepted_delivery_is_queued_and_kept_until_recorded(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    publisher = DeliveryPublisher(redis_url, 1.0)
+    try:
+        publisher.publish('{"a":1}', "d1", "2024-01-01T00:00:00+00:00")
+    finally:
+        publisher.close()
+    [queued] = redis_client.lrange(DELIVERY_QUEUE, 0, -1)
+    # The same bytes wait in the accepted set, keyed by delivery id, with the time accepted.
+    assert redis_client.hgetall(ACCEPTED_HASH) == {b"d1": queued}
+    [(member, score)] = redis_client.zrange(ACCEPTED_INDEX, 0, -1, withscores=True)
+    assert member == b"d1"
+    assert abs(score - time.time()) < 60
 
 
 def test_published_message_is_the_delivery(redis_url: str, redis_client: redis.Redis) -> None:
@@ -76,13 +93,16 @@ def test_a_dropped_connection_is_replaced(
 def test_an_error_reply_is_retried_then_given_up(
     redis_url: str, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    redis_client.set(DELIVERY_QUEUE, "not a list")  # LPUSH now answers WRONGTYPE
+    redis_client.set(DELIVERY_QUEUE, "not a list")  # LPUSH in the script now fails: WRONGTYPE
     publisher = DeliveryPublisher(redis_url, 0.3)
     with pytest.raises(BrokerUnavailable, match="WRONGTYPE"):
         publisher.publish("{}", "d1", "t")
     assert [r.message for r in caplog.records].count("delivery.enqueue_failed") >= 2
+    # Nothing of the refused delivery stays behind: the script wrote nothing.
+    assert redis_client.hlen(ACCEPTED_HASH) == 0
     # The connection is usable again once Redis takes the push.
     redis_client.delete(DELIVERY_QUEUE)
     publisher.publish("{}", "d2", "t")
     publisher.close()
     assert redis_client.llen(DELIVERY_QUEUE) == 1
+    assert redis_client.hkeys(ACCEPTED_HASH) == [b"d2"]

@@ -14,7 +14,9 @@ body has nothing to re-drive and is dead-lettered at once.
 
 Then the deliveries parked in Redis (``deliveries.parked``: the worker could not even
 record them because PostgreSQL was gone) go back to the queue, now that PostgreSQL
-answers again.
+answers again. Last, the accepted set is swept (``workers.accepted``): deliveries the
+receiver accepted that never reached the inbox -- lost by Celery's transport between its
+BRPOP and its bookkeeping -- are pushed again.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import redis
 from psycopg_pool import ConnectionPool
 
 from workers import metrics as worker_metrics
+from workers.accepted import sweep
 from workers.messages import DELIVERY_QUEUE, PARKED_QUEUE, delivery_message
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,8 @@ class RedriveResult:
     redriven: int = 0
     dead_lettered: int = 0
     unparked: int = 0
+    accepted_forgotten: int = 0
+    accepted_repushed: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -99,8 +104,15 @@ def redrive(
         if seen < batch_size:
             break
     unparked = unpark(client, limit=10 * batch_size)
-    result = RedriveResult(redriven=redriven, dead_lettered=dead, unparked=unparked)
-    if redriven or dead or unparked:
+    swept = sweep(pool, client, after_seconds, deadline, batch_size)
+    result = RedriveResult(
+        redriven=redriven,
+        dead_lettered=dead,
+        unparked=unparked,
+        accepted_forgotten=swept.forgotten,
+        accepted_repushed=swept.repushed,
+    )
+    if redriven or dead or unparked or swept.repushed:
         log.warning("redrive.done", extra=result.as_dict())
     return result
 

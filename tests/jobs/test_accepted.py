@@ -1,0 +1,124 @@
+"""The accepted set closes the window where Celery's transport can lose a message: a
+delivery answered 202 that never reached the inbox is pushed again by the re-drive job;
+one the inbox has is only forgotten."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import redis
+from psycopg_pool import ConnectionPool
+
+from receiver.enqueue import DeliveryPublisher
+from tests.jobs.conftest import rows
+from tests.jobs.test_redrive import a_while, queued
+from tests.support import body_of, card_redemption, envelope
+from workers import processing
+from workers.accepted import Forgetter, sweep
+from workers.jobs.redrive import redrive
+from workers.messages import ACCEPTED_HASH, ACCEPTED_INDEX, DELIVERY_QUEUE
+
+
+def accept(redis_url: str, client: redis.Redis, event_id: str, age_seconds: float) -> str:
+    """What the receiver does for a 202, then pretend it happened ``age_seconds`` ago."""
+    data = card_redemption("gift", f"r_{event_id}", amount=1500, balance_after=500)
+    body = body_of(envelope("redemption.succeeded", data, event_id=event_id)).decode()
+    delivery_id = f"d_{event_id}"
+    publisher = DeliveryPublisher(redis_url, 1.0)
+    try:
+        publisher.publish(body, delivery_id, datetime.now(UTC).isoformat())
+    finally:
+        publisher.close()
+    client.zadd(ACCEPTED_INDEX, {delivery_id: time.time() - age_seconds}, xx=True)
+    return delivery_id
+
+
+def lose_in_flight(client: redis.Redis) -> None:
+    """A worker's BRPOP took the oldest message and the worker died before recording it."""
+    assert client.rpop(DELIVERY_QUEUE) is not None
+
+
+def test_a_delivery_lost_between_brpop_and_the_inbox_is_pushed_again_and_applied_once(
+    pool: ConnectionPool,
+    db: psycopg.Connection[Any],
+    redis_url: str,
+    redis_client: redis.Redis,
+) -> None:
+    delivery_id = accept(redis_url, redis_client, "ev_lost_in_flight", age_seconds=3600)
+    lose_in_flight(redis_client)
+
+    result = redrive(pool, redis_client, 600, 5, a_while())
+
+    assert result.accepted_repushed == 1
+    [message] = queued(redis_client)
+    assert message["delivery_id"] == delivery_id
+    # The worker applies it, and forgets the copy once it is recorded.
+    assert processing.process_delivery(pool, **message).status == "processed"
+    Forgetter(redis_url).forget(delivery_id)
+    assert redis_client.hlen(ACCEPTED_HASH) == 0
+    assert redis_client.zcard(ACCEPTED_INDEX) == 0
+    assert rows(db, "SELECT redemption_id, effect, amount FROM ledger_entries") == [
+        ("r_ev_lost_in_flight", "debit", -1500)
+    ]
+
+
+def test_a_pushed_again_copy_is_judged_again_only_after_another_threshold(
+    pool: ConnectionPool, redis_url: str, redis_client: redis.Redis
+) -> None:
+    accept(redis_url, redis_client, "ev_twice", age_seconds=3600)
+    lose_in_flight(redis_client)
+    assert sweep(pool, redis_client, 600, a_while()).repushed == 1
+    lose_in_flight(redis_client)  # lost again
+    # Harmless twice: the second run within the threshold pushes nothing more.
+    assert sweep(pool, redis_client, 600, a_while()).repushed == 0
+    assert redis_client.llen(DELIVERY_QUEUE) == 0
+    assert redis_client.hlen(ACCEPTED_HASH) == 1
+
+
+def test_a_delivery_recorded_before_its_worker_died_is_forgotten_not_pushed(
+    pool: ConnectionPool, redis_url: str, redis_client: redis.Redis
+) -> None:
+    delivery_id = accept(redis_url, redis_client, "ev_recorded", age_seconds=3600)
+    [message] = queued(redis_client)
+    redis_client.delete(DELIVERY_QUEUE)
+    # The worker committed, then died before deleting the copy.
+    assert processing.process_delivery(pool, **message).status == "processed"
+
+    result = sweep(pool, redis_client, 600, a_while())
+
+    assert (result.forgotten, result.repushed) == (1, 0)
+    assert redis_client.llen(DELIVERY_QUEUE) == 0
+    assert not redis_client.hexists(ACCEPTED_HASH, delivery_id)
+    assert redis_client.zcard(ACCEPTED_INDEX) == 0
+
+
+def test_young_copies_and_copies_waiting_behind_a_backlog_are_left_alone(
+    pool: ConnectionPool, redis_url: str, redis_client: redis.Redis
+) -> None:
+    # Old, but still waiting in the queue behind a backlog (no worker took them yet).
+    accept(redis_url, redis_client, "ev_backlog_1", age_seconds=3600)
+    accept(redis_url, redis_client, "ev_backlog_2", age_seconds=3500)
+    # Taken by a worker a moment ago: still within the threshold.
+    accept(redis_url, redis_client, "ev_young", age_seconds=5)
+
+    result = sweep(pool, redis_client, 600, a_while())
+
+    assert result == type(result)()
+    assert redis_client.llen(DELIVERY_QUEUE) == 3
+    assert redis_client.hlen(ACCEPTED_HASH) == 3
+
+
+def test_copies_are_swept_in_bounded_batches_until_none_is_left(
+    pool: ConnectionPool, redis_url: str, redis_client: redis.Redis
+) -> None:
+    for n in range(5):
+        accept(redis_url, redis_client, f"ev_batch_{n}", age_seconds=3600 - n)
+    redis_client.delete(DELIVERY_QUEUE)  # all five lost
+
+    assert sweep(pool, redis_client, 600, a_while(), batch_size=2).repushed == 5
+    assert sorted(m["delivery_id"] for m in queued(redis_client)) == [
+        f"d_ev_batch_{n}" for n in range(5)
+    ]
