@@ -74,9 +74,7 @@ class OpsContext:
                 pipe.llen(queue)
             pipe.hlen(ACCEPTED)
             depths = pipe.execute()
-        return {
-            queue: int(depth) for queue, depth in zip((*QUEUES, ACCEPTED), depths, strict=True)
-        }
+        return {queue: int(depth) for queue, depth in zip((*QUEUES, ACCEPTED), depths, strict=True)}
 
     def close(self) -> None:
         if self._redis is not None:
