@@ -15,11 +15,21 @@ from config.settings import Settings, SettingsError
 LOCAL_DATA_DIR = "LOCAL_DATA_DIR"
 
 
-def load_settings(process: str, environ: Mapping[str, str]) -> Settings:
+def check_settings(process: str, environ: Mapping[str, str]) -> Settings:
+    """The settings as the environment gives them (no embedded servers started), or exit 2."""
     try:
         settings = Settings.from_env(environ)
         if process == "web":
             settings.require_webhook_secrets()
+    except SettingsError as exc:
+        print(f"{process}: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return settings
+
+
+def load_settings(process: str, environ: Mapping[str, str]) -> Settings:
+    settings = check_settings(process, environ)
+    try:
         if not (settings.database_url and settings.redis_url):
             settings = with_local_defaults(settings, Path(environ.get(LOCAL_DATA_DIR) or ".local"))
     except SettingsError as exc:

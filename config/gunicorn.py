@@ -19,9 +19,9 @@ from config.entry import load_settings
 _settings = load_settings("web", os.environ)
 
 bind = f"0.0.0.0:{_settings.port}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = os.environ.get("WEB_WORKER_CLASS", "gthread")
-threads = int(os.environ.get("WEB_THREADS", "8"))
+workers = _settings.web_concurrency
+worker_class = _settings.web_worker_class
+threads = _settings.web_threads
 keepalive = 75  # longer than common load-balancer idle timeouts
 timeout = 30
 graceful_timeout = 20

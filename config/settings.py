@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 T = TypeVar("T")
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+WEB_WORKER_CLASSES = ("gthread", "sync")
 
 
 class SettingsError(ValueError):
@@ -45,8 +46,15 @@ class Settings:
     # --- receiver --------------------------------------------------------------------
     enqueue_timeout_seconds: float = 5.0
     """Total time the receiver spends retrying a failing broker before answering 503."""
+    web_concurrency: int = 2
+    """gunicorn worker processes of one ``web``."""
+    web_worker_class: str = "gthread"
+    web_threads: int = 8
+    """Threads per gunicorn worker (gthread); 1 with the sync class."""
 
     # --- workers ---------------------------------------------------------------------
+    worker_concurrency: int = 2
+    """Celery prefork processes of one ``worker`` (the Procfile passes it to celery)."""
     db_pool_max_size: int = 4
     event_max_retries: int = 12
     retry_backoff_max_seconds: int = 120
@@ -115,6 +123,10 @@ class Settings:
             max_body_bytes=env.get("MAX_BODY_BYTES", _int_range(1, 1 << 30), 1_048_576),
             log_level=env.get("LOG_LEVEL", _log_level, "INFO"),
             enqueue_timeout_seconds=env.get("ENQUEUE_TIMEOUT_SECONDS", _seconds(0.1, 6.0), 5.0),
+            web_concurrency=env.get("WEB_CONCURRENCY", _int_range(1, 64), 2),
+            web_worker_class=env.get("WEB_WORKER_CLASS", _choice(WEB_WORKER_CLASSES), "gthread"),
+            web_threads=env.get("WEB_THREADS", _int_range(1, 256), 8),
+            worker_concurrency=env.get("WORKER_CONCURRENCY", _int_range(1, 64), 2),
             db_pool_max_size=env.get("DB_POOL_MAX_SIZE", _int_range(1, 100), 4),
             event_max_retries=env.get("EVENT_MAX_RETRIES", _int_range(0, 100), 12),
             retry_backoff_max_seconds=env.get(
@@ -139,10 +151,15 @@ class Settings:
             voucherify_api_url=env.get("VOUCHERIFY_API_URL", _http_url, None),
             voucherify_app_id=env.get("VOUCHERIFY_APP_ID", _token, None),
             voucherify_app_token=env.get("VOUCHERIFY_APP_TOKEN", _token, None),
-            voucherify_api_rate=env.get("VOUCHERIFY_API_RATE", _seconds(0.1, 100.0), 5.0),
+            voucherify_api_rate=env.get(
+                "VOUCHERIFY_API_RATE", _number(0.1, 100.0, "requests per second"), 5.0
+            ),
         ).checked()
 
     def checked(self) -> Settings:
+        if self.web_worker_class == "sync" and self.web_threads != 1:
+            # gunicorn silently runs gthread when a sync worker is given threads.
+            return dataclasses.replace(self, web_threads=1).checked()
         if self.retry_backoff_max_seconds >= self.broker_visibility_timeout_seconds:
             # A retry countdown longer than the visibility timeout makes Redis hand the
             # waiting message to another worker: the retry would run twice.
@@ -197,15 +214,28 @@ def _int_range(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(low: float, high: float) -> Callable[[str], float]:
+def _number(low: float, high: float, unit: str) -> Callable[[str], float]:
     def parse(raw: str) -> float:
         try:
             value = float(raw)
         except ValueError:
-            raise ValueError(f"expected a number of seconds, got {raw!r}") from None
-        if not low <= value <= high:
-            raise ValueError(f"expected a number of seconds from {low} to {high}, got {value}")
+            raise ValueError(f"expected a number of {unit}, got {raw!r}") from None
+        if not low <= value <= high:  # also false for nan
+            raise ValueError(f"expected a number of {unit} from {low} to {high}, got {value}")
         return value
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    return _number(low, high, "seconds")
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+        return raw
 
     return parse
 

@@ -215,7 +215,7 @@ class Processes:
     def web(self, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
         env = {**env, "PORT": str(port), "WEB_CONCURRENCY": env.get("WEB_CONCURRENCY", "1")}
-        args = [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.py", "receiver.wsgi:app"]
+        args = [sys.executable, "-m", "receiver.serve"]  # the Procfile's web
         proc = self._spawn("web", args, env)
         wait_for_port(port, timeout=30)
         return proc, port

@@ -79,6 +79,11 @@ def test_settings_are_frozen() -> None:
         ({"ENQUEUE_TIMEOUT_SECONDS": "soon"}, "ENQUEUE_TIMEOUT_SECONDS"),
         ({"ENQUEUE_TIMEOUT_SECONDS": "30"}, "ENQUEUE_TIMEOUT_SECONDS"),
         ({"VOUCHERIFY_API_URL": "ftp://api"}, "VOUCHERIFY_API_URL"),
+        ({"VOUCHERIFY_API_RATE": "nan"}, "VOUCHERIFY_API_RATE"),
+        ({"WEB_CONCURRENCY": "two"}, "WEB_CONCURRENCY"),
+        ({"WEB_THREADS": "0"}, "WEB_THREADS"),
+        ({"WEB_WORKER_CLASS": "gevent"}, "WEB_WORKER_CLASS"),
+        ({"WORKER_CONCURRENCY": "2.5"}, "WORKER_CONCURRENCY"),
         ({"RETRY_BACKOFF_MAX_SECONDS": "300"}, "RETRY_BACKOFF_MAX_SECONDS"),
         (
             {"RETRY_BACKOFF_MAX_SECONDS": "60", "BROKER_VISIBILITY_TIMEOUT_SECONDS": "60"},
@@ -98,6 +103,17 @@ def test_malformed_variable_is_named_first_in_the_error(
     assert str(caught.value).startswith(f"{variable}: ")
     assert caught.value.variable == variable
     assert len(str(caught.value).splitlines()) == 1
+
+
+def test_a_rate_is_described_as_a_rate() -> None:
+    with pytest.raises(SettingsError, match="requests per second"):
+        Settings.from_env({"VOUCHERIFY_API_RATE": "fast"})
+
+
+def test_a_sync_web_worker_runs_one_thread() -> None:
+    # gunicorn would otherwise switch a sync worker given threads to gthread, silently.
+    settings = Settings.from_env({"WEB_WORKER_CLASS": "sync", "WEB_THREADS": "8"})
+    assert (settings.web_worker_class, settings.web_threads) == ("sync", 1)
 
 
 def test_backoff_just_below_the_visibility_timeout_is_accepted() -> None:

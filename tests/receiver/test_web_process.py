@@ -26,14 +26,8 @@ UNUSED_URLS = {
 
 COMMANDS = {
     "import": [sys.executable, "-c", "import receiver.wsgi"],
-    "gunicorn": [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "-c",
-        str(ROOT / "config" / "gunicorn.py"),
-        "receiver.wsgi:app",
-    ],
+    # The Procfile's web: checks the environment, then becomes gunicorn.
+    "web": [sys.executable, "-m", "receiver.serve"],
 }
 
 
@@ -59,8 +53,9 @@ def bare_env(tmp_path: Path, **variables: str) -> dict[str, str]:
         # Also read by gunicorn itself (bind, log level): still named, in one line.
         ({"PORT": "abc", "VOUCHERIFY_WEBHOOK_SECRET": SECRET}, "PORT"),
         ({"LOG_LEVEL": "LOUD", "VOUCHERIFY_WEBHOOK_SECRET": SECRET}, "LOG_LEVEL"),
+        ({"WEB_CONCURRENCY": "two", "VOUCHERIFY_WEBHOOK_SECRET": SECRET}, "WEB_CONCURRENCY"),
     ],
-    ids=["bad-max-body-bytes", "no-secret", "bad-port", "bad-log-level"],
+    ids=["bad-max-body-bytes", "no-secret", "bad-port", "bad-log-level", "bad-concurrency"],
 )
 def test_bad_environment_stops_the_web_process_with_one_line(
     tmp_path: Path, command: str, variables: dict[str, str], named: str
