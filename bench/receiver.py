@@ -44,7 +44,7 @@ import redis
 
 from config.local_servers import EmbeddedRedis, free_port, wait_for_port
 from tests.support import SECRET, body_of, envelope, fixture, sign
-from workers.messages import DELIVERY_QUEUE
+from workers.messages import ACCEPTED_HASH, ACCEPTED_INDEX, DELIVERY_QUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = {"ours": "receiver.wsgi:app", "bare": "bench.bare_app:app"}
@@ -62,6 +62,8 @@ class Run:
     codes: dict[int, int]
     errors: list[str] = field(default_factory=list)
     queued: int | None = None
+    copies: int | None = None
+    """Copies in the accepted set (one per 202: no worker runs here to forget them)."""
     web_cpu_us: float = 0.0
     """CPU time (user + system) of gunicorn's processes per answered request."""
     redis_cpu_us: float = 0.0
@@ -78,6 +80,8 @@ class Run:
             found.append(f"{label}: {self.accepted} answered 202 of {expected} sent")
         if self.queued is not None and self.queued != self.accepted:
             found.append(f"{label}: {self.accepted} answered 202, {self.queued} in Redis")
+        if self.copies is not None and self.copies != self.accepted:
+            found.append(f"{label}: {self.accepted} answered 202, {self.copies} accepted copies")
         return found
 
 
@@ -271,7 +275,7 @@ class Bench:
             # Warm-up, not measured: workers booted, imports done, connections open.
             warmup = self.hey_args(["-n", "500", "-c", str(self.args.concurrency)], url)
             subprocess.run(warmup, capture_output=True, check=True)
-            self.redis.delete(DELIVERY_QUEUE)
+            self.redis.delete(DELIVERY_QUEUE, ACCEPTED_HASH, ACCEPTED_INDEX)
             expected = {
                 CLOSED: None if self.args.duration else self.args.requests,
                 BURSTS: self.args.rate * self.args.rate_seconds,
@@ -289,7 +293,8 @@ class Bench:
                 run.redis_cpu_us = (cpu_seconds(self.redis_pid) - redis_cpu) / answered * 1e6
                 if name == "ours":
                     run.queued = int(self.redis.llen(DELIVERY_QUEUE))
-                    self.redis.delete(DELIVERY_QUEUE)
+                    run.copies = int(self.redis.hlen(ACCEPTED_HASH))
+                    self.redis.delete(DELIVERY_QUEUE, ACCEPTED_HASH, ACCEPTED_INDEX)
                 runs[mode] = run
                 problems += run.problems(f"{worker_class} {name} {mode}", expected[mode])
         finally:

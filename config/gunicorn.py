@@ -48,8 +48,9 @@ logconfig_dict = {
 }
 
 # Prometheus multi-process mode: every gunicorn worker writes its metrics to files in
-# this folder and /metrics adds them up.
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+# this folder and /metrics adds them up. A folder made here is removed when gunicorn exits.
+_own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vfy-web-metrics-")
 
 
@@ -57,6 +58,11 @@ def on_starting(server: object) -> None:
     folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder, exist_ok=True)
+
+
+def on_exit(server: object) -> None:
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def child_exit(server: object, worker: object) -> None:

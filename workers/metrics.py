@@ -20,7 +20,8 @@ PROCESSING = Histogram(
 )
 LAG = Histogram(
     "worker_end_to_end_lag_seconds",
-    "From the receiver's received-at to the event's commit",
+    "From the receiver's received-at to the commit of that delivery (every outcome, "
+    "duplicates included: how far behind the workers are)",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
 )
 RETRIES = Counter("worker_retries_total", "Transient failures that scheduled a retry")

@@ -137,3 +137,23 @@ def test_gunicorn_chunked_bodies(
     assert status == 413, processes.logs()
     assert json.loads(answer)["error"] == "body_too_large"
     assert redis_client.llen(DELIVERY_QUEUE) == 1
+
+
+@pytest.mark.e2e
+def test_web_removes_the_metrics_folder_it_made_when_it_exits(
+    processes: Processes, database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = process_env(
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        VOUCHERIFY_WEBHOOK_SECRET=SECRET,
+        TMPDIR=str(scratch),
+    )
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # gunicorn makes its own folder
+    web, _ = processes.web(env)
+    assert [p.name[:16] for p in scratch.iterdir()] == ["vfy-web-metrics-"]
+    web.terminate()
+    assert web.wait(timeout=30) == 0
+    assert list(scratch.iterdir()) == []
