@@ -76,16 +76,23 @@ def sign(body: bytes, secret: str = SECRET) -> str:
 
 
 def wait_until(
-    probe: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "condition"
+    probe: Callable[[], T],
+    timeout: float = 30.0,
+    interval: float = 0.1,
+    what: str | Callable[[], str] = "condition",
 ) -> T:
-    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    ``what`` may be a callable, called only on failure: process logs read then, not before.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            described = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {described}")
         time.sleep(interval)
 
 

@@ -87,7 +87,9 @@ def test_signed_webhooks_end_as_rows_in_postgresql(
         return row is not None and row[0] == len(accepted)
 
     wait_until(
-        all_recorded, timeout=60, what="every accepted delivery recorded\n" + processes.logs()
+        all_recorded,
+        timeout=60,
+        what=lambda: "every accepted delivery recorded\n" + processes.logs(),
     )
 
     # Each worker forgot its delivery's accepted copy once the inbox had it.

@@ -123,7 +123,7 @@ def test_a_worker_killed_with_sigkill_mid_batch_loses_nothing_and_applies_nothin
     wait_until(
         lambda: count(url, "SELECT count(*) FROM events") >= 60,
         timeout=60,
-        what="the first worker to be mid-batch\n" + processes.logs(),
+        what=lambda: "the first worker to be mid-batch\n" + processes.logs(),
     )
     os.killpg(first.pid, signal.SIGKILL)  # main process and its pool: nothing can clean up
     first.wait(timeout=10)
@@ -137,7 +137,7 @@ def test_a_worker_killed_with_sigkill_mid_batch_loses_nothing_and_applies_nothin
         ),
         timeout=120,
         interval=0.5,
-        what="every event applied after the restart\n" + processes.logs(),
+        what=lambda: "every event applied after the restart\n" + processes.logs(),
     )
     assert_applied_exactly_once(url, event_ids, tries=1)
 
@@ -160,7 +160,7 @@ def test_events_arriving_while_postgresql_is_down_for_15s_are_applied_once_it_is
         lambda: count(url, "SELECT count(*) FROM events WHERE status = 'processed'") == 120,
         timeout=120,
         interval=0.5,
-        what="every event applied after PostgreSQL came back\n" + processes.logs(),
+        what=lambda: "every event applied after PostgreSQL came back\n" + processes.logs(),
     )
     # Tries that failed while PostgreSQL was coming back are counted in attempts.
     assert_applied_exactly_once(url, before + during, tries=None)
@@ -190,6 +190,6 @@ def test_a_worker_stopped_with_sigterm_mid_batch_hands_its_messages_back_at_once
         ),
         timeout=90,
         interval=0.5,
-        what="every event applied after the restart\n" + processes.logs(),
+        what=lambda: "every event applied after the restart\n" + processes.logs(),
     )
     assert_applied_exactly_once(url, event_ids, tries=1)
