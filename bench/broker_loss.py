@@ -4,7 +4,7 @@ and how many of them the accepted set brings back.
     .venv/bin/python -m bench.broker_loss --fault kill  [--times 20] [--rate 100]
     .venv/bin/python -m bench.broker_loss --fault redis [--times 8]  [--rate 50]
 
-Reproduces the known weakness written down in docs/figures.md: kombu's Redis transport
+Reproduces the weakness the README describes (Figures, "Weaknesses"): kombu's Redis transport
 takes a message off the list (``BRPOP``, ``Channel._brpop_read``) before it records it in
 its ``unacked`` hash (``QoS.append``); a worker SIGKILLed in between, or a Redis restart
 that drops the ``BRPOP`` reply, loses that message for good, although the receiver had
