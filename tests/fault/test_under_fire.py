@@ -52,9 +52,8 @@ import pytest
 import redis
 
 from bench.stream import CONNECTION_ERROR, Sender, Stream, build_stream, percentile
-from config.local_servers import EmbeddedPostgres, EmbeddedRedis
-from migrations import apply_migrations
 from tests.conftest import Processes, process_env
+from tests.fault.servers import Servers
 from tests.support import SECRET, wait_until
 from workers.messages import ACCEPTED_HASH, DELIVERY_QUEUE, PARKED_QUEUE
 
@@ -68,23 +67,6 @@ REDIS_DOWN_SECONDS = 5.0  # as long as the receiver's enqueue budget: some 503s,
 POSTGRES_DOWN_SECONDS = 20.0
 ENQUEUE_TIMEOUT_SECONDS = 5
 UNRECORDED = "accepted, not recorded"
-
-
-class Servers:
-    def __init__(self, root: Path) -> None:
-        self.postgres = EmbeddedPostgres(root / "pg", durable=False)
-        # The README's broker settings: AOF on, fsync every second, no eviction.
-        self.redis = EmbeddedRedis(root / "redis", appendfsync="everysec")
-
-    def start(self) -> None:
-        self.postgres.start()
-        self.redis.start()
-        with psycopg.connect(self.postgres.url(), autocommit=True) as conn:
-            apply_migrations(conn)
-
-    def stop(self) -> None:
-        self.redis.stop()
-        self.postgres.stop(mode="immediate")
 
 
 @pytest.fixture

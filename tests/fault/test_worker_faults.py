@@ -19,29 +19,12 @@ import psycopg
 import pytest
 import redis
 
-from config.local_servers import EmbeddedPostgres, EmbeddedRedis
-from migrations import apply_migrations
 from tests.conftest import Processes, process_env
+from tests.fault.servers import Servers
 from tests.support import body_of, card_redemption, envelope, wait_until
 from workers.messages import DELIVERY_QUEUE, delivery_message
 
 pytestmark = pytest.mark.fault
-
-
-class Servers:
-    def __init__(self, root: Path) -> None:
-        self.postgres = EmbeddedPostgres(root / "pg", durable=False)
-        self.redis = EmbeddedRedis(root / "redis")
-
-    def start(self) -> None:
-        self.postgres.start()
-        self.redis.start()
-        with psycopg.connect(self.postgres.url(), autocommit=True) as conn:
-            apply_migrations(conn)
-
-    def stop(self) -> None:
-        self.redis.stop()
-        self.postgres.stop(mode="immediate")
 
 
 @pytest.fixture
