@@ -121,6 +121,8 @@ def test_replaying_a_dead_letter_and_failed_events_from_the_dashboard(
     client: FlaskClient, state: State, db: psycopg.Connection[Any], redis_client: redis.Redis
 ) -> None:
     csrf = log_in(client)
+    # One event dead today: the button speaks of one event.
+    assert "Replay this event</button>" in client.get("/ops/").get_data(as_text=True)
     letter_id = db.execute("SELECT id FROM dead_letters").fetchone()[0]
     done = client.post(
         f"/ops/dead-letters/{letter_id}/replay", data={"csrf": csrf, "next": "/ops/"}
