@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import hypothesis
 import psycopg
 import pytest
 import redis
@@ -28,6 +29,11 @@ from config.local_servers import EmbeddedPostgres, EmbeddedRedis, free_port, wai
 from config.settings import Settings
 from migrations import apply_migrations
 from tests.support import SECRET
+
+# No per-example deadline: on two cores shared with real servers and processes, one slow
+# example is scheduling, not a finding, and a deadline would make the suite flaky.
+hypothesis.settings.register_profile("pipeline", deadline=None)
+hypothesis.settings.load_profile("pipeline")
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAIN_TABLES = (
