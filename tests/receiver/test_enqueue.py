@@ -23,14 +23,18 @@ def test_command_is_what_redis_py_would_send() -> None:
     )
 
 
-def test_an_accepted_delivery_is_queued_and_kept_until_recorded(
-    redis_url: str, redis_client: redis.Redis
-) -> None:
+def publish_one(redis_url: str) -> None:
     publisher = DeliveryPublisher(redis_url, 1.0)
     try:
         publisher.publish('{"a":1}', "d1", "2024-01-01T00:00:00+00:00")
     finally:
         publisher.close()
+
+
+def test_an_accepted_delivery_is_queued_and_kept_until_recorded(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    publish_one(redis_url)
     [queued] = redis_client.lrange(DELIVERY_QUEUE, 0, -1)
     # The same bytes wait in the accepted set, keyed by delivery id, with the time accepted.
     assert redis_client.hgetall(ACCEPTED_HASH) == {b"d1": queued}
@@ -40,11 +44,7 @@ def test_an_accepted_delivery_is_queued_and_kept_until_recorded(
 
 
 def test_published_message_is_the_delivery(redis_url: str, redis_client: redis.Redis) -> None:
-    publisher = DeliveryPublisher(redis_url, 1.0)
-    try:
-        publisher.publish('{"a":1}', "d1", "2024-01-01T00:00:00+00:00")
-    finally:
-        publisher.close()
+    publish_one(redis_url)
     [raw] = redis_client.lrange(DELIVERY_QUEUE, 0, -1)
     _, kwargs, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
     assert kwargs == {
