@@ -23,10 +23,9 @@ from workers.messages import ACCEPTED_HASH
 Connect = Callable[[float], AbstractContextManager[psycopg.Connection[Any]]]
 
 QUEUES = ("deliveries", "deliveries.parked", "jobs")
-"""The Redis lists whose depth the stats and gauges report."""
-ACCEPTED = ACCEPTED_HASH
-"""Also reported as a depth: deliveries answered 202 and not yet recorded in PostgreSQL
-(``workers.accepted``). It follows the queue; one that keeps growing while the queue is
+"""The Redis lists whose depth the stats and gauges report. The accepted set
+(``ACCEPTED_HASH``: deliveries answered 202 and not yet recorded in PostgreSQL) is
+reported beside them; it follows the queue, and one that keeps growing while the queue is
 empty means workers are not recording what they take."""
 
 
@@ -72,9 +71,11 @@ class OpsContext:
         with client.pipeline(transaction=False) as pipe:
             for queue in QUEUES:
                 pipe.llen(queue)
-            pipe.hlen(ACCEPTED)
+            pipe.hlen(ACCEPTED_HASH)
             depths = pipe.execute()
-        return {queue: int(depth) for queue, depth in zip((*QUEUES, ACCEPTED), depths, strict=True)}
+        return {
+            queue: int(depth) for queue, depth in zip((*QUEUES, ACCEPTED_HASH), depths, strict=True)
+        }
 
     def close(self) -> None:
         if self._redis is not None:
