@@ -46,6 +46,16 @@ def register(app: Celery, settings: Settings) -> None:
     max_retries = settings.event_max_retries
     forgetter = Forgetter(redis_url)
 
+    def record_failure(
+        pool: Any, body: str, delivery_id: str, received_at: str, error: str
+    ) -> bool:
+        """Mark the event failed in the inbox; once there, its accepted copy is not needed
+        (the re-drive job takes over). False when even that could not be written."""
+        recorded = processing.record_failure(pool, body, delivery_id, received_at, error)
+        if recorded:
+            forgetter.forget(delivery_id)
+        return recorded
+
     @app.task(name=PROCESS_DELIVERY_TASK, bind=True, max_retries=max_retries)
     def process_delivery(task: Task, body: str, delivery_id: str, received_at: str) -> str:
         retries = int(task.request.retries or 0)
@@ -59,9 +69,7 @@ def register(app: Celery, settings: Settings) -> None:
             except Exception as exc:  # a bug: keep the event, let the re-drive job try later
                 log.exception("delivery.crashed")
                 error = f"{type(exc).__name__}: {exc}"
-                if processing.record_failure(pool, body, delivery_id, received_at, error):
-                    forgetter.forget(delivery_id)  # the inbox has it now: re-drive's turn
-                else:
+                if not record_failure(pool, body, delivery_id, received_at, error):
                     park(redis_url, body, delivery_id, received_at)
                 metrics.EVENTS.labels("unknown", "failed").inc()
                 return "failed"
@@ -90,9 +98,7 @@ def register(app: Celery, settings: Settings) -> None:
     ) -> str:
         error = f"{type(exc).__name__}: {exc}"
         pool.check()  # drop connections a restarted PostgreSQL left broken
-        recorded = processing.record_failure(pool, body, delivery_id, received_at, error)
-        if recorded:
-            forgetter.forget(delivery_id)  # the inbox has it now: re-drive's turn
+        recorded = record_failure(pool, body, delivery_id, received_at, error)
         metrics.RETRIES.inc()
         if retries >= max_retries:
             log.error("delivery.out_of_retries", extra={"error": error, "recorded": recorded})
