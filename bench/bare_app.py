@@ -1,6 +1,6 @@
 """The receiver benchmark's baseline: a bare Flask app that answers 202 and does nothing.
 
-Served by the same gunicorn settings as ``receiver.wsgi:app`` (``config/gunicorn.py``), so
+Served by the same gunicorn settings as ``web.wsgi:app`` (``web/gunicorn.py``), so
 the difference between the two is what our view costs: signature, parse, Redis LPUSH.
 """
 

@@ -9,7 +9,7 @@ takes a message off the list (``BRPOP``, ``Channel._brpop_read``) before it reco
 its ``unacked`` hash (``QoS.append``); a worker SIGKILLed in between, or a Redis restart
 that drops the ``BRPOP`` reply, loses that message for good, although the receiver had
 answered 202 for it. The receiver therefore keeps a copy of each accepted delivery (the
-accepted set, ``workers/accepted.py``) that the re-drive job pushes again.
+accepted set, ``workers/queue/accepted.py``) that the re-drive job pushes again.
 
 Starts its own PostgreSQL and Redis (AOF everysec), publishes a steady stream of
 deliveries exactly as the receiver does (``DeliveryPublisher``, counted only once Redis
@@ -41,14 +41,11 @@ import psycopg
 import redis
 from psycopg_pool import ConnectionPool
 
-from config.local_servers import EmbeddedPostgres, EmbeddedRedis
-from migrations import apply_migrations
-from receiver.enqueue import BrokerUnavailable, DeliveryPublisher
-from tests.support import body_of, card_redemption, envelope
-from workers.accepted import sweep
-from workers.messages import DELIVERY_QUEUE
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench.common import ROOT, celery_worker_command, embedded_stores, start_stores, stores_env
+from devtools.servers import EmbeddedPostgres, EmbeddedRedis
+from devtools.webhooks import body_of, card_redemption, envelope
+from workers.jobs.redrive import recorded_in
+from workers.queue import DELIVERY_QUEUE, BrokerUnavailable, DeliveryPublisher, SweepResult, sweep
 
 
 class Pusher(threading.Thread):
@@ -84,73 +81,94 @@ class Pusher(threading.Thread):
         publisher.close()
 
 
-def main() -> int:
+class Worker:
+    """The run's ``celery worker``, as the Procfile runs it; started again after a SIGKILL."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.proc = self.start(0)
+
+    def start(self, n: int) -> subprocess.Popen[bytes]:
+        args = celery_worker_command("workers.app", DELIVERY_QUEUE, 2, "WARNING")
+        with (self.workdir / f"worker-{n}.log").open("wb") as log:
+            return subprocess.Popen(
+                args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def kill(self, n: int) -> None:
+        """SIGKILL the worker's process group, then start worker ``n``."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = self.start(n)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fault", choices=("kill", "redis"), required=True)
     parser.add_argument("--times", type=int, default=None, help="kill: 20, redis: 8")
     parser.add_argument("--rate", type=float, default=None, help="kill: 100/s, redis: 50/s")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def inject_faults(fault: str, times: int, worker: Worker, broker: EmbeddedRedis) -> None:
+    time.sleep(3)  # the stream flows before the first fault
+    for n in range(1, times + 1):
+        time.sleep(random.uniform(0.5, 2.0) if fault == "kill" else 3.0)
+        if fault == "kill":
+            worker.kill(n)
+        else:
+            broker.stop()
+            time.sleep(random.uniform(0.2, 2.0))
+            broker.start()
+
+
+def count_losses(
+    postgres: EmbeddedPostgres, broker: EmbeddedRedis, pushed: list[str]
+) -> tuple[list[str], SweepResult, list[str]]:
+    """The ids lost by the transport, the sweep of the accepted set, the ids still lost."""
+    lost = settle(postgres.url(), broker.url(), pushed)
+    client = redis.Redis.from_url(broker.url())
+    with ConnectionPool(postgres.url(), min_size=1, max_size=2) as pool:
+        swept = sweep(client, recorded_in(pool), after_seconds=0, deadline=time.monotonic() + 60)
+    client.close()
+    still_lost = settle(postgres.url(), broker.url(), pushed)
+    return lost, swept, still_lost
+
+
+def main() -> int:
+    args = parse_args()
     times = args.times or (20 if args.fault == "kill" else 8)
     rate = args.rate or (100.0 if args.fault == "kill" else 50.0)
 
     workdir = Path(tempfile.mkdtemp(prefix="vfy-bench-loss-"))
-    postgres = EmbeddedPostgres(workdir / "pg", durable=False)
-    broker = EmbeddedRedis(workdir / "redis", appendfsync="everysec")
-    postgres.start()
-    broker.start()
-    with psycopg.connect(postgres.url(), autocommit=True) as conn:
-        apply_migrations(conn)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "DATABASE_URL": postgres.url(),
-        "REDIS_URL": broker.url(),
-        "BROKER_VISIBILITY_TIMEOUT_SECONDS": "10",
-        "RETRY_BACKOFF_MAX_SECONDS": "4",
-        "LOG_LEVEL": "WARNING",
-        "WORKER_METRICS_PORT": "0",
-    }
-
-    def worker(n: int) -> subprocess.Popen[bytes]:
-        args = [
-            sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-            "--queues", DELIVERY_QUEUE, "--concurrency", "2", "--without-gossip",
-            "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING",
-        ]  # fmt: skip
-        with (workdir / f"worker-{n}.log").open("wb") as log:
-            return subprocess.Popen(
-                args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-
+    postgres, broker = embedded_stores(workdir, durable=False)
+    start_stores(postgres, broker)
+    env = stores_env(
+        postgres,
+        broker,
+        BROKER_VISIBILITY_TIMEOUT_SECONDS="10",
+        RETRY_BACKOFF_MAX_SECONDS="4",
+        LOG_LEVEL="WARNING",
+        WORKER_METRICS_PORT="0",
+    )
     pusher = Pusher(broker.url(), rate)
-    proc = worker(0)
+    worker = Worker(workdir, env)
     try:
         pusher.start()
-        time.sleep(3)  # the stream flows before the first fault
-        for n in range(1, times + 1):
-            time.sleep(random.uniform(0.5, 2.0) if args.fault == "kill" else 3.0)
-            if args.fault == "kill":
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                proc = worker(n)
-            else:
-                broker.stop()
-                time.sleep(random.uniform(0.2, 2.0))
-                broker.start()
+        inject_faults(args.fault, times, worker, broker)
         pusher.stop.set()
         pusher.join()
-        lost = settle(postgres.url(), broker.url(), pusher.pushed)
-        client = redis.Redis.from_url(broker.url())
-        with ConnectionPool(postgres.url(), min_size=1, max_size=2) as pool:
-            swept = sweep(pool, client, after_seconds=0, deadline=time.monotonic() + 60)
-        client.close()
-        still_lost = settle(postgres.url(), broker.url(), pusher.pushed)
+        lost, swept, still_lost = count_losses(postgres, broker, pusher.pushed)
     finally:
         pusher.stop.set()
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
+        worker.stop()
         broker.stop()
         postgres.stop(mode="immediate")
     shutil.rmtree(workdir, ignore_errors=True)

@@ -17,6 +17,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -82,39 +86,54 @@ def plot_run(records: Records, title: str, out: Path) -> Path:
     fig, (ack_ax, lag_ax) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, dpi=100)
     span = max((t for t, _, _ in records.requests), default=1.0)
     width = max(0.5, span / 150)
+    _plot_acks(ack_ax, records.requests, width)
+    _plot_lags(lag_ax, records.lags, width)
+    _mark_faults(ack_ax, lag_ax, records.faults, width)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
 
-    ok = [(t, ms) for t, ms, status in records.requests if 200 <= status < 300]
-    refused = [(t, ms) for t, ms, status in records.requests if status == 0]
-    unavailable = [(t, ms) for t, ms, status in records.requests if status == 503]
-    other = [
-        (t, ms) for t, ms, status in records.requests if status not in (0, 503) and status >= 300
-    ]
-    ack_ax.scatter(*zip(*ok, strict=True), s=2, color="#9ab", label="202", rasterized=True)
+
+def _plot_acks(ax: Axes, requests: list[tuple[float, float, int]], width: float) -> None:
+    ok = [(t, ms) for t, ms, status in requests if 200 <= status < 300]
+    refused = [(t, ms) for t, ms, status in requests if status == 0]
+    unavailable = [(t, ms) for t, ms, status in requests if status == 503]
+    other = [(t, ms) for t, ms, status in requests if status not in (0, 503) and status >= 300]
+    ax.scatter(*zip(*ok, strict=True), s=2, color="#9ab", label="202", rasterized=True)
     for points, colour, label in (
         (unavailable, "#e80", "503 (sent again)"),
         (refused, "#c22", "no answer (sent again)"),
         (other, "#708", "other status"),
     ):
         if points:
-            ack_ax.scatter(*zip(*points, strict=True), s=8, color=colour, label=label)
+            ax.scatter(*zip(*points, strict=True), s=8, color=colour, label=label)
     centres, p50, p99 = _binned(ok, width)
-    ack_ax.plot(centres, p50, color="#136", linewidth=1, label="p50")
-    ack_ax.plot(centres, p99, color="#136", linewidth=1, linestyle="--", label="p99")
-    ack_ax.set_yscale("log")
-    ack_ax.set_ylabel("ack latency (ms)")
-    ack_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, markerscale=2)
+    ax.plot(centres, p50, color="#136", linewidth=1, label="p50")
+    ax.plot(centres, p99, color="#136", linewidth=1, linestyle="--", label="p99")
+    ax.set_yscale("log")
+    ax.set_ylabel("ack latency (ms)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, markerscale=2)
 
-    if records.lags:
-        lag_ax.scatter(*zip(*records.lags, strict=True), s=2, color="#ab9", rasterized=True)
-        centres, p50, p99 = _binned(records.lags, width)
-        lag_ax.plot(centres, p50, color="#361", linewidth=1, label="p50")
-        lag_ax.plot(centres, p99, color="#361", linewidth=1, linestyle="--", label="p99")
-        lag_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
-    lag_ax.set_yscale("log")
-    lag_ax.set_ylabel("end-to-end lag (ms)\nreceived → processed")
-    lag_ax.set_xlabel("seconds since the first delivery was sent (x: when it reached the receiver)")
 
-    for name, start, end in records.faults:
+def _plot_lags(ax: Axes, lags: list[tuple[float, float]], width: float) -> None:
+    if lags:
+        ax.scatter(*zip(*lags, strict=True), s=2, color="#ab9", rasterized=True)
+        centres, p50, p99 = _binned(lags, width)
+        ax.plot(centres, p50, color="#361", linewidth=1, label="p50")
+        ax.plot(centres, p99, color="#361", linewidth=1, linestyle="--", label="p99")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("end-to-end lag (ms)\nreceived → processed")
+    ax.set_xlabel("seconds since the first delivery was sent (x: when it reached the receiver)")
+
+
+def _mark_faults(
+    ack_ax: Axes, lag_ax: Axes, faults: list[tuple[str, float, float]], width: float
+) -> None:
+    for name, start, end in faults:
         for ax in (ack_ax, lag_ax):
             ax.axvspan(start, max(end, start + width / 2), color="#f4cccc", alpha=0.6, lw=0)
         ack_ax.annotate(
@@ -127,12 +146,6 @@ def plot_run(records: Records, title: str, out: Path) -> Path:
             va="top",
             rotation=90,
         )
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
 
 
 def plot_fault_run(artifacts: Path = ARTIFACTS, out_dir: Path = FIGURES) -> Path | None:

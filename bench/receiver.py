@@ -5,8 +5,8 @@
 
 Starts its own Redis (AOF, appendfsync everysec: what production runs), then for each
 gunicorn worker class (WEB_CONCURRENCY=2; gthread with WEB_THREADS threads) serves in turn
-``receiver.wsgi:app`` (ours) and ``bench.bare_app:app`` (a Flask view that only answers
-202) with ``config/gunicorn.py``, and drives each with ``hey`` and a signed 6 KB webhook
+``web.wsgi:app`` (ours) and ``bench.bare_app:app`` (a Flask view that only answers
+202) with ``web/gunicorn.py``, and drives each with ``hey`` and a signed 6 KB webhook
 (the published redemption.succeeded data in a v2024-01-01 envelope, padded with order
 metadata). Three loads per app:
 
@@ -28,99 +28,26 @@ the load average is printed before and after; ``--rounds`` repeats and takes med
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import re
-import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
-from config.local_servers import EmbeddedRedis, free_port, wait_for_port
-from tests.support import SECRET, body_of, envelope, fixture, sign
-from workers.messages import ACCEPTED_HASH, ACCEPTED_INDEX, DELIVERY_QUEUE
+from bench.common import APPS, ROOT, conclude, gunicorn_command
+from bench.hey import Run, check_hey, csv_run, median_run, parse_summary
+from devtools.servers import EmbeddedRedis, free_port, wait_for_port
+from devtools.webhooks import SECRET, body_of, envelope, fixture, sign
+from workers.queue import ACCEPTED_HASH, ACCEPTED_INDEX, DELIVERY_QUEUE
 
-ROOT = Path(__file__).resolve().parent.parent
-APPS = {"ours": "receiver.wsgi:app", "bare": "bench.bare_app:app"}
 CLOSED, BURSTS, SMOOTH = "c=50", "hey -q", "smooth"
 TARGET_THROUGHPUT_RATIO = 0.80
 TARGET_P99_RATIO = 1.25
 TARGET_P99_AT_RATE_MS = 15.0
-
-
-@dataclass
-class Run:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    codes: dict[int, int]
-    errors: list[str] = field(default_factory=list)
-    queued: int | None = None
-    copies: int | None = None
-    """Copies in the accepted set (one per 202: no worker runs here to forget them)."""
-    web_cpu_us: float = 0.0
-    """CPU time (user + system) of gunicorn's processes per answered request."""
-    redis_cpu_us: float = 0.0
-
-    @property
-    def accepted(self) -> int:
-        return self.codes.get(202, 0)
-
-    def problems(self, label: str, expected: int | None) -> list[str]:
-        found = []
-        if set(self.codes) != {202} or self.errors:
-            found.append(f"{label}: answers {self.codes}, errors {self.errors[:3]}")
-        if expected is not None and self.accepted != expected:
-            found.append(f"{label}: {self.accepted} answered 202 of {expected} sent")
-        if self.queued is not None and self.queued != self.accepted:
-            found.append(f"{label}: {self.accepted} answered 202, {self.queued} in Redis")
-        if self.copies is not None and self.copies != self.accepted:
-            found.append(f"{label}: {self.accepted} answered 202, {self.copies} accepted copies")
-        return found
-
-
-def check_hey() -> None:
-    if shutil.which("hey") is None:
-        sys.exit(
-            "bench.receiver: the load generator 'hey' is not installed.\n"
-            "  Debian/Ubuntu: apt-get update && apt-get install -y hey\n"
-            "  elsewhere:     go install github.com/rakyll/hey@latest"
-        )
-
-
-def parse_summary(output: str) -> Run:
-    """hey's default summary output."""
-
-    def number(pattern: str) -> float:
-        match = re.search(pattern, output)
-        if match is None:
-            raise RuntimeError(f"cannot read {pattern!r} in hey's output:\n{output}")
-        return float(match.group(1))
-
-    codes = {int(c): int(n) for c, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", output)}
-    errors = []
-    if "Error distribution:" in output:
-        tail = output.split("Error distribution:", 1)[1]
-        errors = [line.strip() for line in tail.splitlines() if line.strip()]
-    return Run(
-        rps=number(r"Requests/sec:\s+([\d.]+)"),
-        p50_ms=number(r"50% in ([\d.]+) secs") * 1000,
-        p99_ms=number(r"99% in ([\d.]+) secs") * 1000,
-        codes=codes,
-        errors=errors,
-    )
-
-
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile, as hey computes its own."""
-    index = min(len(sorted_values) - 1, max(0, round(fraction * len(sorted_values)) - 1))
-    return sorted_values[index]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -177,27 +104,27 @@ class Bench:
         text = re.sub(r"http://127\.0\.0\.1:\d+", "http://127.0.0.1:$PORT", text)
         self.commands.setdefault(mode, text.replace(str(self.body_file), "body.json"))
 
+    def summary(self, mode: str, load: list[str], url: str) -> Run:
+        """One hey process with ``load``; its summary as the run."""
+        args = self.hey_args(load, url)
+        self.remember(mode, args)
+        return parse_summary(
+            subprocess.run(args, capture_output=True, text=True, check=True).stdout
+        )
+
     def closed_loop(self, url: str) -> Run:
         load = (
             ["-z", f"{self.args.duration}s"]
             if self.args.duration
             else ["-n", str(self.args.requests)]
         )
-        args = self.hey_args([*load, "-c", str(self.args.concurrency)], url)
-        self.remember(CLOSED, args)
-        return parse_summary(
-            subprocess.run(args, capture_output=True, text=True, check=True).stdout
-        )
+        return self.summary(CLOSED, [*load, "-c", str(self.args.concurrency)], url)
 
     def bursts(self, url: str) -> Run:
         per_sender = self.args.rate / self.args.concurrency
         total = self.args.rate * self.args.rate_seconds
         load = ["-n", str(total), "-c", str(self.args.concurrency), "-q", f"{per_sender:g}"]
-        args = self.hey_args(load, url)
-        self.remember(BURSTS, args)
-        return parse_summary(
-            subprocess.run(args, capture_output=True, text=True, check=True).stdout
-        )
+        return self.summary(BURSTS, load, url)
 
     def smooth(self, url: str) -> Run:
         senders = self.args.smooth_senders
@@ -220,25 +147,7 @@ class Bench:
         for proc in procs:
             if proc.wait() != 0:
                 raise RuntimeError(f"hey exited with {proc.returncode}")
-        elapsed = time.monotonic() - started
-        latencies: list[float] = []
-        codes: dict[int, int] = {}
-        for path in outputs:
-            with path.open() as handle:
-                for row in csv.DictReader(handle):
-                    latencies.append(float(row["response-time"]) * 1000)
-                    code = int(row["status-code"])
-                    codes[code] = codes.get(code, 0) + 1
-            path.unlink()
-        latencies.sort()
-        missing = senders * count - len(latencies)  # hey's csv lists answered requests only
-        return Run(
-            rps=len(latencies) / elapsed,
-            p50_ms=percentile(latencies, 0.50),
-            p99_ms=percentile(latencies, 0.99),
-            codes=codes,
-            errors=[f"{missing} requests without an answer"] if missing else [],
-        )
+        return csv_run(outputs, senders * count, time.monotonic() - started)
 
     def serve(self, app: str, worker_class: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
         port = free_port()
@@ -250,7 +159,7 @@ class Bench:
             "PORT": str(port),
             "WEB_CONCURRENCY": "2",
             "WEB_WORKER_CLASS": worker_class,
-            # gunicorn turns "sync" into gthread when threads > 1 (config/gunicorn.py's
+            # gunicorn turns "sync" into gthread when threads > 1 (web/gunicorn.py's
             # default is 8): one thread, or the sync figures would be gthread's.
             "WEB_THREADS": "1" if worker_class == "sync" else str(self.args.threads),
             "REDIS_URL": self.redis_url,
@@ -260,7 +169,7 @@ class Bench:
             "LOG_LEVEL": "WARNING",
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         }
-        args = [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.py", app]
+        args = gunicorn_command(app)
         with log.open("wb") as out:
             proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         wait_for_port(port, timeout=30)
@@ -309,25 +218,7 @@ class Bench:
         return runs, problems
 
 
-def median_run(runs: list[Run]) -> Run:
-    if len(runs) == 1:
-        return runs[0]
-    codes: dict[int, int] = {}
-    for run in runs:
-        for code, count in run.codes.items():
-            codes[code] = codes.get(code, 0) + count
-    return Run(
-        rps=statistics.median(r.rps for r in runs),
-        p50_ms=statistics.median(r.p50_ms for r in runs),
-        p99_ms=statistics.median(r.p99_ms for r in runs),
-        codes=codes,
-        queued=None if runs[0].queued is None else sum(r.queued or 0 for r in runs),
-        web_cpu_us=statistics.median(r.web_cpu_us for r in runs),
-        redis_cpu_us=statistics.median(r.redis_cpu_us for r in runs),
-    )
-
-
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs (3000 requests, 4 s)")
     parser.add_argument("--requests", type=int, default=None, help="requests per c=50 run")
@@ -345,6 +236,28 @@ def main() -> int:
         args.requests = 3000 if args.quick else 20000
     if args.rate_seconds is None:
         args.rate_seconds = 4 if args.quick else 10
+    return args
+
+
+Results = dict[tuple[str, str, str], list[Run]]
+"""The runs of every round, by (worker class, app, load)."""
+
+
+def run_rounds(bench: Bench, rounds: int, classes: list[str]) -> tuple[Results, list[str]]:
+    results: Results = {}
+    problems: list[str] = []
+    for _ in range(rounds):
+        for worker_class in classes:
+            for name in APPS:
+                runs, found = bench.measure(name, worker_class)
+                problems += found
+                for mode, run in runs.items():
+                    results.setdefault((worker_class, name, mode), []).append(run)
+    return results, problems
+
+
+def main() -> int:
+    args = parse_args()
     check_hey()
 
     load_before = os.getloadavg()
@@ -355,33 +268,33 @@ def main() -> int:
     assert server.process is not None
     bench = Bench(args, workdir, redis_url, server.process.pid)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    results: dict[tuple[str, str, str], list[Run]] = {}
-    problems: list[str] = []
     try:
-        for _ in range(args.rounds):
-            for worker_class in classes:
-                for name in APPS:
-                    runs, found = bench.measure(name, worker_class)
-                    problems += found
-                    for mode, run in runs.items():
-                        results.setdefault((worker_class, name, mode), []).append(run)
+        results, problems = run_rounds(bench, args.rounds, classes)
     finally:
         bench.redis.close()
         server.stop()
 
     report(args, bench, classes, results, load_before, time.monotonic() - started)
-    if problems:
-        print("\nFAILED CHECKS (logs kept in " + str(workdir) + "):\n  " + "\n  ".join(problems))
-        return 1
-    shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    return conclude(problems, workdir, "\nFAILED CHECKS (logs kept in {workdir}):\n  {problems}")
 
 
 def report(
     args: argparse.Namespace,
     bench: Bench,
     classes: list[str],
-    results: dict[tuple[str, str, str], list[Run]],
+    results: Results,
+    load_before: tuple[float, float, float],
+    elapsed: float,
+) -> None:
+    report_setup(args, bench, load_before, elapsed)
+    medians = report_table(args, classes, results)
+    print()
+    report_targets(args, classes, medians)
+
+
+def report_setup(
+    args: argparse.Namespace,
+    bench: Bench,
     load_before: tuple[float, float, float],
     elapsed: float,
 ) -> None:
@@ -399,6 +312,12 @@ def report(
     print("hey commands:")
     for mode, command in bench.commands.items():
         print(f"  {mode:<7} {command}")
+
+
+def report_table(
+    args: argparse.Namespace, classes: list[str], results: Results
+) -> dict[tuple[str, str, str], Run]:
+    """Print the median of every (class, app, load) and return them."""
     header = (
         f"{'class':<8} {'app':<5} {'load':<14} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'202s':>7} {'queued':>7} {'web cpu':>8} {'redis':>6}"
@@ -421,7 +340,12 @@ def report(
                     f"{run.p99_ms:>7.2f} {run.accepted:>7} {queued:>7} "
                     f"{run.web_cpu_us:>8.0f} {run.redis_cpu_us:>6.0f}"
                 )
-    print()
+    return medians
+
+
+def report_targets(
+    args: argparse.Namespace, classes: list[str], medians: dict[tuple[str, str, str], Run]
+) -> None:
     for worker_class in classes:
         try:
             ours, bare = (

@@ -13,26 +13,32 @@ no-op rate and the peak RSS of every worker process.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psutil
 import psycopg
 import redis
 
-from config.local_servers import EmbeddedPostgres, EmbeddedRedis
-from migrations import apply_migrations
-from tests.support import body_of, card_redemption, card_rollback, envelope
-from workers.messages import DELIVERY_QUEUE, celery_message, delivery_message
+from bench.common import (
+    ROOT,
+    celery_worker_command,
+    embedded_stores,
+    peak_rss_mb,
+    start_stores,
+    stores_env,
+)
+from devtools.servers import EmbeddedPostgres, EmbeddedRedis
+from devtools.webhooks import body_of, card_redemption, card_rollback, envelope
+from workers.queue import DELIVERY_QUEUE, Message, celery_message
 
-ROOT = Path(__file__).resolve().parent.parent
+Drained = tuple[float, list[float]]
+"""Seconds to drain the queue, peak RSS in MB of each worker process."""
 
 
 def build_bodies(n: int, seed: int = 7) -> list[str]:
@@ -76,27 +82,9 @@ def fill(client: redis.Redis, messages: list[bytes]) -> None:
 def start_worker(
     app: str, env: dict[str, str], concurrency: int, log: Path
 ) -> subprocess.Popen[bytes]:
-    args = [
-        sys.executable, "-m", "celery", "-A", app, "worker", "--queues", DELIVERY_QUEUE,
-        "--concurrency", str(concurrency), "--without-gossip", "--without-mingle",
-        "--without-heartbeat", "--loglevel", "WARNING",
-    ]  # fmt: skip
+    args = celery_worker_command(app, DELIVERY_QUEUE, concurrency, "WARNING")
     with log.open("wb") as out:
         return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def peak_rss_mb(proc: subprocess.Popen[bytes]) -> list[float]:
-    parent = psutil.Process(proc.pid)
-    peaks = []
-    for p in [parent, *parent.children(recursive=True)]:
-        try:
-            with open(f"/proc/{p.pid}/status") as status:
-                for line in status:
-                    if line.startswith("VmHWM:"):
-                        peaks.append(int(line.split()[1]) / 1024)
-        except OSError:
-            continue
-    return peaks
 
 
 def drain(
@@ -106,9 +94,9 @@ def drain(
     env: dict[str, str],
     client: redis.Redis,
     concurrency: int,
-    done: object,
+    done: Callable[[], bool],
     workdir: Path,
-) -> tuple[float, list[float]]:
+) -> Drained:
     client.flushdb()
     fill(client, messages)
     n = len(messages)
@@ -119,96 +107,78 @@ def drain(
                 raise SystemExit(f"{name} worker exited: see {workdir / (name + '.log')}")
             time.sleep(0.005)
         started = time.perf_counter()
-        while not done():  # type: ignore[operator]
+        while not done():
             if proc.poll() is not None:
                 raise SystemExit(f"{name} worker exited: see {workdir / (name + '.log')}")
             time.sleep(0.05)
         elapsed = time.perf_counter() - started
-        rss = peak_rss_mb(proc)
+        rss = [mb for _, mb in peak_rss_mb(proc.pid)]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     return elapsed, rss
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=2)
-    args = parser.parse_args()
-    n = args.events
+    return parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="vfy-bench-drain-"))
-    postgres = EmbeddedPostgres(workdir / "pg", durable=True)
-    broker = EmbeddedRedis(workdir / "redis", appendfsync="everysec")
-    postgres.start()
-    broker.start()
-    try:
-        with psycopg.connect(postgres.url(), autocommit=True) as conn:
-            apply_migrations(conn)
-        client = redis.Redis.from_url(broker.url())
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "DATABASE_URL": postgres.url(),
-            "REDIS_URL": broker.url(),
-            "LOG_LEVEL": "WARNING",
-        }
-        bodies = build_bodies(n)
-        now = datetime.now(UTC).isoformat()
-        event_messages = [delivery_message(b, uuid.uuid4().hex, now) for b in bodies]
-        noop_messages = [
-            celery_message(
-                "bench.noop",
-                {"body": b, "delivery_id": uuid.uuid4().hex, "received_at": now},
-                DELIVERY_QUEUE,
-            )
-            for b in bodies
-        ]
 
-        def queue_empty() -> bool:
-            return client.llen(DELIVERY_QUEUE) == 0 and client.hlen("unacked") == 0  # type: ignore[return-value]
-
-        poll = psycopg.connect(postgres.url(), autocommit=True)  # one connection, reused
-
-        def all_recorded() -> bool:
-            row = poll.execute("SELECT count(*) FROM deliveries").fetchone()
-            return row is not None and row[0] >= n
-
-        noop_s, noop_rss = drain(
-            "noop",
-            "bench.noop_app",
-            noop_messages,
-            env,
-            client,
-            args.concurrency,
-            queue_empty,
-            workdir,
+def build_messages(bodies: list[str]) -> tuple[list[bytes], list[bytes]]:
+    """The deliveries of ``bodies`` as the receiver queues them, and as no-op tasks."""
+    now = datetime.now(UTC).isoformat()
+    event_messages = [Message(b, uuid.uuid4().hex, now).encode() for b in bodies]
+    noop_messages = [
+        celery_message(
+            "bench.noop",
+            {"body": b, "delivery_id": uuid.uuid4().hex, "received_at": now},
+            DELIVERY_QUEUE,
         )
-        events_s, events_rss = drain(
-            "events",
-            "workers.app",
-            event_messages,
-            env,
-            client,
-            args.concurrency,
-            all_recorded,
-            workdir,
-        )
-        poll.close()
-        with psycopg.connect(postgres.url()) as conn:
-            statuses = dict(
-                conn.execute("SELECT outcome, count(*) FROM deliveries GROUP BY 1").fetchall()
-            )
-        client.close()
-    finally:
-        broker.stop()
-        postgres.stop()
+        for b in bodies
+    ]
+    return event_messages, noop_messages
 
-    noop_rate, events_rate = n / noop_s, n / events_s
-    print(
-        f"worker drain, N={n} deliveries (10 % duplicates), prefork concurrency {args.concurrency}"
+
+def run(
+    n: int, concurrency: int, postgres: EmbeddedPostgres, broker: EmbeddedRedis, workdir: Path
+) -> tuple[Drained, Drained, dict[str, int]]:
+    """Drain N no-op tasks, then N deliveries; the deliveries' outcomes."""
+    client = redis.Redis.from_url(broker.url())
+    env = stores_env(postgres, broker, LOG_LEVEL="WARNING")
+    event_messages, noop_messages = build_messages(build_bodies(n))
+
+    def queue_empty() -> bool:
+        return client.llen(DELIVERY_QUEUE) == 0 and client.hlen("unacked") == 0  # type: ignore[return-value]
+
+    poll = psycopg.connect(postgres.url(), autocommit=True)  # one connection, reused
+
+    def all_recorded() -> bool:
+        row = poll.execute("SELECT count(*) FROM deliveries").fetchone()
+        return row is not None and row[0] >= n
+
+    noop = drain(
+        "noop", "bench.noop_app", noop_messages, env, client, concurrency, queue_empty, workdir
     )
+    events = drain(
+        "events", "workers.app", event_messages, env, client, concurrency, all_recorded, workdir
+    )
+    poll.close()
+    with psycopg.connect(postgres.url()) as conn:
+        statuses: dict[str, int] = dict(
+            conn.execute("SELECT outcome, count(*) FROM deliveries GROUP BY 1").fetchall()
+        )
+    client.close()
+    return noop, events, statuses
+
+
+def report(
+    n: int, concurrency: int, noop: Drained, events: Drained, statuses: dict[str, int]
+) -> None:
+    (noop_s, noop_rss), (events_s, events_rss) = noop, events
+    noop_rate, events_rate = n / noop_s, n / events_s
+    print(f"worker drain, N={n} deliveries (10 % duplicates), prefork concurrency {concurrency}")
     print(f"{'run':<8}{'seconds':>10}{'per second':>12}   peak RSS MB per process")
     for name, secs, rate, rss in (
         ("no-op", noop_s, noop_rate, noop_rss),
@@ -217,6 +187,21 @@ def main() -> None:
         print(f"{name:<8}{secs:>10.2f}{rate:>12.0f}   {', '.join(f'{m:.0f}' for m in rss)}")
     print(f"ratio events/no-op: {events_rate / noop_rate:.0%} (target >= 70 %)")
     print(f"delivery outcomes: {statuses}")
+
+
+def main() -> None:
+    args = parse_args()
+    n = args.events
+
+    workdir = Path(tempfile.mkdtemp(prefix="vfy-bench-drain-"))
+    postgres, broker = embedded_stores(workdir, durable=True)
+    try:
+        start_stores(postgres, broker)
+        noop, events, statuses = run(n, args.concurrency, postgres, broker, workdir)
+    finally:
+        broker.stop()
+        postgres.stop()
+    report(n, args.concurrency, noop, events, statuses)
 
 
 if __name__ == "__main__":

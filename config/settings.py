@@ -1,9 +1,9 @@
 """One frozen, typed settings object built from the environment.
 
 Every process (web, worker, beat, release, the CLI) builds exactly one ``Settings`` from
-``os.environ`` in its entry module and passes it down. A malformed value raises
-``SettingsError`` whose message starts with the variable's name, so the entry module can
-print one line and exit.
+``os.environ`` in its entry module and passes it down. A missing required value
+(``DATABASE_URL``, ``REDIS_URL``) or a malformed one raises ``SettingsError`` whose message
+starts with the variable's name, so the entry module can print one line and exit.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ class SettingsError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Settings:
     # --- CONTRACT.md ---------------------------------------------------------------
-    database_url: str | None = None
-    """None means: use the embedded local PostgreSQL (local runs only)."""
-    redis_url: str | None = None
-    """None means: use the embedded local Redis (local runs only)."""
+    database_url: str
+    """Required; ``scripts/dev`` supplies an embedded local one for local runs."""
+    redis_url: str
+    """Required; ``scripts/dev`` supplies an embedded local one for local runs."""
     webhook_secrets: tuple[bytes, ...] = ()
     port: int = 8000
     ops_api_token: str | None = None
@@ -108,15 +108,18 @@ class Settings:
             )
         return self.webhook_secrets
 
-    def with_urls(self, database_url: str, redis_url: str) -> Settings:
-        return dataclasses.replace(self, database_url=database_url, redis_url=redis_url)
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         env = _Env(environ)
         return cls(
-            database_url=env.get("DATABASE_URL", _postgres_url, None),
-            redis_url=env.get("REDIS_URL", _redis_url, None),
+            database_url=env.require(
+                "DATABASE_URL",
+                _postgres_url,
+                "a PostgreSQL DSN (postgresql://user:password@host:5432/db)",
+            ),
+            redis_url=env.require(
+                "REDIS_URL", _redis_url, "a Redis DSN of the Celery broker (redis:// or rediss://)"
+            ),
             webhook_secrets=env.get("VOUCHERIFY_WEBHOOK_SECRET", _secrets, ()),
             port=env.get("PORT", _int_range(1, 65535), 8000),
             ops_api_token=env.get("OPS_API_TOKEN", _token, None),
@@ -195,6 +198,21 @@ class _Env:
         raw = self._environ.get(name)
         if raw is None or raw.strip() == "":
             return default
+        return self._parse(name, parse, raw)
+
+    def require(self, name: str, parse: Callable[[str], T], what: str) -> T:
+        """A variable without a default: unset or blank stops the process, naming it."""
+        raw = self._environ.get(name)
+        if raw is None or raw.strip() == "":
+            raise SettingsError(
+                name,
+                f"required: {what}; for local runs scripts/dev supplies one from embedded "
+                'servers under .local/ (in another shell: eval "$(scripts/dev env)")',
+            )
+        return self._parse(name, parse, raw)
+
+    @staticmethod
+    def _parse(name: str, parse: Callable[[str], T], raw: str) -> T:
         try:
             return parse(raw.strip())
         except ValueError as exc:

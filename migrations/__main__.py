@@ -15,7 +15,6 @@ from migrations import apply_migrations
 def main() -> None:
     settings = load_settings("release", os.environ)
     logs.configure(settings.log_level)
-    assert settings.database_url is not None
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         applied = apply_migrations(conn)
     logging.getLogger("migrations").info("migrations.done", extra={"applied": applied})

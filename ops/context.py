@@ -4,6 +4,9 @@ The web process uses the process's pool (``workers.db.get_pool``: opened lazily 
 ops request or scrape, re-opened after a fork), never at import and never on the webhook
 path. The CLI, a short-lived process, opens one plain connection instead. Every ops
 transaction gets a ``statement_timeout`` so a slow query cannot hold a web thread for long.
+
+In the web process ``ops.install`` puts the context in ``app.extensions``; the views read it
+with ``current()`` (and the token with ``current_token()``).
 """
 
 from __future__ import annotations
@@ -16,23 +19,19 @@ from typing import Any
 
 import psycopg
 import redis
+from flask import current_app
 
 from config.settings import Settings
-from workers.messages import ACCEPTED_HASH
+from workers import queue
 
 Connect = Callable[[float], AbstractContextManager[psycopg.Connection[Any]]]
 
-QUEUES = ("deliveries", "deliveries.parked", "jobs")
-"""The Redis lists whose depth the stats and gauges report. The accepted set
-(``ACCEPTED_HASH``: deliveries answered 202 and not yet recorded in PostgreSQL) is
-reported beside them; it follows the queue, and one that keeps growing while the queue is
-empty means workers are not recording what they take."""
+EXTENSION = "ops_context"
+"""``app.extensions`` key of the web process's ``OpsContext``."""
 
 
 class OpsContext:
     def __init__(self, settings: Settings, connect: Connect | None = None) -> None:
-        if settings.database_url is None or settings.redis_url is None:
-            raise ValueError("the ops tools need settings with both URLs resolved")
         self.settings = settings
         self.database_url: str = settings.database_url
         self.redis_url: str = settings.redis_url
@@ -61,21 +60,11 @@ class OpsContext:
     def redis(self) -> redis.Redis:
         with self._lock:  # gthread: several requests may ask at once
             if self._redis is None:
-                self._redis = redis.Redis.from_url(
-                    self.redis_url, socket_connect_timeout=2, socket_timeout=2, retry=None
-                )
+                self._redis = queue.connect(self.redis_url, timeout=2, retry=False)
             return self._redis
 
     def queue_depths(self) -> dict[str, int]:
-        client = self.redis()
-        with client.pipeline(transaction=False) as pipe:
-            for queue in QUEUES:
-                pipe.llen(queue)
-            pipe.hlen(ACCEPTED_HASH)
-            depths = pipe.execute()
-        return {
-            queue: int(depth) for queue, depth in zip((*QUEUES, ACCEPTED_HASH), depths, strict=True)
-        }
+        return queue.depths(self.redis())
 
     def close(self) -> None:
         if self._redis is not None:
@@ -90,3 +79,17 @@ def direct_connect(database_url: str) -> Connect:
         return psycopg.connect(database_url, connect_timeout=max(2, int(timeout)))
 
     return connect
+
+
+def current() -> OpsContext:
+    """The ``OpsContext`` of the app handling the request (``ops.install`` put it there)."""
+    context: OpsContext = current_app.extensions[EXTENSION]
+    return context
+
+
+def current_token() -> str:
+    """``OPS_API_TOKEN``: the blueprints are only mounted when it is set."""
+    token = current().settings.ops_api_token
+    if token is None:
+        raise RuntimeError("the ops blueprints are mounted without OPS_API_TOKEN")
+    return token

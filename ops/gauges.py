@@ -7,7 +7,7 @@ timeouts: a slow or absent database costs a scrape at most about two seconds, an
 - ``pipeline_open_flags{category}``: flags waiting for a person.
 - ``pipeline_dead_letters_pending``: dead letters not replayed yet.
 - ``pipeline_oldest_waiting_event_age_seconds``: age of the oldest event not finished
-  (``received`` or ``failed``); 0 when none waits.
+  (``schemas.vocabulary.UNFINISHED_STATUSES``); 0 when none waits.
 - ``pipeline_waiting_events``: how many events are not finished.
 - ``pipeline_queue_depth{queue}``: messages waiting in the Redis lists.
 """
@@ -22,8 +22,10 @@ import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ops import queries
+from ops import store
 from ops.context import OpsContext
+from ops.params import one_of
+from schemas.vocabulary import UNFINISHED_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,9 @@ class PipelineCollector(Collector):
                 statement_timeout_ms=SCRAPE_STATEMENT_TIMEOUT_MS,
                 wait_seconds=SCRAPE_POOL_WAIT_SECONDS,
             ) as conn:
-                flags = queries.open_flags_by_category(conn)
-                pending = queries.pending_dead_letters(conn)
-                waiting = queries.waiting_events(conn)
+                flags = store.open_flags_by_category(conn)
+                pending = store.pending_dead_letters(conn)
+                waiting = store.waiting_events(conn)
         except psycopg.Error as exc:  # PoolTimeout is an OperationalError too
             log.warning("metrics.database_unreadable", extra={"error": type(exc).__name__})
             up.add_metric(["postgres"], 0)
@@ -70,7 +72,7 @@ class PipelineCollector(Collector):
         )
         yield GaugeMetricFamily(
             "pipeline_waiting_events",
-            "Events whose processing has not finished (received or failed)",
+            f"Events whose processing has not finished ({one_of(UNFINISHED_STATUSES)})",
             value=int(waiting.get("n") or 0),
         )
         yield GaugeMetricFamily(

@@ -1,6 +1,10 @@
-"""Parsing what operators type (limits, cursors, times) and writing what they read (JSON).
+"""Parsing what operators type (limits, cursors, times, choices) and writing what they read
+(JSON).
 
-Shared by the API, the dashboard and the CLI so the three accept the same values.
+The low-level parsers of ``ops.service``'s filters, so the API, the dashboard and the CLI
+accept the same values. The words (statuses, categories) come from ``schemas.vocabulary``.
+A ``Query`` is what a front-end was given, by name: a query string
+(``request.args.to_dict(flat=False)``), a form, the CLI's options.
 """
 
 from __future__ import annotations
@@ -9,15 +13,24 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from schemas.vocabulary import EventStatus, values
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
-EVENT_STATUSES = ("received", "processed", "ignored", "failed", "dead")
-FLAG_STATUSES = ("open", "resolved")
-FLAG_CATEGORIES = ("already_rolled_back", "review", "drift")
+MAX_NOTE_CHARS = 2000
+ANY = "any"
+"""The status filter's word for "every status"."""
+
+Query = Mapping[str, str | Sequence[str] | None]
+"""Parameters by name; a name given more than once maps to the list of its values."""
+
+E = TypeVar("E", bound=StrEnum)
 
 _RELATIVE = re.compile(r"^(\d+)\s*([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -30,6 +43,29 @@ class ParamError(ValueError):
         super().__init__(f"{name}: {problem}")
         self.name = name
         self.problem = problem
+
+
+def first(query: Query, name: str) -> str | None:
+    """The (first) value of ``name``; None when absent or empty."""
+    value = query.get(name)
+    if value is not None and not isinstance(value, str):
+        value = value[0] if value else None
+    return value or None
+
+
+def every(query: Query, name: str) -> list[str]:
+    """Every value of ``name``, in order (none when absent)."""
+    value = query.get(name)
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def one_of(words: Sequence[str]) -> str:
+    """``a, b or c``: for help texts and error messages."""
+    if len(words) < 2:
+        return "".join(words)
+    return f"{', '.join(words[:-1])} or {words[-1]}"
 
 
 def parse_limit(raw: str | int | None) -> int:
@@ -84,25 +120,25 @@ def parse_time(name: str, raw: str | None, now: datetime | None = None) -> datet
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def parse_statuses(raw: list[str] | None) -> list[str] | None:
-    """Event statuses, repeated or comma-separated; None means any."""
-    if not raw:
+def parse_statuses(raw: Sequence[str]) -> tuple[EventStatus, ...] | None:
+    """Event statuses, repeated or comma-separated; None means any (nothing, or ``any``)."""
+    words = [s.strip() for item in raw for s in item.split(",") if s.strip()]
+    if not words or ANY in words:
         return None
-    statuses = [s.strip() for item in raw for s in item.split(",") if s.strip()]
-    if "any" in statuses:
-        return None
-    for status in statuses:
-        if status not in EVENT_STATUSES:
-            raise ParamError("status", f"expected any of {', '.join(EVENT_STATUSES)}")
-    return statuses or None
+    try:
+        return tuple(EventStatus(word) for word in words)
+    except ValueError:
+        raise ParamError("status", f"expected any of {', '.join(values(EventStatus))}") from None
 
 
-def parse_choice(name: str, raw: str | None, choices: tuple[str, ...]) -> str | None:
+def parse_choice(name: str, raw: str | None, choices: type[E]) -> E | None:
+    """One member of the StrEnum ``choices``, by its text."""
     if raw is None or raw == "":
         return None
-    if raw not in choices:
-        raise ParamError(name, f"expected one of {', '.join(choices)}")
-    return raw
+    try:
+        return choices(raw)
+    except ValueError:
+        raise ParamError(name, f"expected one of {', '.join(values(choices))}") from None
 
 
 def parse_bool(name: str, raw: str | None) -> bool | None:
@@ -113,6 +149,17 @@ def parse_bool(name: str, raw: str | None) -> bool | None:
     if raw.lower() in ("false", "0", "no"):
         return False
     raise ParamError(name, "expected true or false")
+
+
+def parse_note(raw: object) -> str | None:
+    """What was done about a flag: a string of at most ``MAX_NOTE_CHARS``, or None."""
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise ParamError("note", "expected a string")
+    if len(raw) > MAX_NOTE_CHARS:
+        raise ParamError("note", f"at most {MAX_NOTE_CHARS} characters")
+    return raw
 
 
 def encode_event_cursor(cursor: tuple[datetime, str] | None) -> str | None:

@@ -1,0 +1,1 @@
+"""The webhook receiver: verify the signature (``signature``), enqueue, answer (``views``)."""

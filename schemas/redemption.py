@@ -14,10 +14,20 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
 
-REDEMPTION_STATUSES = ("SUCCEEDED", "FAILED", "ROLLED_BACK")
-ORDER_STATUSES = ("CREATED", "PAID", "CANCELED", "FULFILLED")
-GIFT_VOUCHER = "GIFT_VOUCHER"
-LOYALTY_CARD = "LOYALTY_CARD"
+from schemas import vocabulary
+from schemas.vocabulary import (
+    LEDGER_KIND_OF_VOUCHER,
+    LedgerKind,
+    OrderStatus,
+    VoucherType,
+    values,
+)
+
+REDEMPTION_STATUSES = values(vocabulary.RedemptionStatus)
+ORDER_STATUSES = values(OrderStatus)
+GIFT_VOUCHER = VoucherType.GIFT_VOUCHER
+LOYALTY_CARD = VoucherType.LOYALTY_CARD
+_CARDS = frozenset(VoucherType)
 
 
 class RedemptionStatus(fields.String):
@@ -72,9 +82,9 @@ class Voucher:
     loyalty_balance: int | None
 
     @property
-    def ledger_kind(self) -> str | None:
+    def ledger_kind(self) -> LedgerKind | None:
         """``gift_credit`` / ``loyalty_points`` for cards; None for coupons and the rest."""
-        return {GIFT_VOUCHER: "gift_credit", LOYALTY_CARD: "loyalty_points"}.get(self.type or "")
+        return LEDGER_KIND_OF_VOUCHER.get(VoucherType(self.type)) if self.type in _CARDS else None
 
 
 @dataclass(frozen=True, slots=True)

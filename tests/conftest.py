@@ -25,10 +25,10 @@ import psycopg
 import pytest
 import redis
 
-from config.local_servers import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
 from config.settings import Settings
+from devtools.servers import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
+from devtools.webhooks import SECRET
 from migrations import apply_migrations
-from tests.support import SECRET
 
 # No per-example deadline: on two cores shared with real servers and processes, one slow
 # example is scheduling, not a finding, and a deadline would make the suite flaky.
@@ -221,7 +221,7 @@ class Processes:
     def web(self, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
         env = {**env, "PORT": str(port), "WEB_CONCURRENCY": env.get("WEB_CONCURRENCY", "1")}
-        args = [sys.executable, "-m", "receiver.serve"]  # the Procfile's web
+        args = [sys.executable, "-m", "web.serve"]  # the Procfile's web
         proc = self._spawn("web", args, env)
         wait_for_port(port, timeout=30)
         return proc, port

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Histogram
 
+from schemas.vocabulary import DeliveryOutcome
+
 if TYPE_CHECKING:
     from workers.processing import Outcome
 
@@ -32,7 +34,7 @@ PARKED = Counter("worker_parked_total", "Deliveries parked in Redis because Post
 def observe_outcome(outcome: Outcome, received_at: str, elapsed: float) -> None:
     EVENTS.labels(outcome.type or "unknown", outcome.status).inc()
     PROCESSING.observe(elapsed)
-    if outcome.status == "dead":
+    if outcome.status == DeliveryOutcome.DEAD:
         DEAD_LETTERS.labels(outcome.type or "unknown").inc()
     try:
         lag = (datetime.now(UTC) - datetime.fromisoformat(received_at)).total_seconds()

@@ -32,6 +32,8 @@ from typing import Any
 
 from celery import signals
 
+from compat.celery_worker import replace_safe_say
+from compat.prometheus import rechoose_value_class
 from config import logs
 from config.logs import JsonFormatter
 from config.settings import Settings
@@ -52,9 +54,7 @@ def prepare_metrics_dir(environ: MutableMapping[str, str]) -> tuple[str, bool]:
         folder = tempfile.mkdtemp(prefix="vfy-worker-metrics-")
         environ[MULTIPROC_VARIABLE] = folder
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    values = sys.modules.get("prometheus_client.values")
-    if values is not None:  # imported too early: metrics created from now on are shared
-        values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
+    rechoose_value_class()  # in case prometheus_client was imported before the folder was set
     return (given, True) if given else (folder, False)
 
 
@@ -97,9 +97,7 @@ def install(settings: Settings, environ: MutableMapping[str, str]) -> None:
     """Set up the worker's logs and signals; call before ``prometheus_client`` is imported."""
     logs.configure(settings.log_level)
     logging.captureWarnings(True)
-    import celery.apps.worker
-
-    celery.apps.worker.safe_say = say_as_json
+    replace_safe_say(say_as_json)
     folder, given = prepare_metrics_dir(environ)
     servers: list[Any] = []
 

@@ -22,15 +22,18 @@ from typing import Any
 
 import psycopg
 from marshmallow import ValidationError
+from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from schemas.envelope import LEGACY_FORMAT, Envelope, read_envelope
+from schemas.vocabulary import FINAL_STATUSES, UNFINISHED_STATUSES, DeliveryOutcome, EventStatus
 from workers import handlers  # noqa: F401 - importing registers the handlers
 from workers.registry import Registry, registry
 
 log = logging.getLogger(__name__)
 
-FINAL_STATUSES = ("processed", "ignored", "dead")
+SETTLED = (EventStatus.PROCESSED, EventStatus.IGNORED)
+"""Final statuses that stamp ``processed_at``: the event was applied or had nothing to apply."""
 
 # psycopg_pool.PoolTimeout, SerializationFailure and DeadlockDetected are all
 # OperationalErrors: the database is unreachable, busy, or asked us to try again.
@@ -48,7 +51,7 @@ WITH finished AS (
     UPDATE events
     SET status = %(status)s,
         attempts = attempts + 1,
-        processed_at = CASE WHEN %(status)s IN ('processed', 'ignored') THEN now() END,
+        processed_at = CASE WHEN %(settled)s THEN now() END,
         last_error = %(error)s,
         updated_at = now()
     WHERE event_id = %(event_id)s
@@ -60,7 +63,7 @@ ON CONFLICT (delivery_id) DO UPDATE SET outcome = EXCLUDED.outcome
 
 RECORD_DUPLICATE = """
 INSERT INTO deliveries (delivery_id, event_id, received_at, outcome)
-VALUES (%(delivery_id)s, %(event_id)s, %(received_at)s, 'duplicate')
+VALUES (%(delivery_id)s, %(event_id)s, %(received_at)s, %(outcome)s)
 ON CONFLICT (delivery_id) DO NOTHING
 """
 
@@ -74,14 +77,14 @@ WITH failed AS (
     INSERT INTO events AS e (event_id, type, payload, event_created_at, received_at,
                              status, attempts, last_error)
     VALUES (%(event_id)s, %(type)s, %(payload)s::jsonb, %(event_created_at)s, %(received_at)s,
-            'failed', 1, %(error)s)
+            %(status)s, 1, %(error)s)
     ON CONFLICT (event_id) DO UPDATE
-    SET status = 'failed', attempts = e.attempts + 1, last_error = EXCLUDED.last_error,
+    SET status = %(status)s, attempts = e.attempts + 1, last_error = EXCLUDED.last_error,
         updated_at = now()
-    WHERE e.status IN ('received', 'failed')
+    WHERE e.status = ANY(%(unfinished)s)
 )
 INSERT INTO deliveries (delivery_id, event_id, received_at, outcome)
-VALUES (%(delivery_id)s, %(event_id)s, %(received_at)s, 'failed')
+VALUES (%(delivery_id)s, %(event_id)s, %(received_at)s, %(outcome)s)
 ON CONFLICT (delivery_id) DO NOTHING
 """
 
@@ -92,7 +95,7 @@ class TransientError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    status: str
+    status: DeliveryOutcome
     event_id: str
     type: str
     reason: str | None = None
@@ -176,18 +179,18 @@ def process_delivery(
 
 def _apply(conn: psycopg.Connection[Any], delivery: Delivery, routes: Registry) -> Outcome:
     params = delivery.inbox_params()
-    row = conn.execute(CLAIM_EVENT, params).fetchone()
+    row = conn.cursor(row_factory=dict_row).execute(CLAIM_EVENT, params).fetchone()
     assert row is not None
     event_id, event_type = delivery.event_id, delivery.type
-    if row[0] in FINAL_STATUSES:
-        conn.execute(RECORD_DUPLICATE, params)
-        return Outcome("duplicate", event_id, event_type)
+    if row["status"] in FINAL_STATUSES:
+        conn.execute(RECORD_DUPLICATE, {**params, "outcome": DeliveryOutcome.DUPLICATE})
+        return Outcome(DeliveryOutcome.DUPLICATE, event_id, event_type)
 
     reason = _unusable(delivery)
     route = routes.route(event_type) if reason is None else None
     if reason is None and route is None:
-        _finish(conn, params, "ignored")
-        return Outcome("ignored", event_id, event_type)
+        _finish(conn, params, EventStatus.IGNORED)
+        return Outcome(DeliveryOutcome.IGNORED, event_id, event_type)
     if route is not None:
         assert delivery.envelope is not None
         try:
@@ -199,11 +202,11 @@ def _apply(conn: psycopg.Connection[Any], delivery: Delivery, routes: Registry) 
         else:
             route.handle(event, conn)
     if reason is not None:
-        _finish(conn, params, "dead", error=reason)
+        _finish(conn, params, EventStatus.DEAD, error=reason)
         conn.execute(INSERT_DEAD_LETTER, {**params, "reason": reason})
-        return Outcome("dead", event_id, event_type, reason)
-    _finish(conn, params, "processed")
-    return Outcome("processed", event_id, event_type)
+        return Outcome(DeliveryOutcome.DEAD, event_id, event_type, reason)
+    _finish(conn, params, EventStatus.PROCESSED)
+    return Outcome(DeliveryOutcome.PROCESSED, event_id, event_type)
 
 
 def _dead_letter(conn: psycopg.Connection[Any], delivery: Delivery, reason: str) -> Outcome:
@@ -215,9 +218,9 @@ def _dead_letter(conn: psycopg.Connection[Any], delivery: Delivery, reason: str)
     except psycopg.DataError:
         params["payload"] = None  # the body itself cannot be stored as jsonb
         conn.execute(CLAIM_EVENT, params)
-    _finish(conn, params, "dead", error=reason)
+    _finish(conn, params, EventStatus.DEAD, error=reason)
     conn.execute(INSERT_DEAD_LETTER, {**params, "reason": reason})
-    return Outcome("dead", params["event_id"], params["type"], reason)
+    return Outcome(DeliveryOutcome.DEAD, params["event_id"], params["type"], reason)
 
 
 def _safe_text(text: str) -> str:
@@ -242,10 +245,22 @@ def _unusable(delivery: Delivery) -> str | None:
 
 
 def _finish(
-    conn: psycopg.Connection[Any], params: dict[str, Any], status: str, error: str | None = None
+    conn: psycopg.Connection[Any],
+    params: dict[str, Any],
+    status: EventStatus,
+    error: str | None = None,
 ) -> None:
-    outcome = "processed" if status == "processed" else status
-    conn.execute(FINISH_EVENT, {**params, "status": status, "error": error, "outcome": outcome})
+    """The event's final status and its delivery's outcome (the same word)."""
+    conn.execute(
+        FINISH_EVENT,
+        {
+            **params,
+            "status": status,
+            "settled": status in SETTLED,
+            "error": error,
+            "outcome": DeliveryOutcome(status),
+        },
+    )
 
 
 def record_failure(
@@ -255,7 +270,16 @@ def record_failure(
     delivery = read_delivery(body, delivery_id, received_at)
     try:
         with pool.connection(timeout=2) as conn, conn.transaction():
-            conn.execute(RECORD_FAILURE, {**delivery.inbox_params(), "error": error[:2000]})
+            conn.execute(
+                RECORD_FAILURE,
+                {
+                    **delivery.inbox_params(),
+                    "error": error[:2000],
+                    "status": EventStatus.FAILED,
+                    "outcome": DeliveryOutcome.FAILED,
+                    "unfinished": list(UNFINISHED_STATUSES),
+                },
+            )
     except psycopg.Error as exc:
         log.warning("event.failure_not_recorded", extra={"error": repr(exc)})
         return False

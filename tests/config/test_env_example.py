@@ -1,4 +1,5 @@
-"""``.env.example`` lists every variable ``Settings.from_env`` reads, with its default."""
+"""``.env.example`` lists every variable ``Settings.from_env`` reads, with its default (the
+two URLs, which have none, are shown commented out and said to be required)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ from config.settings import Settings
 from tests.conftest import ROOT
 
 LINE = re.compile(r"^(# )?([A-Z][A-Z0-9_]*)=(.*)$")
+# The variables without a default (valid DSNs, never contacted).
+URLS = {
+    "DATABASE_URL": "postgresql://postgres@127.0.0.1:9/unused",
+    "REDIS_URL": "redis://127.0.0.1:9/0",
+}
 
 
 class RecordingEnviron(dict[str, str]):
-    """An empty environment that records which variables were asked for."""
+    """An environment of only the required URLs that records which variables were asked for."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(URLS)
         self.asked: list[str] = []
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -57,4 +63,14 @@ def test_each_listed_variable_has_a_comment_line_above_it() -> None:
 
 def test_listed_values_are_the_defaults() -> None:
     active, _ = example()
-    assert Settings.from_env(active) == Settings.from_env({})
+    assert not set(URLS) & set(active)  # no default to show: an active line would be a guess
+    assert Settings.from_env({**active, **URLS}) == Settings.from_env(URLS)
+
+
+def test_the_required_urls_are_said_to_be_required_and_where_local_ones_come_from() -> None:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    for variable in URLS:
+        number = lines.index(f"# {variable}=")
+        comment = lines[number - 1]
+        assert "Required" in comment, comment
+        assert "scripts/dev" in comment, comment

@@ -10,7 +10,10 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 MODULES = (
-    "receiver.app",
+    "web.app",
+    "receiver.views",
+    "workers.queue",
+    "ops",
     "workers.celery_app",
     "workers.tasks",
     "workers.processing",
@@ -45,7 +48,8 @@ def test_modules_import_without_settings_servers_or_sockets(tmp_path: Path) -> N
         "    socket.create_connection(('127.0.0.1', 9), timeout=1)\n"
         "except RuntimeError:\n"
         "    print('guard-active')\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('config', 'receiver')))\n"
+        "print(sorted(m for m in sys.modules\n"
+        "             if m.split('.')[0] in ('config', 'web', 'workers', 'devtools')))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -61,5 +65,8 @@ def test_modules_import_without_settings_servers_or_sockets(tmp_path: Path) -> N
     assert "guard-active" in result.stdout  # the guard really was in place
     assert list(workdir.iterdir()) == []  # no .local folder, nothing written
     # Importing the factories does not pull in an entry module (they read the env).
-    assert "receiver.wsgi" not in result.stdout
-    assert "config.local_servers" not in result.stdout
+    assert "'web.wsgi'" not in result.stdout
+    assert "'workers.app'" not in result.stdout
+    # Nor the dev and test tooling: production code never imports devtools (the embedded
+    # servers, the test payloads); see also tests/config/test_entry.py.
+    assert "devtools" not in result.stdout

@@ -1,5 +1,5 @@
-"""``Settings.from_env``: defaults, coercion, one clear error per malformed variable, and
-no secret in its repr or its error messages."""
+"""``Settings.from_env``: the required URLs, defaults, coercion, one clear error per missing
+or malformed variable, and no secret in its repr or its error messages."""
 
 from __future__ import annotations
 
@@ -9,13 +9,59 @@ import pytest
 
 from config.settings import Settings, SettingsError, redact_url
 
+DATABASE_URL = "postgresql://app@db.internal:5432/vfy"
+REDIS_URL = "redis://cache.internal:6379/0"
+URLS = {"DATABASE_URL": DATABASE_URL, "REDIS_URL": REDIS_URL}
+"""The two variables without a default; every other one may be left out."""
 
-def test_defaults_of_an_empty_environment() -> None:
-    settings = Settings.from_env({})
-    assert settings == Settings()
+
+def test_the_urls_are_required_fields_and_come_first() -> None:
+    first, second, *others = dataclasses.fields(Settings)
+    assert (first.name, second.name) == ("database_url", "redis_url")
+    for field in (first, second):
+        assert field.default is dataclasses.MISSING
+        assert field.default_factory is dataclasses.MISSING
+    assert all(
+        field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+        for field in others
+    )
+    with pytest.raises(TypeError):
+        Settings()  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("variable", ["DATABASE_URL", "REDIS_URL"])
+@pytest.mark.parametrize("value", [None, "", "   "], ids=["unset", "empty", "blank"])
+def test_a_missing_url_is_an_error_naming_it(variable: str, value: str | None) -> None:
+    environ = dict(URLS)
+    if value is None:
+        del environ[variable]
+    else:
+        environ[variable] = value
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(environ)
+    assert caught.value.variable == variable
+    message = str(caught.value)
+    assert message.startswith(f"{variable}: required: ")
+    assert len(message.splitlines()) == 1
+    # Tells a newcomer where local ones come from.
+    assert "scripts/dev" in message
+
+
+def test_without_both_urls_the_database_url_is_named_first() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({})
+    assert caught.value.variable == "DATABASE_URL"
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"DATABASE_URL": DATABASE_URL})
+    assert caught.value.variable == "REDIS_URL"
+
+
+def test_defaults_of_an_environment_with_only_the_urls() -> None:
+    settings = Settings.from_env(URLS)
+    assert settings == Settings(database_url=DATABASE_URL, redis_url=REDIS_URL)
     # CONTRACT.md's defaults.
-    assert settings.database_url is None  # the embedded local database (local runs)
-    assert settings.redis_url is None
+    assert settings.database_url == DATABASE_URL
+    assert settings.redis_url == REDIS_URL
     assert settings.webhook_secrets == ()
     assert settings.port == 8000
     assert settings.ops_api_token is None
@@ -28,7 +74,16 @@ def test_defaults_of_an_empty_environment() -> None:
 
 
 def test_blank_values_mean_the_default() -> None:
-    assert Settings.from_env({"PORT": "  ", "LOG_LEVEL": "", "DATABASE_URL": ""}) == Settings()
+    assert Settings.from_env({**URLS, "PORT": "  ", "LOG_LEVEL": ""}) == Settings(
+        database_url=DATABASE_URL, redis_url=REDIS_URL
+    )
+
+
+def test_urls_are_taken_without_surrounding_blanks() -> None:
+    settings = Settings.from_env(
+        {"DATABASE_URL": f" {DATABASE_URL} ", "REDIS_URL": f"{REDIS_URL}\n"}
+    )
+    assert (settings.database_url, settings.redis_url) == (DATABASE_URL, REDIS_URL)
 
 
 def test_values_are_coerced() -> None:
@@ -56,7 +111,7 @@ def test_values_are_coerced() -> None:
 
 def test_settings_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
-        Settings().port = 1  # type: ignore[misc]
+        Settings(database_url=DATABASE_URL, redis_url=REDIS_URL).port = 1  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
@@ -99,7 +154,7 @@ def test_malformed_variable_is_named_first_in_the_error(
     environ: dict[str, str], variable: str
 ) -> None:
     with pytest.raises(SettingsError) as caught:
-        Settings.from_env(environ)
+        Settings.from_env({**URLS, **environ})
     assert str(caught.value).startswith(f"{variable}: ")
     assert caught.value.variable == variable
     assert len(str(caught.value).splitlines()) == 1
@@ -107,30 +162,28 @@ def test_malformed_variable_is_named_first_in_the_error(
 
 def test_a_rate_is_described_as_a_rate() -> None:
     with pytest.raises(SettingsError, match="requests per second"):
-        Settings.from_env({"VOUCHERIFY_API_RATE": "fast"})
+        Settings.from_env({**URLS, "VOUCHERIFY_API_RATE": "fast"})
 
 
 def test_a_sync_web_worker_runs_one_thread() -> None:
     # gunicorn would otherwise switch a sync worker given threads to gthread, silently.
-    settings = Settings.from_env({"WEB_WORKER_CLASS": "sync", "WEB_THREADS": "8"})
+    settings = Settings.from_env({**URLS, "WEB_WORKER_CLASS": "sync", "WEB_THREADS": "8"})
     assert (settings.web_worker_class, settings.web_threads) == ("sync", 1)
 
 
 def test_backoff_just_below_the_visibility_timeout_is_accepted() -> None:
     settings = Settings.from_env(
-        {"RETRY_BACKOFF_MAX_SECONDS": "59", "BROKER_VISIBILITY_TIMEOUT_SECONDS": "60"}
+        {**URLS, "RETRY_BACKOFF_MAX_SECONDS": "59", "BROKER_VISIBILITY_TIMEOUT_SECONDS": "60"}
     )
     assert settings.retry_backoff_max_seconds == 59
 
 
 def test_require_webhook_secrets_names_the_variable() -> None:
     with pytest.raises(SettingsError, match=r"^VOUCHERIFY_WEBHOOK_SECRET: ") as caught:
-        Settings.from_env({}).require_webhook_secrets()
+        Settings.from_env(URLS).require_webhook_secrets()
     assert caught.value.variable == "VOUCHERIFY_WEBHOOK_SECRET"
-    assert Settings.from_env({"VOUCHERIFY_WEBHOOK_SECRET": "a,b"}).require_webhook_secrets() == (
-        b"a",
-        b"b",
-    )
+    settings = Settings.from_env({**URLS, "VOUCHERIFY_WEBHOOK_SECRET": "a,b"})
+    assert settings.require_webhook_secrets() == (b"a", b"b")
 
 
 def test_repr_shows_no_secret_and_no_password() -> None:
@@ -188,5 +241,5 @@ def test_error_on_a_dsn_never_quotes_its_password(url: str) -> None:
     # An unencoded '/', '?' or '#' in the password makes urlsplit read part of it as the
     # port; the error names the variable but must not echo that part.
     with pytest.raises(SettingsError, match=r"^DATABASE_URL: ") as caught:
-        Settings.from_env({"DATABASE_URL": url})
+        Settings.from_env({**URLS, "DATABASE_URL": url})
     assert "s3cr" not in str(caught.value)

@@ -10,8 +10,7 @@ import psycopg
 import pytest
 import redis
 
-from tests.conftest import Processes, process_env
-from tests.support import (
+from devtools.webhooks import (
     SECRET,
     body_of,
     card_redemption,
@@ -21,7 +20,8 @@ from tests.support import (
     sign,
     wait_until,
 )
-from workers.messages import ACCEPTED_HASH
+from tests.conftest import Processes, process_env
+from workers.queue import ACCEPTED_HASH
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import psycopg
 
-from config.local_servers import EmbeddedPostgres, EmbeddedRedis
+from devtools.servers import EmbeddedPostgres, EmbeddedRedis
 from migrations import apply_migrations
 
 

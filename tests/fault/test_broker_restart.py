@@ -4,7 +4,7 @@ Found while building the fault suite: Redis restarted while a worker had its who
 prefetch window in hand (any backlog), the late acks of those tasks failed on the dead
 connection, and kombu kept counting them as in hand, so the worker never asked Redis for
 a message again. It stayed up, silent, with the backlog untouched in Redis. Fixed by
-workers/broker.py; without it this test ends with 8 of 300 deliveries recorded.
+compat/kombu_redis.py; without it this test ends with 8 of 300 deliveries recorded.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import psycopg
 import pytest
 import redis
 
-from config.local_servers import EmbeddedPostgres, EmbeddedRedis
+from devtools.servers import EmbeddedPostgres, EmbeddedRedis
+from devtools.webhooks import body_of, card_redemption, envelope, wait_until
 from migrations import apply_migrations
 from tests.conftest import Processes, process_env
-from tests.support import body_of, card_redemption, envelope, wait_until
-from workers.messages import DELIVERY_QUEUE, delivery_message
+from workers.queue import DELIVERY_QUEUE, Message
 
 pytestmark = pytest.mark.fault
 
@@ -75,7 +75,7 @@ def test_a_worker_whose_acks_fail_during_a_redis_restart_goes_on_consuming(
         data = card_redemption("gift", f"r_restart_{i}", amount=100 + i, balance_after=5000)
         body = body_of(envelope("redemption.succeeded", data, event_id=f"ev_restart_{i}"))
         now = datetime.now(UTC).isoformat()
-        pipe.lpush(DELIVERY_QUEUE, delivery_message(body.decode(), uuid.uuid4().hex, now))
+        pipe.lpush(DELIVERY_QUEUE, Message(body.decode(), uuid.uuid4().hex, now).encode())
     pipe.execute()
     client.close()
 

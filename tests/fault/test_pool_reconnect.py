@@ -20,8 +20,8 @@ import psycopg
 import pytest
 from psycopg_pool import PoolTimeout
 
-from config.local_servers import EmbeddedPostgres
-from tests.support import wait_until
+from devtools.servers import EmbeddedPostgres
+from devtools.webhooks import wait_until
 from workers.db import close_pool, get_pool
 
 pytestmark = pytest.mark.fault

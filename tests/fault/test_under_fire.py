@@ -3,7 +3,7 @@
 The processes of the Procfile (web with two gunicorn workers, two Celery workers, beat)
 run against their own PostgreSQL and Redis (AOF on, ``appendfsync everysec``, no
 eviction: the README's settings). A stream of signed deliveries built from the published
-payloads (``bench/stream.py``: gift and loyalty card redemptions, rollbacks and failed
+payloads (``devtools/stream.py``: gift and loyalty card redemptions, rollbacks and failed
 rollbacks, 10 % duplicates, 5 % rollbacks sent before their redemption) is POSTed at a
 steady rate, retried as Voucherify retries (503 or no answer: again after a pause; a 202
 never). While it runs, at fixed points of the stream:
@@ -24,7 +24,7 @@ is left in the queues, in the accepted set or unfinished in the inbox, and every
 is running. Nothing is lost, also not a message in flight to a worker at a SIGKILL or a
 Redis restart: kombu's transport takes a message off the queue (BRPOP) before it records
 it as unacknowledged, and earlier runs lost one now and then in that window; the
-receiver's accepted set and the re-drive job's sweep (``workers/accepted.py``) now bring
+receiver's accepted set and the re-drive job's sweep (``workers/queue/accepted.py``) now bring
 it back. The test prints a short report and writes per-request and per-event records to
 ``tests/artifacts/`` for ``bench.figures`` to plot.
 
@@ -51,11 +51,12 @@ import psycopg
 import pytest
 import redis
 
-from bench.stream import CONNECTION_ERROR, Sender, Stream, build_stream, percentile
+from devtools.sender import CONNECTION_ERROR, Sender, percentile
+from devtools.stream import Stream, build_stream
+from devtools.webhooks import SECRET, wait_until
 from tests.conftest import Processes, process_env
 from tests.fault.servers import Servers
-from tests.support import SECRET, wait_until
-from workers.messages import ACCEPTED_HASH, DELIVERY_QUEUE, PARKED_QUEUE
+from workers.queue import ACCEPTED_HASH, DELIVERY_QUEUE, PARKED_QUEUE
 
 pytestmark = pytest.mark.fault
 
@@ -73,7 +74,7 @@ UNRECORDED = "accepted, not recorded"
 def servers() -> Iterator[Servers]:
     # Not under pytest's tmp_path: every pytest session that starts on this machine takes
     # group and other access off /tmp/pytest-of-<user>, and PostgreSQL runs as another
-    # user when we are root (see config/local_servers.py), so a concurrent session could
+    # user when we are root (see devtools/servers.py), so a concurrent session could
     # lock it out of its data folder mid-run.
     root = Path(tempfile.mkdtemp(prefix="vfy-under-fire-"))
     servers = Servers(root)
@@ -167,7 +168,7 @@ class Fire:
             Fault(f"PostgreSQL down {POSTGRES_DOWN_SECONDS:g} s", start, sender.elapsed())
         )
         # The workers now drain the backlog with full prefetch windows: restart Redis under
-        # them (their late acks fail; they must go on consuming: workers/broker.py).
+        # them (their late acks fail; they must go on consuming: compat/kombu_redis.py).
         deadline = time.monotonic() + 5
         while unacked(self.servers.redis.url()) < 8 and time.monotonic() < deadline:
             time.sleep(0.05)  # polling for a full window, not waiting for a result

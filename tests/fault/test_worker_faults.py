@@ -19,11 +19,10 @@ import psycopg
 import pytest
 import redis
 
-from receiver.enqueue import DeliveryPublisher
+from devtools.webhooks import body_of, card_redemption, envelope, wait_until
 from tests.conftest import Processes, process_env
 from tests.fault.servers import Servers
-from tests.support import body_of, card_redemption, envelope, wait_until
-from workers.messages import ACCEPTED_HASH
+from workers.queue import ACCEPTED_HASH, DeliveryPublisher
 
 pytestmark = pytest.mark.fault
 

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from tests.support import body_of, envelope
+from devtools.webhooks import body_of, envelope
 from workers.processing import process_delivery
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from tests.support import VOUCHERIFY, fixture, gift_voucher, loyalty_voucher
+from devtools.webhooks import VOUCHERIFY, fixture, gift_voucher, loyalty_voucher
 
 APP_ID = "test-app-id"
 APP_TOKEN = "test-app-token"

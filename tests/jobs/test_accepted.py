@@ -12,14 +12,12 @@ import psycopg
 import redis
 from psycopg_pool import ConnectionPool
 
-from receiver.enqueue import DeliveryPublisher
+from devtools.webhooks import body_of, card_redemption, envelope
 from tests.jobs.conftest import rows
 from tests.jobs.test_redrive import a_while, queued
-from tests.support import body_of, card_redemption, envelope
-from workers import processing
-from workers.accepted import Forgetter, sweep
-from workers.jobs.redrive import redrive
-from workers.messages import ACCEPTED_HASH, ACCEPTED_INDEX, DELIVERY_QUEUE
+from workers import processing, queue
+from workers.jobs.redrive import recorded_in, redrive
+from workers.queue import ACCEPTED_HASH, ACCEPTED_INDEX, DELIVERY_QUEUE, DeliveryPublisher
 
 
 def accept(redis_url: str, client: redis.Redis, event_id: str, age_seconds: float) -> str:
@@ -57,7 +55,7 @@ def test_a_delivery_lost_between_brpop_and_the_inbox_is_pushed_again_and_applied
     assert message["delivery_id"] == delivery_id
     # The worker applies it, and forgets the copy once it is recorded.
     assert processing.process_delivery(pool, **message).status == "processed"
-    Forgetter(redis_url).forget(delivery_id)
+    queue.forget(redis_client, [delivery_id])
     assert redis_client.hlen(ACCEPTED_HASH) == 0
     assert redis_client.zcard(ACCEPTED_INDEX) == 0
     assert rows(db, "SELECT redemption_id, effect, amount FROM ledger_entries") == [
@@ -70,10 +68,10 @@ def test_a_pushed_again_copy_is_judged_again_only_after_another_threshold(
 ) -> None:
     accept(redis_url, redis_client, "ev_twice", age_seconds=3600)
     lose_in_flight(redis_client)
-    assert sweep(pool, redis_client, 600, a_while()).repushed == 1
+    assert queue.sweep(redis_client, recorded_in(pool), 600, a_while()).repushed == 1
     lose_in_flight(redis_client)  # lost again
     # Harmless twice: the second run within the threshold pushes nothing more.
-    assert sweep(pool, redis_client, 600, a_while()).repushed == 0
+    assert queue.sweep(redis_client, recorded_in(pool), 600, a_while()).repushed == 0
     assert redis_client.llen(DELIVERY_QUEUE) == 0
     assert redis_client.hlen(ACCEPTED_HASH) == 1
 
@@ -87,7 +85,7 @@ def test_a_delivery_recorded_before_its_worker_died_is_forgotten_not_pushed(
     # The worker committed, then died before deleting the copy.
     assert processing.process_delivery(pool, **message).status == "processed"
 
-    result = sweep(pool, redis_client, 600, a_while())
+    result = queue.sweep(redis_client, recorded_in(pool), 600, a_while())
 
     assert (result.forgotten, result.repushed) == (1, 0)
     assert redis_client.llen(DELIVERY_QUEUE) == 0
@@ -104,7 +102,7 @@ def test_young_copies_and_copies_waiting_behind_a_backlog_are_left_alone(
     # Taken by a worker a moment ago: still within the threshold.
     accept(redis_url, redis_client, "ev_young", age_seconds=5)
 
-    result = sweep(pool, redis_client, 600, a_while())
+    result = queue.sweep(redis_client, recorded_in(pool), 600, a_while())
 
     assert result == type(result)()
     assert redis_client.llen(DELIVERY_QUEUE) == 3
@@ -118,7 +116,7 @@ def test_copies_are_swept_in_bounded_batches_until_none_is_left(
         accept(redis_url, redis_client, f"ev_batch_{n}", age_seconds=3600 - n)
     redis_client.delete(DELIVERY_QUEUE)  # all five lost
 
-    assert sweep(pool, redis_client, 600, a_while(), batch_size=2).repushed == 5
+    assert queue.sweep(redis_client, recorded_in(pool), 600, a_while(), batch_size=2).repushed == 5
     assert sorted(m["delivery_id"] for m in queued(redis_client)) == [
         f"d_ev_batch_{n}" for n in range(5)
     ]

@@ -16,11 +16,10 @@ import psycopg
 import pytest
 import redis
 
-from receiver.enqueue import DeliveryPublisher
+from devtools.webhooks import body_of, card_redemption, envelope, wait_until
 from tests.conftest import Processes, process_env
 from tests.jobs.conftest import rows
-from tests.support import body_of, card_redemption, envelope, wait_until
-from workers.messages import ACCEPTED_HASH, DELIVERY_QUEUE
+from workers.queue import ACCEPTED_HASH, DELIVERY_QUEUE, DeliveryPublisher
 
 pytestmark = pytest.mark.e2e
 

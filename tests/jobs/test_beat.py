@@ -16,9 +16,9 @@ import pytest
 import redis
 from psycopg_pool import ConnectionPool
 
+from devtools.webhooks import body_of, card_redemption, envelope, wait_until
 from tests.conftest import Processes, process_env
 from tests.jobs.conftest import rows, scalar
-from tests.support import body_of, card_redemption, envelope, wait_until
 from workers import processing
 from workers.jobs.lock import JobLock
 

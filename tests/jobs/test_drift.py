@@ -9,11 +9,11 @@ import psycopg
 from prometheus_client import REGISTRY
 from psycopg_pool import ConnectionPool
 
+from devtools.webhooks import card_redemption, card_rollback
 from tests.jobs.conftest import deliver, rows, scalar
-from tests.support import card_redemption, card_rollback
-from workers.jobs.drift import DriftResult, check_drift
+from workers.jobs.drift import RAISE_DRIFT, WORDS, DriftResult, check_drift
 
-GIFT = "v_UFAc7FTVO0HtJV2hWZls4O7eqHMyn62g"  # the gift card of tests.support.gift_voucher
+GIFT = "v_UFAc7FTVO0HtJV2hWZls4O7eqHMyn62g"  # the gift card of devtools.webhooks.gift_voucher
 LOYALTY = "v_loyalty_test"
 
 
@@ -101,3 +101,17 @@ def test_a_flag_resolved_by_a_person_measures_the_card_from_its_current_report(
     redeem(pool, "loyalty", "r_l3", 300, 1500, "2024-02-01T10:00:00Z")
     assert run(pool) == DriftResult(cards=1)
     assert drift_flags(db) == [(LOYALTY, "resolved")]
+
+
+def test_the_drift_flag_is_one_per_card_with_a_prepared_statement(
+    db: psycopg.Connection[Any],
+) -> None:
+    # The arbiter's predicate names the partial index's constants: a parameter there makes
+    # PostgreSQL find no index once the statement runs on a generic plan.
+    db.execute("SET plan_cache_mode = force_generic_plan")
+    for message in ("first", "second"):
+        params = {**WORDS, "voucher_id": GIFT, "message": message}
+        db.execute(RAISE_DRIFT, params, prepare=True)
+    assert rows(db, "SELECT voucher_id, status, failure_message FROM flags") == [
+        (GIFT, "open", "second")
+    ]

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import redis
 
-from config.local_servers import EmbeddedRedis
+from devtools.servers import EmbeddedRedis
+from devtools.webhooks import wait_until
 from tests.conftest import Processes, process_env
-from tests.support import wait_until
 from workers.jobs import check_broker_durability
 
 

@@ -10,8 +10,8 @@ import redis
 from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
+from devtools.webhooks import wait_until
 from tests.jobs.conftest import rows
-from tests.support import wait_until
 from workers.jobs import JOBS, run_job
 from workers.jobs.lock import LOCK_PREFIX, JobLock
 from workers.jobs.runner import run_locked

@@ -14,12 +14,11 @@ import psycopg
 import redis
 from psycopg_pool import ConnectionPool
 
+from devtools.webhooks import body_of, card_redemption, envelope
 from tests.jobs.conftest import rows, scalar
-from tests.support import body_of, card_redemption, envelope
-from workers import processing
+from workers import processing, queue
 from workers.jobs.redrive import redrive
-from workers.messages import DELIVERY_QUEUE, PARKED_QUEUE, PROCESS_DELIVERY_TASK
-from workers.tasks import park
+from workers.queue import DELIVERY_QUEUE, PARKED_QUEUE, PROCESS_DELIVERY_TASK
 
 
 def a_while() -> float:
@@ -144,7 +143,9 @@ def test_parked_deliveries_go_back_to_the_queue_oldest_first(
     pool: ConnectionPool, redis_client: redis.Redis, redis_url: str
 ) -> None:
     for n in range(3):
-        park(redis_url, f'{{"n":{n}}}', f"d{n}", "2024-02-01T10:00:00+00:00")
+        queue.park(
+            redis_client, queue.Message(f'{{"n":{n}}}', f"d{n}", "2024-02-01T10:00:00+00:00")
+        )
 
     assert redrive(pool, redis_client, 600, 5, a_while()).unparked == 3
 

@@ -10,8 +10,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from devtools.webhooks import body_of, card_redemption, envelope, fixture
 from tests.jobs.conftest import deliver, rows
-from tests.support import body_of, card_redemption, envelope, fixture
 from workers import processing
 from workers.jobs.retention import RetentionResult, apply_retention
 

@@ -13,6 +13,7 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
+from devtools.webhooks import card_redemption, card_rollback, card_rollback_failed
 from tests.jobs.conftest import deliver, rows, scalar
 from tests.jobs.fake_voucherify import (
     APP_ID,
@@ -23,9 +24,9 @@ from tests.jobs.fake_voucherify import (
     api_rollback,
     fake_voucherify,
 )
-from tests.support import card_redemption, card_rollback, card_rollback_failed
 from workers.jobs import run_job
 from workers.jobs.verify import VerifyResult, verify
+from workers.jobs.verify.job import FLAG_STATES, MISMATCH, RAISE_MISMATCH
 from workers.jobs.voucherify_api import RateLimiter, VoucherifyApi, VoucherifyApiError
 
 
@@ -187,6 +188,30 @@ def test_what_cannot_be_made_to_agree_raises_one_mismatch_flag(
     )
     assert (category, code, status) == ("review", "verify_mismatch", "open")
     assert "our record is ROLLED_BACK, Voucherify's is SUCCEEDED" in message
+
+
+def test_the_mismatch_flag_is_one_per_redemption_with_a_prepared_statement(
+    db: psycopg.Connection[Any],
+) -> None:
+    # The arbiter's predicate names the partial index's constants: a parameter there makes
+    # PostgreSQL find no index once the statement runs on a generic plan.
+    db.execute("SET plan_cache_mode = force_generic_plan")
+    for message in ("first", "second"):
+        db.execute(
+            RAISE_MISMATCH,
+            {
+                **FLAG_STATES,
+                "category": "review",
+                "id": "r_m",
+                "voucher_id": None,
+                "mismatch": MISMATCH,
+                "message": message,
+            },
+            prepare=True,
+        )
+    assert rows(db, "SELECT failure_code, status, failure_message FROM flags") == [
+        (MISMATCH, "open", "second")
+    ]
 
 
 def test_429_and_5xx_are_retried_with_backoff_honouring_retry_after(

@@ -20,8 +20,7 @@ from flask.testing import FlaskClient
 from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
-from receiver.app import create_app
-from tests.support import (
+from devtools.webhooks import (
     body_of,
     card_redemption,
     card_rollback,
@@ -29,6 +28,7 @@ from tests.support import (
     envelope,
     fixture,
 )
+from web.app import create_app
 from workers.db import close_pool
 from workers.processing import process_delivery
 

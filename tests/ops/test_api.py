@@ -12,11 +12,11 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from config.local_servers import free_port
 from config.settings import Settings
-from receiver.app import create_app
+from devtools.servers import free_port
 from tests.ops.conftest import AUTH, TOKEN, State
-from workers.messages import DELIVERY_QUEUE
+from web.app import create_app
+from workers.queue import DELIVERY_QUEUE
 
 
 def get(client: FlaskClient, path: str, **query: Any) -> tuple[int, Any]:

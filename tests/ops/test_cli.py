@@ -15,7 +15,7 @@ import redis
 
 from ops.cli import build_parser, main
 from tests.ops.conftest import State
-from workers.messages import DELIVERY_QUEUE
+from workers.queue import DELIVERY_QUEUE
 
 COMMANDS = [
     [],

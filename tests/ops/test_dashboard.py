@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 
 from ops.auth import SESSION_COOKIE, SESSION_SECONDS, session_value
 from tests.ops.conftest import AUTH, TOKEN, State
-from workers.messages import DELIVERY_QUEUE
+from workers.queue import DELIVERY_QUEUE
 
 
 def log_in(client: FlaskClient) -> str:

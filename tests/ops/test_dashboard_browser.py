@@ -18,10 +18,10 @@ import psycopg
 import pytest
 import redis
 
+from devtools.webhooks import SECRET
 from tests.conftest import ROOT, Processes, process_env
 from tests.ops.conftest import TOKEN, State
-from tests.support import SECRET
-from workers.messages import DELIVERY_QUEUE
+from workers.queue import DELIVERY_QUEUE
 
 pytestmark = pytest.mark.e2e
 

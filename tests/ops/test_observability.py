@@ -12,11 +12,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from config.local_servers import free_port, wait_for_port
-from receiver.enqueue import DeliveryPublisher
-from tests.conftest import Processes, process_env
-from tests.ops.conftest import TOKEN
-from tests.support import (
+from devtools.servers import free_port, wait_for_port
+from devtools.webhooks import (
     SECRET,
     body_of,
     card_redemption,
@@ -25,6 +22,9 @@ from tests.support import (
     sign,
     wait_until,
 )
+from tests.conftest import Processes, process_env
+from tests.ops.conftest import TOKEN
+from workers.queue import DeliveryPublisher
 
 pytestmark = pytest.mark.e2e
 

@@ -18,11 +18,11 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.test import EnvironBuilder, TestResponse, run_wsgi_app
 
-from config.local_servers import free_port
 from config.settings import Settings, SettingsError
-from receiver.app import create_app
-from tests.support import SECRET, body_of, envelope, fixture, sign
-from workers.messages import DELIVERY_QUEUE, PROCESS_DELIVERY_TASK
+from devtools.servers import free_port
+from devtools.webhooks import SECRET, body_of, envelope, fixture, sign
+from web.app import create_app
+from workers.queue import DELIVERY_QUEUE, PROCESS_DELIVERY_TASK
 
 WEBHOOK = "/webhooks/voucherify"
 

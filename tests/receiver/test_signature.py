@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from devtools.webhooks import body_of, envelope, fixture
 from receiver.signature import sign, strip_json_whitespace, verify_signature
-from tests.support import body_of, envelope, fixture
 
 # VOUCHERIFY.md section 2: (secret, message bytes, lower-case hex HMAC-SHA256).
 PUBLISHED_VECTORS = [

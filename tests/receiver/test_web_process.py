@@ -1,5 +1,5 @@
-"""The ``web`` process as the Procfile runs it: gunicorn with config/gunicorn.py serving
-receiver.wsgi:app. Start-up with a bad environment, and a chunked body over a real socket."""
+"""The ``web`` process as the Procfile runs it: gunicorn with web/gunicorn.py serving
+web.wsgi:app. Start-up with a bad environment, and a chunked body over a real socket."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from config.local_servers import free_port
+from devtools.servers import free_port
+from devtools.webhooks import SECRET, sign
 from tests.conftest import ROOT, Processes, process_env
-from tests.support import SECRET, sign
-from workers.messages import DELIVERY_QUEUE
+from workers.queue import DELIVERY_QUEUE
 
 # Valid DSNs of servers that are never contacted: start-up must fail before any connection.
 UNUSED_URLS = {
@@ -25,9 +25,9 @@ UNUSED_URLS = {
 }
 
 COMMANDS = {
-    "import": [sys.executable, "-c", "import receiver.wsgi"],
+    "import": [sys.executable, "-c", "import web.wsgi"],
     # The Procfile's web: checks the environment, then becomes gunicorn.
-    "web": [sys.executable, "-m", "receiver.serve"],
+    "web": [sys.executable, "-m", "web.serve"],
 }
 
 

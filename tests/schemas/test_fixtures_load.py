@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from marshmallow import ValidationError
 
+from devtools.webhooks import REDEMPTION_FAMILY, SEEDS, VOUCHERIFY, fixture
 from schemas.envelope import LEGACY_FORMAT, read_envelope
 from schemas.redemption import load_redemption_event
-from tests.support import REDEMPTION_FAMILY, SEEDS, VOUCHERIFY, fixture
 from workers.processing import read_delivery
 from workers.registry import registry
 

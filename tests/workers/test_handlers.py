@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
-from tests.support import (
+from devtools.webhooks import (
     SEEDS,
     body_of,
     card_redemption,

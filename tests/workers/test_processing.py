@@ -13,8 +13,8 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from config.local_servers import free_port
-from tests.support import VOUCHERIFY, body_of, card_redemption, envelope, fixture
+from devtools.servers import free_port
+from devtools.webhooks import VOUCHERIFY, body_of, card_redemption, envelope, fixture
 from workers.processing import TransientError, process_delivery
 
 

@@ -14,12 +14,11 @@ from typing import Any
 import psycopg
 
 from schemas.redemption import Redemption, RedemptionEvent, load_redemption_event
+from schemas.vocabulary import FlagCategory, LedgerEffect, LedgerKind, RedemptionStatus
 from workers.handlers import sql
 from workers.registry import handles
 
 log = logging.getLogger(__name__)
-
-ALREADY_ROLLED_BACK = "already_rolled_back"
 
 load_redemption = partial(load_redemption_event, rollback=False)
 load_rollback = partial(load_redemption_event, rollback=True)
@@ -51,7 +50,7 @@ def record_order(
 def record_redemption(
     event: RedemptionEvent,
     conn: psycopg.Connection[Any],
-    status: str,
+    status: RedemptionStatus,
     at: datetime | None,
     rollback: Redemption | None = None,
 ) -> None:
@@ -86,7 +85,8 @@ def record_card_balance(
     card = event.voucher  # the top-level voucher carries the balance after the operation
     if card is None or card.id is None or card.ledger_kind is None or at is None:
         return
-    balance = card.gift_balance if card.ledger_kind == "gift_credit" else card.loyalty_balance
+    gift = card.ledger_kind == LedgerKind.GIFT_CREDIT
+    balance = card.gift_balance if gift else card.loyalty_balance
     if balance is None:
         return
     conn.execute(
@@ -102,7 +102,9 @@ def record_card_balance(
     )
 
 
-def _ledger_row(event: RedemptionEvent, amount: int, effect: str, reason: str) -> dict[str, Any]:
+def _ledger_row(
+    event: RedemptionEvent, amount: int, effect: LedgerEffect, reason: str
+) -> dict[str, Any]:
     card = event.card
     assert card is not None
     return {
@@ -122,7 +124,8 @@ def debit(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> None:
     card, spent = event.card, event.redemption.amount
     if card is None or card.ledger_kind is None or not spent:
         return  # discount coupons, promotion tiers, stacks: no ledger effect
-    conn.execute(sql.INSERT_LEDGER_ENTRY, _ledger_row(event, -abs(spent), "debit", "redemption"))
+    entry = _ledger_row(event, -abs(spent), LedgerEffect.DEBIT, "redemption")
+    conn.execute(sql.INSERT_LEDGER_ENTRY, entry)
 
 
 def restore(event: RedemptionEvent, conn: psycopg.Connection[Any], reason: str) -> None:
@@ -133,11 +136,17 @@ def restore(event: RedemptionEvent, conn: psycopg.Connection[Any], reason: str) 
     # The rollback's amount is negative in the payload; the original's is positive.
     amount = (rollback.amount if rollback else None) or event.redemption.amount
     if amount:
-        conn.execute(sql.INSERT_LEDGER_ENTRY, _ledger_row(event, abs(amount), "restore", reason))
+        entry = _ledger_row(event, abs(amount), LedgerEffect.RESTORE, reason)
+        conn.execute(sql.INSERT_LEDGER_ENTRY, entry)
     else:
         conn.execute(
             sql.RESTORE_FROM_DEBIT,
-            {"redemption_id": event.redemption.id, "reason": reason, "event_id": event.event_id},
+            {
+                **sql.EFFECTS,
+                "redemption_id": event.redemption.id,
+                "reason": reason,
+                "event_id": event.event_id,
+            },
         )
 
 
@@ -146,11 +155,16 @@ def restore(event: RedemptionEvent, conn: psycopg.Connection[Any], reason: str) 
 def redemption_succeeded(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> None:
     at = _when(event.redemption.date, event.created_at)
     record_order(event, conn, at)
-    record_redemption(event, conn, "SUCCEEDED", at)
+    record_redemption(event, conn, RedemptionStatus.SUCCEEDED, at)
     debit(event, conn)
     conn.execute(
         sql.RESTORE_IF_ROLLED_BACK,
-        {"redemption_id": event.redemption.id, "event_id": event.event_id},
+        {
+            **sql.EFFECTS,
+            "rolled_back": RedemptionStatus.ROLLED_BACK,
+            "redemption_id": event.redemption.id,
+            "event_id": event.event_id,
+        },
     )
     record_card_balance(event, conn, at)
 
@@ -162,7 +176,7 @@ def rollback_succeeded(event: RedemptionEvent, conn: psycopg.Connection[Any]) ->
     assert rollback is not None
     at = _when(rollback.date, event.created_at)
     record_order(event, conn, at)
-    record_redemption(event, conn, "ROLLED_BACK", at, rollback=rollback)
+    record_redemption(event, conn, RedemptionStatus.ROLLED_BACK, at, rollback=rollback)
     restore(event, conn, reason=rollback.reason or "rollback")
     record_card_balance(event, conn, at)
 
@@ -172,10 +186,13 @@ def rollback_failed(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> No
     rollback = event.rollback
     assert rollback is not None
     code = rollback.failure_code
+    # Voucherify's failure code ``already_rolled_back`` names its category; any other
+    # failure is for a person to review.
+    already = code == FlagCategory.ALREADY_ROLLED_BACK
     conn.execute(
         sql.INSERT_ROLLBACK_FLAG,
         {
-            "category": ALREADY_ROLLED_BACK if code == ALREADY_ROLLED_BACK else "review",
+            "category": FlagCategory.ALREADY_ROLLED_BACK if already else FlagCategory.REVIEW,
             "redemption_id": event.redemption.id,
             "rollback_id": rollback.id,
             "voucher_id": event.card.id if event.card else None,
@@ -199,4 +216,4 @@ def rollback_failed(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> No
 def redemption_failed(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> None:
     at = _when(event.redemption.date, event.created_at)
     record_order(event, conn, at)
-    record_redemption(event, conn, "FAILED", at)
+    record_redemption(event, conn, RedemptionStatus.FAILED, at)

@@ -1,5 +1,10 @@
 """The handlers' SQL, kept together. ``%(name)s`` parameters only, never formatting."""
 
+from schemas.vocabulary import LedgerEffect
+
+EFFECTS = {"debit": LedgerEffect.DEBIT, "restore": LedgerEffect.RESTORE}
+"""The ``%(debit)s`` / ``%(restore)s`` of the statements that copy a debit into a restore."""
+
 UPSERT_ORDER = """
 INSERT INTO orders AS o (order_id, status, amount, total_amount, customer_id, source_updated_at)
 VALUES (%(order_id)s, %(status)s, %(amount)s, %(total_amount)s, %(customer_id)s, %(at)s)
@@ -71,10 +76,10 @@ ON CONFLICT (redemption_id, effect) DO NOTHING
 RESTORE_FROM_DEBIT = """
 INSERT INTO ledger_entries (customer_id, voucher_id, voucher_code, kind, amount,
                             redemption_id, effect, reason, event_id)
-SELECT customer_id, voucher_id, voucher_code, kind, -amount, redemption_id, 'restore',
+SELECT customer_id, voucher_id, voucher_code, kind, -amount, redemption_id, %(restore)s,
        %(reason)s, %(event_id)s
 FROM ledger_entries
-WHERE redemption_id = %(redemption_id)s AND effect = 'debit'
+WHERE redemption_id = %(redemption_id)s AND effect = %(debit)s
 ON CONFLICT (redemption_id, effect) DO NOTHING
 """
 
@@ -84,10 +89,10 @@ RESTORE_IF_ROLLED_BACK = """
 INSERT INTO ledger_entries (customer_id, voucher_id, voucher_code, kind, amount,
                             redemption_id, effect, reason, event_id)
 SELECT d.customer_id, d.voucher_id, d.voucher_code, d.kind, -d.amount, d.redemption_id,
-       'restore', 'rollback', %(event_id)s
+       %(restore)s, 'rollback', %(event_id)s
 FROM ledger_entries d
-JOIN redemptions r ON r.redemption_id = d.redemption_id AND r.status = 'ROLLED_BACK'
-WHERE d.redemption_id = %(redemption_id)s AND d.effect = 'debit'
+JOIN redemptions r ON r.redemption_id = d.redemption_id AND r.status = %(rolled_back)s
+WHERE d.redemption_id = %(redemption_id)s AND d.effect = %(debit)s
 ON CONFLICT (redemption_id, effect) DO NOTHING
 """
 

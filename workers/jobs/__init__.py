@@ -12,6 +12,5 @@ and once from the CLI through ``run_job(name, settings)``. See the README, "Reco
 
 from workers.jobs.durability import check_broker_durability
 from workers.jobs.runner import JOB_NAMES, JOBS, run_job
-from workers.jobs.schedule import register_jobs
 
-__all__ = ["JOBS", "JOB_NAMES", "check_broker_durability", "register_jobs", "run_job"]
+__all__ = ["JOBS", "JOB_NAMES", "check_broker_durability", "run_job"]

@@ -33,18 +33,23 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
 
+import psycopg
+from psycopg.rows import class_row, dict_row
 from psycopg_pool import ConnectionPool
 
+from schemas.vocabulary import FlagCategory, FlagStatus, LedgerEffect, LedgerKind
 from workers.jobs import metrics
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 500
-KINDS = ("gift_credit", "loyalty_points")
 AUTO_NOTE = "drift gone"
 """How the job's own resolutions start; they do not move the baseline."""
+FAILURE_CODE = "balance_drift"
 
 # A person resolved the card's drift flag after the baseline was set: start again from the
 # card's current report.
@@ -52,8 +57,8 @@ REBASE_RESOLVED = """
 UPDATE card_balances c
 SET baseline_balance = c.reported_balance, baseline_at = c.reported_at, baseline_set_at = now()
 WHERE EXISTS (SELECT 1 FROM flags f
-              WHERE f.category = 'drift' AND f.voucher_id = c.voucher_id
-                AND f.status = 'resolved' AND f.resolved_at > c.baseline_set_at
+              WHERE f.category = %(drift)s AND f.voucher_id = c.voucher_id
+                AND f.status = %(resolved)s AND f.resolved_at > c.baseline_set_at
                 AND COALESCE(f.note, '') NOT LIKE %(auto_note)s)
 """
 
@@ -64,9 +69,9 @@ SELECT c.voucher_id, c.voucher_code, c.kind, c.customer_id, c.reported_balance,
            SELECT sum(l.amount)
            FROM ledger_entries l LEFT JOIN redemptions r USING (redemption_id)
            WHERE l.voucher_id = c.voucher_id
-             AND COALESCE(CASE l.effect WHEN 'debit' THEN r.redeemed_at ELSE r.rollback_at END,
+             AND COALESCE(CASE l.effect WHEN %(debit)s THEN r.redeemed_at ELSE r.rollback_at END,
                           l.created_at) > c.baseline_at
-             AND COALESCE(CASE l.effect WHEN 'debit' THEN r.redeemed_at ELSE r.rollback_at END,
+             AND COALESCE(CASE l.effect WHEN %(debit)s THEN r.redeemed_at ELSE r.rollback_at END,
                           l.created_at) <= c.reported_at
        ), 0)::bigint AS implied
 FROM card_balances c
@@ -75,18 +80,30 @@ ORDER BY c.voucher_id
 LIMIT %(batch)s
 """
 
+# The arbiter's predicate is the text of the partial index flags_open_drift
+# (migrations/0002_domain.sql), not parameters: PostgreSQL infers the index from constants
+# only, and a prepared statement's generic plan would find no index at all.
 RAISE_DRIFT = """
 INSERT INTO flags (category, voucher_id, failure_code, failure_message)
-VALUES ('drift', %(voucher_id)s, 'balance_drift', %(message)s)
+VALUES (%(drift)s, %(voucher_id)s, %(failure_code)s, %(message)s)
 ON CONFLICT (voucher_id) WHERE category = 'drift' AND status = 'open'
 DO UPDATE SET failure_message = EXCLUDED.failure_message
 RETURNING (xmax = 0) AS raised
 """
 
 RESOLVE_GONE = """
-UPDATE flags SET status = 'resolved', resolved_at = now(), note = %(note)s
-WHERE category = 'drift' AND voucher_id = %(voucher_id)s AND status = 'open'
+UPDATE flags SET status = %(resolved)s, resolved_at = now(), note = %(note)s
+WHERE category = %(drift)s AND voucher_id = %(voucher_id)s AND status = %(open)s
 """
+
+WORDS = {
+    "drift": FlagCategory.DRIFT,
+    "open": FlagStatus.OPEN,
+    "resolved": FlagStatus.RESOLVED,
+    "debit": LedgerEffect.DEBIT,
+    "failure_code": FAILURE_CODE,
+}
+"""The vocabulary the statements above take as parameters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,65 +118,95 @@ class DriftResult:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class CardDrift:
+    """A row of ``CARD_DRIFTS``: a card's last report against what the ledger implies."""
+
+    voucher_id: str
+    voucher_code: str | None
+    kind: str
+    customer_id: str | None
+    reported_balance: int
+    reported_at: datetime
+    baseline_balance: int
+    baseline_at: datetime
+    implied: int
+
+    @property
+    def drift(self) -> int:
+        return self.reported_balance - self.implied
+
+
+@dataclass
+class _Tally:
+    cards: int = 0
+    drifting: int = 0
+    flags_raised: int = 0
+    flags_resolved: int = 0
+    by_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LedgerKind, 0))
+
+
 def check_drift(pool: ConnectionPool, deadline: float, batch_size: int = BATCH_SIZE) -> DriftResult:
-    cards = drifting = raised = resolved = 0
-    by_kind = dict.fromkeys(KINDS, 0)
+    tally = _Tally()
     with pool.connection() as conn, conn.transaction():
-        rebased = conn.execute(REBASE_RESOLVED, {"auto_note": AUTO_NOTE + "%"}).rowcount
+        rebased = conn.execute(REBASE_RESOLVED, {**WORDS, "auto_note": AUTO_NOTE + "%"}).rowcount
     after = ""
     complete = False
     while time.monotonic() < deadline:
         with pool.connection() as conn, conn.transaction():
-            rows = conn.execute(CARD_DRIFTS, {"after": after, "batch": batch_size}).fetchall()
-            for row in rows:
-                voucher_id, code, kind, customer_id, reported, reported_at = row[:6]
-                baseline, baseline_at, implied = row[6:]
-                cards += 1
-                drift = reported - implied
-                if drift == 0:
-                    resolved += conn.execute(
-                        RESOLVE_GONE,
-                        {
-                            "voucher_id": voucher_id,
-                            "note": f"{AUTO_NOTE}: Voucherify's {reported} at "
-                            f"{reported_at.isoformat()} is what the ledger implies",
-                        },
-                    ).rowcount
-                    continue
-                drifting += 1
-                by_kind[kind] = by_kind.get(kind, 0) + 1
-                message = (
-                    f"Voucherify reports {reported} at {reported_at.isoformat()}; the ledger "
-                    f"implies {implied} ({baseline} at {baseline_at.isoformat()} plus "
-                    f"{implied - baseline} since): difference {drift:+d}"
-                )
-                flag = conn.execute(
-                    RAISE_DRIFT, {"voucher_id": voucher_id, "message": message}
-                ).fetchone()
-                if flag and flag[0]:
-                    raised += 1
-                    metrics.DRIFT_FLAGS.labels(kind).inc()
-                    log.error(
-                        "drift.flagged",
-                        extra={
-                            "voucher_id": voucher_id,
-                            "voucher_code": code,
-                            "customer_id": customer_id,
-                            "kind": kind,
-                            "drift": drift,
-                        },
-                    )
-        if len(rows) < batch_size:
+            cursor = conn.cursor(row_factory=class_row(CardDrift))
+            cards = cursor.execute(
+                CARD_DRIFTS, {**WORDS, "after": after, "batch": batch_size}
+            ).fetchall()
+            for card in cards:
+                _check_card(conn, card, tally)
+        if len(cards) < batch_size:
             complete = True
             break
-        after = rows[-1][0]
+        after = cards[-1].voucher_id
     if complete:  # a partial run would under-report: keep the last full figure
-        for kind, n in by_kind.items():
+        for kind, n in tally.by_kind.items():
             metrics.DRIFTING_CARDS.labels(kind).set(n)
     return DriftResult(
-        cards=cards,
-        drifting=drifting,
-        flags_raised=raised,
-        flags_resolved=resolved,
+        cards=tally.cards,
+        drifting=tally.drifting,
+        flags_raised=tally.flags_raised,
+        flags_resolved=tally.flags_resolved,
         rebased=rebased,
     )
+
+
+def _check_card(conn: psycopg.Connection[Any], card: CardDrift, tally: _Tally) -> None:
+    """Resolve the card's drift flag when its drift is gone; raise or refresh it when not."""
+    tally.cards += 1
+    reported_at = card.reported_at.isoformat()
+    if card.drift == 0:
+        note = (
+            f"{AUTO_NOTE}: Voucherify's {card.reported_balance} at {reported_at} "
+            "is what the ledger implies"
+        )
+        params = {**WORDS, "voucher_id": card.voucher_id, "note": note}
+        tally.flags_resolved += conn.execute(RESOLVE_GONE, params).rowcount
+        return
+    tally.drifting += 1
+    tally.by_kind[card.kind] = tally.by_kind.get(card.kind, 0) + 1
+    message = (
+        f"Voucherify reports {card.reported_balance} at {reported_at}; the ledger "
+        f"implies {card.implied} ({card.baseline_balance} at {card.baseline_at.isoformat()} "
+        f"plus {card.implied - card.baseline_balance} since): difference {card.drift:+d}"
+    )
+    params = {**WORDS, "voucher_id": card.voucher_id, "message": message}
+    flag = conn.cursor(row_factory=dict_row).execute(RAISE_DRIFT, params).fetchone()
+    if flag and flag["raised"]:
+        tally.flags_raised += 1
+        metrics.DRIFT_FLAGS.labels(card.kind).inc()
+        log.error(
+            "drift.flagged",
+            extra={
+                "voucher_id": card.voucher_id,
+                "voucher_code": card.voucher_code,
+                "customer_id": card.customer_id,
+                "kind": card.kind,
+                "drift": card.drift,
+            },
+        )

@@ -14,7 +14,7 @@ body has nothing to re-drive and is dead-lettered at once.
 
 Then the deliveries parked in Redis (``deliveries.parked``: the worker could not even
 record them because PostgreSQL was gone) go back to the queue, now that PostgreSQL
-answers again. Last, the accepted set is swept (``workers.accepted``): deliveries the
+answers again. Last, the accepted set is swept (``workers.queue.sweep``): deliveries the
 receiver accepted that never reached the inbox -- lost by Celery's transport between its
 BRPOP and its bookkeeping -- are pushed again.
 """
@@ -24,23 +24,28 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
 import redis
+from psycopg.rows import class_row, dict_row
 from psycopg_pool import ConnectionPool
 
+from schemas.vocabulary import UNFINISHED_STATUSES, EventStatus
 from workers import metrics as worker_metrics
-from workers.accepted import sweep
-from workers.messages import DELIVERY_QUEUE, PARKED_QUEUE, delivery_message
+from workers import queue
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 200
 
+# The statuses are written out, not parameters: they are the predicate of the partial
+# index events_unfinished (migrations/0001_inbox.sql), and the planner matches a partial
+# index against constants only -- a prepared statement's generic plan would ignore it.
 SELECT_STUCK = """
-SELECT event_id, type, payload::text, received_at, redrives, last_error
+SELECT event_id, type, payload::text AS payload, received_at, redrives, last_error
 FROM events
 WHERE status IN ('received', 'failed')
   AND updated_at < now() - make_interval(secs => %(after)s)
@@ -54,10 +59,12 @@ UPDATE events SET redrives = redrives + 1, updated_at = now()
 WHERE event_id = ANY(%(event_ids)s)
 """
 
+RECORDED = "SELECT delivery_id FROM deliveries WHERE delivery_id = ANY(%(ids)s)"
+
 DEAD_LETTER_STUCK = """
 WITH dead AS (
-    UPDATE events SET status = 'dead', last_error = %(reason)s, updated_at = now()
-    WHERE event_id = %(event_id)s AND status IN ('received', 'failed')
+    UPDATE events SET status = %(dead)s, last_error = %(reason)s, updated_at = now()
+    WHERE event_id = %(event_id)s AND status = ANY(%(unfinished)s)
     RETURNING event_id, type
 )
 INSERT INTO dead_letters (event_id, delivery_id, type, reason)
@@ -67,6 +74,19 @@ SELECT dead.event_id,
        dead.type, %(reason)s
 FROM dead
 """
+DEAD_LETTER_WORDS = {"dead": EventStatus.DEAD, "unfinished": list(UNFINISHED_STATUSES)}
+
+
+@dataclass(frozen=True, slots=True)
+class StuckEvent:
+    """A row of ``SELECT_STUCK``."""
+
+    event_id: str
+    type: str
+    payload: str | None
+    received_at: datetime
+    redrives: int
+    last_error: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +119,12 @@ def redrive(
             # loses nothing -- the event is still unfinished in the inbox and comes back in
             # a later run (one of its attempts spent). The opposite order could push a
             # message for an attempt the database never counted.
-            client.lpush(DELIVERY_QUEUE, *messages)
+            queue.requeue(client, messages)
             redriven += len(messages)
         if seen < batch_size:
             break
-    unparked = unpark(client, limit=10 * batch_size)
-    swept = sweep(pool, client, after_seconds, deadline, batch_size)
+    unparked = queue.unpark(client, limit=10 * batch_size)
+    swept = queue.sweep(client, recorded_in(pool), after_seconds, deadline, batch_size)
     result = RedriveResult(
         redriven=redriven,
         dead_lettered=dead,
@@ -117,73 +137,70 @@ def redrive(
     return result
 
 
+def recorded_in(pool: ConnectionPool) -> queue.Recorded:
+    """The sweep's question to the inbox: which of these deliveries are recorded?"""
+
+    def recorded(ids: Sequence[str]) -> set[str]:
+        with pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            return {row["delivery_id"] for row in cursor.execute(RECORDED, {"ids": list(ids)})}
+
+    return recorded
+
+
 def _take_batch(
     pool: ConnectionPool, after_seconds: int, max_attempts: int, batch_size: int
-) -> tuple[list[bytes], int, int]:
+) -> tuple[list[queue.Message], int, int]:
     """One transaction: lock a batch of stuck events, count a re-drive or dead-letter each."""
-    messages: list[bytes] = []
+    messages: list[queue.Message] = []
     redriven_ids: list[str] = []
     dead = 0
     with pool.connection() as conn, conn.transaction():
-        rows = conn.execute(SELECT_STUCK, {"after": after_seconds, "batch": batch_size}).fetchall()
-        for event_id, event_type, payload, received_at, redrives, last_error in rows:
-            reason = _give_up_reason(payload, redrives, max_attempts, last_error)
+        cursor = conn.cursor(row_factory=class_row(StuckEvent))
+        rows = cursor.execute(
+            SELECT_STUCK, {"after": after_seconds, "batch": batch_size}
+        ).fetchall()
+        for event in rows:
+            reason = _give_up_reason(event, max_attempts)
             if reason is not None:
-                conn.execute(DEAD_LETTER_STUCK, {"event_id": event_id, "reason": reason})
-                worker_metrics.DEAD_LETTERS.labels(event_type or "unknown").inc()
+                conn.execute(
+                    DEAD_LETTER_STUCK,
+                    {**DEAD_LETTER_WORDS, "event_id": event.event_id, "reason": reason},
+                )
+                worker_metrics.DEAD_LETTERS.labels(event.type or "unknown").inc()
                 log.error(
                     "redrive.dead_lettered",
-                    extra={"event_id": event_id, "type": event_type, "reason": reason},
+                    extra={"event_id": event.event_id, "type": event.type, "reason": reason},
                 )
                 dead += 1
                 continue
-            messages.append(
-                delivery_message(
-                    payload,
-                    delivery_id=f"redrive-{uuid.uuid4()}",
-                    received_at=_iso(received_at),
-                )
-            )
-            redriven_ids.append(event_id)
+            assert event.payload is not None  # _give_up_reason gives up on a missing body
+            received_at = _iso(event.received_at)
+            messages.append(queue.Message(event.payload, f"redrive-{uuid.uuid4()}", received_at))
+            redriven_ids.append(event.event_id)
             log.warning(
                 "redrive.event",
-                extra={"event_id": event_id, "type": event_type, "redrive": redrives + 1},
+                extra={
+                    "event_id": event.event_id,
+                    "type": event.type,
+                    "redrive": event.redrives + 1,
+                },
             )
         if redriven_ids:
             conn.execute(MARK_REDRIVEN, {"event_ids": redriven_ids})
     return messages, dead, len(rows)
 
 
-def _give_up_reason(
-    payload: str | None, redrives: int, max_attempts: int, last_error: str | None
-) -> str | None:
-    if payload is None:
+def _give_up_reason(event: StuckEvent, max_attempts: int) -> str | None:
+    if event.payload is None:
         return "not re-drivable: the raw body is not stored"
-    if redrives >= max_attempts:
+    if event.redrives >= max_attempts:
         return (
-            f"re-driven {redrives} times without success: "
-            f"{last_error or 'no error recorded (the delivery never reached a worker)'}"
+            f"re-driven {event.redrives} times without success: "
+            f"{event.last_error or 'no error recorded (the delivery never reached a worker)'}"
         )
     return None
 
 
 def _iso(value: Any) -> str:
     return value.isoformat() if isinstance(value, datetime) else str(value)
-
-
-def unpark(client: redis.Redis, limit: int) -> int:
-    """Move parked deliveries back to the queue, oldest first, one atomic move each.
-
-    Called once PostgreSQL has answered (the re-drive batches just ran): the database is
-    back, so the deliveries it could not take can be tried again. Bounded by ``limit`` so
-    one run cannot flood the queue; the rest waits for the next run.
-    """
-    moved = 0
-    while moved < limit:
-        # LPUSH parks and kombu consumes from the right: oldest first, order kept.
-        if client.lmove(PARKED_QUEUE, DELIVERY_QUEUE, "RIGHT", "LEFT") is None:
-            break
-        moved += 1
-    if moved:
-        log.warning("redrive.unparked", extra={"count": moved})
-    return moved

@@ -23,59 +23,74 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
+from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from schemas.vocabulary import EventStatus, JobOutcome
+
 log = logging.getLogger(__name__)
+
+Query = sql.SQL | sql.Composed
 
 BATCH_SIZE = 1000
 MIN_EVENT_ID_DAYS = 15
 
-_SETTLED = """(
-    e.status IN ('processed', 'ignored')
-    OR (e.status = 'dead' AND NOT EXISTS (
+# What "settled" means, once, composed into the three statements on events below.
+SETTLED = sql.SQL("""(
+    e.status IN (%(processed)s, %(ignored)s)
+    OR (e.status = %(dead)s AND NOT EXISTS (
         SELECT 1 FROM dead_letters dl WHERE dl.event_id = e.event_id AND dl.replayed_at IS NULL))
-)"""
+)""")
 
-DELETE_DELIVERIES = f"""
+DELETE_DELIVERIES = sql.SQL("""
 DELETE FROM deliveries WHERE delivery_id IN (
     SELECT d.delivery_id FROM deliveries d JOIN events e USING (event_id)
-    WHERE d.received_at < now() - make_interval(days => %(days)s) AND {_SETTLED}
+    WHERE d.received_at < now() - make_interval(days => %(days)s) AND {settled}
     LIMIT %(batch)s
     FOR UPDATE OF d SKIP LOCKED
 )
-"""  # noqa: S608 - the only formatted value is a constant of this module
+""").format(settled=SETTLED)
 
-DELETE_EVENTS = f"""
+DELETE_EVENTS = sql.SQL("""
 DELETE FROM events WHERE event_id IN (
     SELECT e.event_id FROM events e
     WHERE e.updated_at < now() - make_interval(days => %(days)s)
       AND e.received_at < now() - make_interval(days => %(days)s)
-      AND {_SETTLED}
+      AND {settled}
     LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
 )
-"""  # noqa: S608 - the only formatted value is a constant of this module
+""").format(settled=SETTLED)
 
-PRUNE_BODIES = f"""
+PRUNE_BODIES = sql.SQL("""
 UPDATE events SET payload = NULL WHERE event_id IN (
     SELECT e.event_id FROM events e
     WHERE e.payload IS NOT NULL
       AND e.received_at < now() - make_interval(days => %(days)s)
-      AND {_SETTLED}
+      AND {settled}
     LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
 )
-"""  # noqa: S608 - the only formatted value is a constant of this module
+""").format(settled=SETTLED)
 
-DELETE_JOB_RUNS = """
+DELETE_JOB_RUNS = sql.SQL("""
 DELETE FROM job_runs WHERE id IN (
     SELECT id FROM job_runs
-    WHERE started_at < now() - make_interval(days => %(days)s) AND outcome <> 'running'
+    WHERE started_at < now() - make_interval(days => %(days)s) AND outcome <> %(running)s
     LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
 )
-"""
+""")
+
+WORDS: dict[str, Any] = {
+    "processed": EventStatus.PROCESSED,
+    "ignored": EventStatus.IGNORED,
+    "dead": EventStatus.DEAD,
+    "running": JobOutcome.RUNNING,
+}
+"""The vocabulary the statements above take as parameters (each ignores what it lacks)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +118,13 @@ def apply_retention(
     # Deliveries first: the event rows deleted next would take theirs along (ON DELETE
     # CASCADE) in one big statement; and events before bodies, so no body is rewritten
     # just before its row goes.
-    for name, query, days in (
+    steps: tuple[tuple[str, Query, int], ...] = (
         ("deliveries_deleted", DELETE_DELIVERIES, retention_days),
         ("events_deleted", DELETE_EVENTS, id_days),
         ("bodies_pruned", PRUNE_BODIES, retention_days),
         ("job_runs_deleted", DELETE_JOB_RUNS, retention_days),
-    ):
+    )
+    for name, query, days in steps:
         counts[name], done = _in_batches(pool, query, days, batch_size, deadline)
         complete = complete and done
     result = RetentionResult(**counts, complete=int(complete))
@@ -117,12 +133,13 @@ def apply_retention(
 
 
 def _in_batches(
-    pool: ConnectionPool, query: str, days: int, batch_size: int, deadline: float
+    pool: ConnectionPool, query: Query, days: int, batch_size: int, deadline: float
 ) -> tuple[int, bool]:
     total = 0
+    params = {**WORDS, "days": days, "batch": batch_size}
     while time.monotonic() < deadline:
         with pool.connection() as conn, conn.transaction():
-            n = conn.execute(query, {"days": days, "batch": batch_size}).rowcount
+            n = conn.execute(query, params).rowcount
         total += n
         if n < batch_size:
             return total, True

@@ -19,10 +19,12 @@ from typing import Any
 
 import psycopg
 import redis
+from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from config import logs
 from config.settings import Settings
+from schemas.vocabulary import JobOutcome
 from workers.db import get_pool
 from workers.jobs import metrics
 from workers.jobs.drift import check_drift
@@ -97,14 +99,18 @@ WHERE id = %(id)s
 """
 RECORD_SKIP = """
 INSERT INTO job_runs (job, outcome, finished_at, runner)
-VALUES (%(job)s, 'skipped', clock_timestamp(), %(runner)s)
+VALUES (%(job)s, %(outcome)s, clock_timestamp(), %(runner)s)
 """
+
+DISABLED = "disabled"
+"""``run_job``'s answer for a job its settings turn off: nothing ran, nothing is recorded."""
 
 
 def run_job(name: str, settings: Settings) -> dict[str, Any]:
     """Run job ``name`` once; the answer says whether it ran, was skipped or failed.
 
-    ``{"job", "status": "succeeded" | "failed" | "skipped" | "disabled", "result": {...}}``,
+    ``{"job", "status": "succeeded" | "failed" | "skipped" | "disabled", "result": {...}}``
+    (a ``JobOutcome``, or ``DISABLED``),
     plus ``"error"`` when it failed. Never raises for a failing job: the error is logged
     and recorded in ``job_runs``, and the next scheduled run tries again.
     """
@@ -113,7 +119,7 @@ def run_job(name: str, settings: Settings) -> dict[str, Any]:
         raise ValueError(f"unknown job {name!r}; the jobs are {', '.join(JOB_NAMES)}")
     if name == "verify" and not settings.voucherify_api_enabled:
         log.info("job.disabled", extra={"job": name})
-        return {"job": name, "status": "disabled", "result": {}}
+        return {"job": name, "status": DISABLED, "result": {}}
     database_url, redis_url = settings.database_url, settings.redis_url
     if database_url is None or redis_url is None:
         raise ValueError("run_job needs settings with both URLs resolved")
@@ -143,13 +149,14 @@ def run_locked(
             acquired = lock.acquire()
         except redis.RedisError as exc:
             log.error("job.lock_unavailable", extra={"error": repr(exc)})
-            metrics.JOB_RUNS.labels(spec.name, "failed").inc()
-            return {"job": spec.name, "status": "failed", "result": {}, "error": repr(exc)}
+            metrics.JOB_RUNS.labels(spec.name, JobOutcome.FAILED).inc()
+            return {"job": spec.name, "status": JobOutcome.FAILED, "result": {}, "error": repr(exc)}
         if not acquired:
             log.info("job.skipped", extra={"reason": "another run holds the lock"})
-            metrics.JOB_RUNS.labels(spec.name, "skipped").inc()
-            _record(pool, RECORD_SKIP, {"job": spec.name, "runner": runner})
-            return {"job": spec.name, "status": "skipped", "result": {}}
+            metrics.JOB_RUNS.labels(spec.name, JobOutcome.SKIPPED).inc()
+            skipped = {"job": spec.name, "outcome": JobOutcome.SKIPPED, "runner": runner}
+            _record(pool, RECORD_SKIP, skipped)
+            return {"job": spec.name, "status": JobOutcome.SKIPPED, "result": {}}
         try:
             return _run(spec, work, pool, runner)
         finally:
@@ -163,32 +170,27 @@ def _run(
     run_id: int | None = None
     try:
         with pool.connection() as conn:
-            row = conn.execute(START_RUN, {"job": spec.name, "runner": runner}).fetchone()
-        run_id = int(row[0]) if row else None
+            cursor = conn.cursor(row_factory=dict_row)
+            row = cursor.execute(START_RUN, {"job": spec.name, "runner": runner}).fetchone()
+        run_id = int(row["id"]) if row else None
         result = work(started + spec.budget_seconds)
     except Exception as exc:  # the edge of a job run: record, log, let the next run retry
         error = f"{type(exc).__name__}: {exc}"
         log.exception("job.failed", extra={"error": error})
-        metrics.JOB_RUNS.labels(spec.name, "failed").inc()
+        metrics.JOB_RUNS.labels(spec.name, JobOutcome.FAILED).inc()
         if run_id is not None:
-            _record(
-                pool,
-                FINISH_RUN,
-                {"id": run_id, "outcome": "failed", "result": None, "error": error[:2000]},
-            )
-        return {"job": spec.name, "status": "failed", "result": {}, "error": error}
-    metrics.JOB_RUNS.labels(spec.name, "succeeded").inc()
+            failed = {"outcome": JobOutcome.FAILED, "result": None, "error": error[:2000]}
+            _record(pool, FINISH_RUN, {"id": run_id, **failed})
+        return {"job": spec.name, "status": JobOutcome.FAILED, "result": {}, "error": error}
+    metrics.JOB_RUNS.labels(spec.name, JobOutcome.SUCCEEDED).inc()
     metrics.count(spec.name, result)
-    _record(
-        pool,
-        FINISH_RUN,
-        {"id": run_id, "outcome": "succeeded", "result": json.dumps(result), "error": None},
-    )
+    succeeded = {"outcome": JobOutcome.SUCCEEDED, "result": json.dumps(result), "error": None}
+    _record(pool, FINISH_RUN, {"id": run_id, **succeeded})
     log.info(
         "job.succeeded",
         extra={"result": result, "ms": round((time.monotonic() - started) * 1000, 1)},
     )
-    return {"job": spec.name, "status": "succeeded", "result": result}
+    return {"job": spec.name, "status": JobOutcome.SUCCEEDED, "result": result}
 
 
 def _record(pool: ConnectionPool, query: str, params: dict[str, Any]) -> None:

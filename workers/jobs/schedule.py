@@ -1,8 +1,9 @@
 """The jobs as Celery tasks (``voucherify.jobs.<name>``, routed to the ``jobs`` queue), and the
 broker durability check at worker and beat start-up.
 
-Each task is a thin shell around ``run_job``: the lock, the record and the error handling
-are there, so a run from the CLI behaves the same. Each job has its own time limits (its
+Each task is registered at import, by name, and is a thin shell around ``run_job`` with
+the settings of the app it runs in: the lock, the record and the error handling are
+there, so a run from the CLI behaves the same. Each job has its own time limits (its
 budget plus a margin), above the delivery task's one minute.
 """
 
@@ -10,32 +11,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery, signals
+from celery import Task, shared_task, signals
 
-from config.settings import Settings
+from workers.celery_app import settings_of
 from workers.jobs.durability import report_broker_durability
 from workers.jobs.runner import JOBS, JobSpec, run_job
 
 TASK_PREFIX = "voucherify.jobs."
 
 
-def register_jobs(app: Celery, settings: Settings) -> None:
-    for spec in JOBS.values():
-        _register(app, settings, spec)
-    # dispatch_uid: one handler per process, however many apps a process builds (tests).
-    signals.worker_ready.connect(_worker_ready, weak=False, dispatch_uid="vfy-durability-worker")
-    signals.beat_init.connect(_beat_init, weak=False, dispatch_uid="vfy-durability-beat")
-
-
-def _register(app: Celery, settings: Settings, spec: JobSpec) -> None:
-    @app.task(
+def _job_task(spec: JobSpec) -> Any:
+    @shared_task(
         name=TASK_PREFIX + spec.name,
+        bind=True,
         soft_time_limit=spec.soft_time_limit,
         time_limit=spec.time_limit,
         ignore_result=True,
     )
-    def job() -> dict[str, Any]:
-        return run_job(spec.name, settings)
+    def job(task: Task) -> dict[str, Any]:
+        return run_job(spec.name, settings_of(task.app))
+
+    return job
+
+
+JOB_TASKS = {name: _job_task(spec) for name, spec in JOBS.items()}
+
+
+def connect_signals() -> None:
+    """The durability report at worker and beat start-up (once per process)."""
+    # dispatch_uid: one handler per process, however many apps a process builds (tests).
+    signals.worker_ready.connect(_worker_ready, weak=False, dispatch_uid="vfy-durability-worker")
+    signals.beat_init.connect(_beat_init, weak=False, dispatch_uid="vfy-durability-beat")
 
 
 def _broker_url(sender: Any) -> str | None:

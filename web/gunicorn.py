@@ -1,4 +1,4 @@
-"""gunicorn settings of the ``web`` process (``gunicorn -c config/gunicorn.py receiver.wsgi:app``).
+"""gunicorn settings of the ``web`` process (``gunicorn -c web/gunicorn.py web.wsgi:app``).
 
 Worker class chosen by measurement (see the README's figures): ``gthread`` keeps
 connections alive and lets a slow broker call block one thread, not the process.

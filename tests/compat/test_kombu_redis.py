@@ -8,8 +8,8 @@ import pytest
 import redis
 from kombu.transport import virtual
 
+from compat.kombu_redis import QoS, Transport
 from config.settings import Settings
-from workers.broker import QoS, Transport
 from workers.celery_app import make_celery
 
 

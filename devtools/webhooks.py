@@ -1,4 +1,8 @@
-"""Helpers shared by the tests: fixture payloads, envelopes, signatures, polling."""
+"""Webhook helpers shared by the tests and the benchmarks: fixture payloads, envelopes,
+signatures, card payload builders, polling.
+
+The payloads are the published examples kept in ``tests/fixtures``.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
 VOUCHERIFY = FIXTURES / "voucherify"
 SEEDS = FIXTURES / "seeds"
-SECRET = "test-secret"
+SECRET = "test-secret"  # noqa: S105 - the webhook secret of tests and local runs
 
 T = TypeVar("T")
 

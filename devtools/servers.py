@@ -1,8 +1,14 @@
 """Real PostgreSQL and Redis servers run from binaries shipped in Python wheels.
 
-Used for local runs when ``DATABASE_URL`` / ``REDIS_URL`` are unset, and by the tests
-(which also stop and restart them to inject faults). Production always uses the URLs it
-is given and never imports this module.
+Used by ``scripts/dev`` for local runs (which then passes their URLs as ``DATABASE_URL`` /
+``REDIS_URL``), by the tests (which also stop and restart them to inject faults) and by
+the benchmarks. Production always uses the URLs it is given and never imports this
+module.
+
+    python -m devtools.servers start [DIR]   # start (or reuse) them under DIR (.local)
+    python -m devtools.servers stop [DIR]    # stop them; their data stays in DIR
+
+``start`` prints ``DATABASE_URL=...`` and ``REDIS_URL=...``, one a line, on stdout.
 
 - PostgreSQL 16 comes from the ``pgserver`` wheel (we only use its binaries: ``initdb``,
   ``pg_ctl``), listening on 127.0.0.1 only, trust auth.
@@ -15,6 +21,7 @@ unprivileged system user created for it, as ``pgserver`` itself does.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import importlib.util
@@ -24,8 +31,9 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -336,3 +344,42 @@ def stop_local_servers(root: Path) -> None:
 def remove_local_servers(root: Path) -> None:
     stop_local_servers(root)
     shutil.rmtree(root, ignore_errors=True)
+
+
+# --- command line: what scripts/dev runs ---------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.servers",
+        description="Embedded PostgreSQL and Redis for local runs (never for production).",
+    )
+    parser.add_argument(
+        "command",
+        choices=("start", "stop"),
+        help="start: start (or reuse) the servers and print their URLs; stop: stop them",
+    )
+    parser.add_argument(
+        "dir",
+        nargs="?",
+        default=".local",
+        type=Path,
+        help="folder of the servers' data and state (default: .local)",
+    )
+    args = parser.parse_args(argv)
+    root: Path = args.dir
+    try:
+        if args.command == "start":
+            database_url, redis_url = ensure_local_servers(root)
+            print(f"DATABASE_URL={database_url}")
+            print(f"REDIS_URL={redis_url}")
+        else:
+            stop_local_servers(root)
+    except (EmbeddedServerError, OSError, subprocess.SubprocessError) as exc:
+        print(f"devtools.servers: {args.command} failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

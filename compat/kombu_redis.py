@@ -1,24 +1,25 @@
 """kombu's Redis transport, with one fix: a failed acknowledgement frees its prefetch slot.
 
 Found while building the fault suite (``tests/fault/test_under_fire.py``; reproduced
-alone by ``tests/fault/test_broker_restart.py``): Redis restarted while a worker had its whole
-prefetch window in hand (``worker_prefetch_multiplier`` x concurrency messages: any
-backlog), then the late acknowledgements of those tasks all failed on the dead connection.
-kombu's ``QoS.ack`` writes to Redis *before* it forgets the message locally, so each failed
-ack left its delivery tag counted as in hand; with the window full, the consumer never
-asked Redis for a message again, so it never noticed the connection was gone either. The
-worker stayed up, logged nothing more, and consumed nothing until restarted by hand.
+alone by ``tests/fault/test_broker_restart.py``): Redis restarted while a worker had its
+whole prefetch window in hand (``worker_prefetch_multiplier`` x concurrency messages: any
+backlog), then the late acknowledgements of those tasks all failed on the dead
+connection. kombu's ``QoS.ack`` writes to Redis *before* it forgets the message locally,
+so each failed ack left its delivery tag counted as in hand; with the window full, the
+consumer never asked Redis for a message again, so it never noticed the connection was
+gone either. The worker stayed up, logged nothing more, and consumed nothing until
+restarted by hand.
 
 Here a failed ack (or reject) still frees the slot, then raises as before (Celery logs
 "Couldn't ack"). Nothing is lost by it: the broker never heard the ack, so the message
 stays in kombu's ``unacked`` hash and is delivered again after the visibility timeout;
 the task then finds its event already applied and records a duplicate.
 
-``use_for_redis_urls()`` (called by ``make_celery``) makes the ``redis://`` and ``rediss://``
-schemes name this transport instead of kombu's own. Everything else is kombu's: the URL is
-parsed as before, ``rediss://`` still turns TLS on (kombu decides that by the scheme's
-name, which is why this is not done with Celery's ``broker_transport``), and the transport
-options apply unchanged.
+``use_for_redis_urls()`` (called by ``make_celery``) makes the ``redis://`` and
+``rediss://`` schemes name this transport instead of kombu's own. Everything else is
+kombu's: the URL is parsed as before, ``rediss://`` still turns TLS on (kombu decides that
+by the scheme's name, which is why this is not done with Celery's ``broker_transport``),
+and the transport options apply unchanged.
 """
 
 # kombu's QoS methods carry no annotations; calling them is the whole point here.

@@ -1,6 +1,6 @@
-"""Entry point of the ``web`` process: ``gunicorn -c config/gunicorn.py receiver.wsgi:app``.
+"""Entry point of the ``web`` process: ``gunicorn -c web/gunicorn.py web.wsgi:app``.
 
-The only receiver module that reads the environment. A bad setting prints one line naming
+The only web module that reads the environment. A bad setting prints one line naming
 the variable and stops the process.
 """
 
@@ -10,7 +10,7 @@ import os
 
 from config import logs
 from config.entry import load_settings
-from receiver.app import create_app
+from web.app import create_app
 
 settings = load_settings("web", os.environ)
 logs.configure(settings.log_level)

@@ -3,9 +3,10 @@
 Pure functions, no Celery import: the receiver builds the message itself and pushes it to
 the broker's Redis list in one round trip. Going through ``task.apply_async`` costs about
 a millisecond of Python per request (producer pools, routing, signals, option merging),
-which halved the receiver's throughput in the benchmark; the bytes pushed here are the
+which halved the receiver's throughput in the benchmark; the bytes built here are the
 ones kombu's Redis transport would push for the same call (task protocol 2, JSON body,
-base64 body encoding), and the end-to-end tests prove a real worker consumes them.
+base64 body encoding): ``tests/compat/`` compares them with Celery's own, and the
+end-to-end tests prove a real worker consumes them.
 
 The message is JSON only: ``body`` (the raw request body as text), ``delivery_id`` and
 ``received_at``. The task's repr fields never include the body, so Celery's own log lines
@@ -19,30 +20,34 @@ import json
 import os
 import socket
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
-PROCESS_DELIVERY_TASK = "voucherify.process_delivery"
-DELIVERY_QUEUE = "deliveries"
-JOBS_QUEUE = "jobs"
-PARKED_QUEUE = "deliveries.parked"
-"""Deliveries the database could not take even after their retries; never consumed."""
-ACCEPTED_HASH = "deliveries.accepted"
-"""delivery id -> message, for every delivery answered 202 and not yet recorded in the inbox.
-
-Celery's Redis transport takes a message off the list (BRPOP) before it records it as
-unacknowledged: a worker killed, or a Redis restarted, between the two loses it. The
-receiver writes this copy in the same atomic step as the queue push, the worker deletes
-it once the delivery is in PostgreSQL, and the re-drive job pushes again what stayed
-here too long (see ``workers.jobs.accepted``).
-"""
-ACCEPTED_INDEX = "deliveries.accepted.index"
-"""delivery id -> accepted-at (unix seconds): which accepted copies are old."""
+from workers.queue.keys import DELIVERY_QUEUE, PROCESS_DELIVERY_TASK
 
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
-def delivery_kwargs(body: str, delivery_id: str, received_at: str) -> dict[str, str]:
-    return {"body": body, "delivery_id": delivery_id, "received_at": received_at}
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One delivery as the entry task receives it: the raw body and who/when it came."""
+
+    body: str
+    delivery_id: str
+    received_at: str
+
+    def kwargs(self) -> dict[str, str]:
+        return {"body": self.body, "delivery_id": self.delivery_id, "received_at": self.received_at}
+
+    def encode(self) -> bytes:
+        """The Celery message of the entry task for this delivery (task id = delivery id)."""
+        return celery_message(
+            PROCESS_DELIVERY_TASK,
+            self.kwargs(),
+            DELIVERY_QUEUE,
+            task_id=self.delivery_id,
+            kwargsrepr=safe_kwargsrepr(self.delivery_id),
+        )
 
 
 def safe_kwargsrepr(delivery_id: str) -> str:
@@ -97,11 +102,10 @@ def celery_message(
     return json.dumps(envelope, separators=(",", ":")).encode()
 
 
-def delivery_message(body: str, delivery_id: str, received_at: str) -> bytes:
-    return celery_message(
-        PROCESS_DELIVERY_TASK,
-        delivery_kwargs(body, delivery_id, received_at),
-        DELIVERY_QUEUE,
-        task_id=delivery_id,
-        kwargsrepr=safe_kwargsrepr(delivery_id),
-    )
+def task_id_of(raw: bytes | str) -> str | None:
+    """The task id (for a delivery: its delivery id) of a stored message; None if unreadable."""
+    try:
+        task_id = json.loads(raw)["headers"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return str(task_id) if task_id is not None else None

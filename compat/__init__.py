@@ -1,0 +1,19 @@
+"""Every patch of a library's internals, in one place.
+
+Each module here leans on one upstream symbol that is not a public API, says why, and has
+a test in ``tests/compat/`` that fails when that symbol moves or changes shape, so a minor
+upgrade inside the pinned series (``pyproject.toml``) cannot break delivery silently.
+
+- ``kombu_redis``: ``kombu.transport.redis.QoS.ack`` / ``.reject`` and
+  ``kombu.transport.TRANSPORT_ALIASES``: a failed ack frees its prefetch slot.
+- ``billiard_pool``: ``billiard.pool.GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT``: a warm
+  shutdown takes 2 s, not 30 s.
+- ``celery_worker``: ``celery.apps.worker.safe_say``: the lines Celery writes from its
+  signal handlers come out as JSON.
+- ``prometheus``: ``prometheus_client.values.ValueClass``: multi-process mode chosen even
+  after an early import.
+- ``redis_raw``: redis-py connections' ``send_packed_command`` / ``read_response``: the
+  receiver's push in one write.
+
+Nothing here imports the project's own packages.
+"""

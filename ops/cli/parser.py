@@ -1,0 +1,148 @@
+"""The command line of ``vfy-pipeline``: its groups, commands and options, with their help."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from ops.cli import commands as c
+from ops.cli.output import PROG
+from ops.params import ANY, DEFAULT_LIMIT, MAX_LIMIT, one_of
+from ops.service import ATTENTION_STATUSES, MAX_REPLAY_EVENTS
+from schemas.vocabulary import EventStatus, FlagCategory, FlagStatus, values
+
+TIME_HELP = "ISO 8601 time (naive = UTC), 'today', 'yesterday', or an age such as 90m, 24h, 7d"
+EVENT_STATUS_HELP = f"{', '.join(values(EventStatus))} (repeat or comma-separate)"
+RANGE_STATUS_HELP = (
+    f"with a range: the statuses to replay (default {','.join(ATTENTION_STATUSES)}; "
+    f"'{ANY}' for all)"
+)
+
+
+class Tree:
+    """Adds groups and commands; every one takes ``--json``, lists ``--limit``/``--cursor``."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+        self.common = argparse.ArgumentParser(add_help=False)
+        self.common.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for machines"
+        )
+        self.paged = argparse.ArgumentParser(add_help=False)
+        self.paged.add_argument(
+            "--limit", help=f"rows per page (1-{MAX_LIMIT}, default {DEFAULT_LIMIT})"
+        )
+        self.paged.add_argument("--cursor", help="the cursor the previous page printed")
+
+    def group(self, name: str, help_text: str) -> Any:
+        p = self.groups.add_parser(
+            name, help=help_text, description=help_text, parents=[self.common]
+        )
+        return p.add_subparsers(dest="command", required=True, metavar="ACTION")
+
+    def command(
+        self, sub: Any, name: str, run: c.Command, help_text: str, paged: bool = False
+    ) -> argparse.ArgumentParser:
+        parents: Sequence[argparse.ArgumentParser] = [self.common, *([self.paged] if paged else [])]
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_text, description=help_text, parents=parents
+        )
+        p.set_defaults(handler=run)
+        return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="See and steer the Voucherify webhook pipeline: events, redemptions, "
+        "flags, dead letters, replays, stats. Reads DATABASE_URL and REDIS_URL.",
+        epilog="Examples: '%(prog)s redemptions show r_123', "
+        f"'%(prog)s events list --status {','.join(ATTENTION_STATUSES)} --since today', "
+        "'%(prog)s events replay --since today --dry-run'.",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON for machines")
+    tree = Tree(parser)
+    add_events(tree)
+    add_lookups(tree)
+    add_flags(tree)
+    add_dead_letters(tree)
+    tree.command(
+        tree.groups, "stats", c.stats, "queue, lag, failures, flags and dead letters right now"
+    )
+    return parser
+
+
+def add_events(tree: Tree) -> None:
+    events = tree.group("events", "events: show one with its deliveries, list, replay")
+    p = tree.command(events, "show", c.event_show, "show an event, its deliveries and dead letters")
+    p.add_argument("event_id", metavar="EVENT_ID")
+    p = tree.command(events, "list", c.events_list, "list events, newest first", paged=True)
+    p.add_argument("--status", action="append", help=EVENT_STATUS_HELP)
+    p.add_argument("--type", help="event type, e.g. redemption.succeeded")
+    p.add_argument("--since", help=f"received at or after: {TIME_HELP}")
+    p.add_argument("--until", help=f"received before: {TIME_HELP}")
+    p = tree.command(
+        events,
+        "replay",
+        c.events_replay,
+        "send events back to the workers, by id or by received-at range; --dry-run prints "
+        "row by row what would change and does nothing",
+    )
+    p.add_argument("--id", action="append", metavar="EVENT_ID", help="an event id (repeatable)")
+    p.add_argument("--since", help=f"range start, received at or after: {TIME_HELP}")
+    p.add_argument("--until", help=f"range end, received before: {TIME_HELP}")
+    p.add_argument("--status", action="append", help=RANGE_STATUS_HELP)
+    p.add_argument(
+        "--max", type=int, default=MAX_REPLAY_EVENTS, help="replay at most this many events"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would change; do nothing")
+
+
+def add_lookups(tree: Tree) -> None:
+    redemptions = tree.group("redemptions", "redemptions: what happened to one")
+    p = tree.command(
+        redemptions, "show", c.redemption_show, "a redemption with its events, ledger and flags"
+    )
+    p.add_argument("redemption_id", metavar="REDEMPTION_ID")
+
+    orders = tree.group("orders", "orders: show one")
+    p = tree.command(orders, "show", c.order_show, "an order with its redemptions and events")
+    p.add_argument("order_id", metavar="ORDER_ID")
+
+    customers = tree.group("customers", "customers: the ledger")
+    p = tree.command(
+        customers, "ledger", c.customer_ledger, "a customer's ledger entries and totals", True
+    )
+    p.add_argument("customer_id", metavar="CUSTOMER_ID")
+
+    p = tree.command(
+        tree.groups,
+        "search",
+        c.search,
+        "find an id: event, delivery, redemption, rollback, voucher code, order or customer",
+    )
+    p.add_argument("q", metavar="ID")
+
+
+def add_flags(tree: Tree) -> None:
+    flags = tree.group("flags", "flags raised for a person: list, resolve")
+    p = tree.command(flags, "list", c.flags_list, "list flags, newest first", paged=True)
+    p.add_argument("--status", help=one_of(values(FlagStatus)))
+    p.add_argument("--code", help="failure code, e.g. already_rolled_back")
+    p.add_argument("--category", help=one_of(values(FlagCategory)))
+    p = tree.command(
+        flags, "resolve", c.flags_resolve, "resolve a flag (again: harmless, unchanged)"
+    )
+    p.add_argument("flag_id", metavar="FLAG_ID")
+    p.add_argument("--note", help="what was done about it")
+
+
+def add_dead_letters(tree: Tree) -> None:
+    letters = tree.group("dead-letters", "payloads that failed validation: list, replay")
+    p = tree.command(letters, "list", c.dead_letters_list, "list dead letters, newest first", True)
+    p.add_argument("--type", help="event type")
+    p.add_argument("--pending", action="store_true", help="only those not replayed yet")
+    p = tree.command(letters, "replay", c.dead_letters_replay, "send a dead letter's event back")
+    p.add_argument("dead_letter_id", metavar="DEAD_LETTER_ID")
+    p.add_argument("--dry-run", action="store_true", help="print what would change; do nothing")

@@ -1,0 +1,117 @@
+"""The pipeline's words, once: statuses, outcomes, ledger kinds and effects, flag categories.
+
+Every module that writes or filters one of these values names it from here; the SQL CHECK
+constraints of ``migrations/`` list the same values (``tests/schemas/test_vocabulary.py``
+compares them with the migrated database). ``StrEnum``: each member is its text, so it
+goes into SQL parameters, JSON and log lines as that text.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class EventStatus(StrEnum):
+    """``events.status``: where one event is in the inbox."""
+
+    RECEIVED = "received"
+    PROCESSED = "processed"
+    IGNORED = "ignored"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+FINAL_STATUSES = frozenset({EventStatus.PROCESSED, EventStatus.IGNORED, EventStatus.DEAD})
+"""A later delivery of an event in one of these is a duplicate."""
+UNFINISHED_STATUSES = (EventStatus.RECEIVED, EventStatus.FAILED)
+"""What the re-drive job waits on and the gauges count as waiting."""
+
+
+class DeliveryOutcome(StrEnum):
+    """``deliveries.outcome``: what became of one delivery (an event may have several)."""
+
+    RECEIVED = "received"
+    PROCESSED = "processed"
+    DUPLICATE = "duplicate"
+    IGNORED = "ignored"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+class RedemptionStatus(StrEnum):
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    ROLLED_BACK = "ROLLED_BACK"
+
+
+class OrderStatus(StrEnum):
+    CREATED = "CREATED"
+    PAID = "PAID"
+    FULFILLED = "FULFILLED"
+    CANCELED = "CANCELED"
+
+
+class VoucherType(StrEnum):
+    """Voucherify's ``voucher.type`` values that move a balance."""
+
+    GIFT_VOUCHER = "GIFT_VOUCHER"
+    LOYALTY_CARD = "LOYALTY_CARD"
+
+
+class LedgerKind(StrEnum):
+    """``ledger_entries.kind`` / ``card_balances.kind``: what a card holds."""
+
+    GIFT_CREDIT = "gift_credit"
+    LOYALTY_POINTS = "loyalty_points"
+
+
+LEDGER_KIND_OF_VOUCHER = {
+    VoucherType.GIFT_VOUCHER: LedgerKind.GIFT_CREDIT,
+    VoucherType.LOYALTY_CARD: LedgerKind.LOYALTY_POINTS,
+}
+
+
+class LedgerEffect(StrEnum):
+    """``ledger_entries.effect``: at most one of each per redemption."""
+
+    DEBIT = "debit"
+    RESTORE = "restore"
+
+
+class FlagCategory(StrEnum):
+    ALREADY_ROLLED_BACK = "already_rolled_back"
+    REVIEW = "review"
+    DRIFT = "drift"
+
+
+class FlagStatus(StrEnum):
+    OPEN = "open"
+    RESOLVED = "resolved"
+
+
+class JobOutcome(StrEnum):
+    """``job_runs.outcome``."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+CHECKED_COLUMNS: dict[tuple[str, str], type[StrEnum]] = {
+    ("events", "status"): EventStatus,
+    ("deliveries", "outcome"): DeliveryOutcome,
+    ("orders", "status"): OrderStatus,
+    ("redemptions", "status"): RedemptionStatus,
+    ("ledger_entries", "kind"): LedgerKind,
+    ("ledger_entries", "effect"): LedgerEffect,
+    ("card_balances", "kind"): LedgerKind,
+    ("flags", "category"): FlagCategory,
+    ("flags", "status"): FlagStatus,
+    ("job_runs", "outcome"): JobOutcome,
+}
+"""Each column with a CHECK (col IN (...)) and the enum that lists the same values."""
+
+
+def values(enum: type[StrEnum]) -> tuple[str, ...]:
+    return tuple(member.value for member in enum)

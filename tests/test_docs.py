@@ -1,0 +1,193 @@
+"""The README and docs/ against the repository: length, links, and the commands they name.
+
+Pure file checks: no servers, no processes. Each failure names the document and the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+README_MAX_LINES = 250
+
+# `python -m <module>` of tools that are not ours: installed into .venv, not in the repo.
+THIRD_PARTY_MODULES = {"pytest", "pip", "gunicorn", "celery"}
+
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+FENCE = re.compile(r"^\s*(```|~~~)")
+INLINE_CODE = re.compile(r"`[^`]*`")
+SCRIPT = re.compile(r"(?<![\w./-])scripts/([A-Za-z0-9_][\w.-]*)")
+PYTHON_MODULE = re.compile(r"\bpython(?:3(?:\.\d+)?)?\s+-m\s+([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
+CLI = re.compile(r"(?<![\w-])vfy-pipeline\b(.*)")
+SHELL_OPERATORS = set("();<>|&")
+
+
+def _id(doc: Path) -> str:
+    return doc.relative_to(ROOT).as_posix()
+
+
+def _lines(doc: Path) -> Iterator[tuple[int, str, bool]]:
+    """(line number, text, inside a fenced code block) for each line but the fences."""
+    in_code = False
+    for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), start=1):
+        if FENCE.match(line):
+            in_code = not in_code
+            continue
+        yield number, line, in_code
+
+
+def _where(doc: Path, number: int) -> str:
+    return f"{_id(doc)}:{number}"
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser] | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return None
+
+
+def _cli_words(rest: str) -> list[str]:
+    """The words after `vfy-pipeline` up to a comment, a pipe or another shell operator."""
+    lexer = shlex.shlex(rest, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    words: list[str] = []
+    try:
+        for token in lexer:
+            if set(token) <= SHELL_OPERATORS:
+                break
+            words.append(token)
+    except ValueError:  # an unbalanced quote: keep what was read
+        pass
+    return words
+
+
+def _cli_problem(words: list[str], root: argparse.ArgumentParser) -> str | None:
+    """Why `vfy-pipeline <words>` is not a command of the parser, or None when it is one."""
+    parser, path = root, ["vfy-pipeline"]
+    for word in words:
+        choices = _subcommands(parser)
+        if choices is None:
+            return None  # a leaf command: the rest are its arguments
+        if word.startswith("-"):
+            continue  # an option before the command (--json, --help)
+        if word not in choices:
+            known = ", ".join(sorted(choices))
+            return f"'{' '.join(path)} {word}' is not a command (known: {known})"
+        parser = choices[word]
+        path.append(word)
+    if _subcommands(parser) is not None and not {"-h", "--help"} & set(words):
+        return f"'{' '.join(path)}' is not a complete command"
+    return None
+
+
+def _cli_parser() -> argparse.ArgumentParser:
+    from ops.cli import build_parser  # here, so the other checks run even if ops breaks
+
+    return build_parser()
+
+
+def _module_resolves(module: str) -> bool:
+    path = ROOT.joinpath(*module.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__main__.py").is_file()
+
+
+def test_documents_exist() -> None:
+    assert README.is_file()
+    assert len(DOCS) > 1, "docs/ holds no .md file"
+
+
+def test_readme_is_short() -> None:
+    count = len(README.read_text(encoding="utf-8").splitlines())
+    assert count <= README_MAX_LINES, (
+        f"README.md has {count} lines, more than {README_MAX_LINES}: move detail into docs/"
+    )
+
+
+def test_readme_links_every_doc() -> None:
+    linked = {
+        (README.parent / target.split("#", 1)[0]).resolve()
+        for _, line, in_code in _lines(README)
+        if not in_code
+        for target in LINK.findall(INLINE_CODE.sub("", line))
+    }
+    orphans = [_id(doc) for doc in DOCS[1:] if doc.resolve() not in linked]
+    assert not orphans, f"README.md links to none of: {', '.join(orphans)}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_id)
+def test_relative_links_resolve(doc: Path) -> None:
+    problems = []
+    for number, line, in_code in _lines(doc):
+        if in_code:
+            continue
+        for target in LINK.findall(INLINE_CODE.sub("", line)):
+            if re.match(r"(?i)(https?:|mailto:|#)", target):
+                continue
+            path = target.split("#", 1)[0]
+            if not (doc.parent / path).exists():
+                problems.append(f"{_where(doc, number)}: link to {target!r}: no such file")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_id)
+def test_scripts_exist(doc: Path) -> None:
+    problems = []
+    for number, line, _ in _lines(doc):
+        for name in SCRIPT.findall(line):
+            script = ROOT / "scripts" / name
+            if not script.is_file():
+                problems.append(f"{_where(doc, number)}: scripts/{name} does not exist")
+            elif not os.access(script, os.X_OK):
+                problems.append(f"{_where(doc, number)}: scripts/{name} is not executable")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_id)
+def test_python_modules_exist(doc: Path) -> None:
+    problems = []
+    for number, line, _ in _lines(doc):
+        for module in PYTHON_MODULE.findall(line):
+            if module in THIRD_PARTY_MODULES or _module_resolves(module):
+                continue
+            problems.append(
+                f"{_where(doc, number)}: 'python -m {module}': no {module.replace('.', '/')}.py"
+                " or package with __main__.py in the repository"
+            )
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_id)
+def test_cli_commands_exist(doc: Path) -> None:
+    root = _cli_parser()
+    problems = []
+    for number, line, in_code in _lines(doc):
+        if not in_code:
+            continue  # prose may name a planned command; a code block shows one to run
+        for rest in CLI.findall(line):
+            problem = _cli_problem(_cli_words(rest), root)
+            if problem:
+                problems.append(f"{_where(doc, number)}: {problem}")
+    assert not problems, "\n".join(problems)
+
+
+def test_cli_check_knows_real_and_planned_commands() -> None:
+    root = _cli_parser()
+    assert _cli_problem(_cli_words("events list --status dead --json | jq ."), root) is None
+    assert _cli_problem(_cli_words('flags resolve 42 --note "done" # why'), root) is None
+    assert _cli_problem(_cli_words("--json stats"), root) is None
+    assert _cli_problem(_cli_words("events"), root) is not None
+    groups = _subcommands(root) or {}
+    jobs = _subcommands(groups["jobs"]) if "jobs" in groups else None
+    has_jobs_run = jobs is not None and "run" in jobs
+    assert (_cli_problem(_cli_words("jobs run redrive"), root) is None) == has_jobs_run

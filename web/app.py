@@ -1,0 +1,80 @@
+"""The web process's Flask app: the receiver and the ops tools, mounted side by side.
+
+``create_app(settings)`` reads no environment and opens no connection until a request
+needs one (``web/wsgi.py`` is the entry point). It mounts:
+
+- the receiver's blueprint (``POST /webhooks/voucherify``; Redis only),
+- the ops blueprints (``/ops/api/``, ``/ops/``; only with ``OPS_API_TOKEN``) and the
+  ``pipeline_*`` gauges,
+- ``/healthz`` (the process answers), ``/readyz`` (Redis and PostgreSQL answer) and
+  ``/metrics``.
+
+The receiver and ops never import each other; this module is where they meet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flask import Flask, Response, request
+from werkzeug.wrappers import Response as BaseResponse
+
+import ops
+import receiver.views
+from config.settings import Settings
+from web import metrics
+from workers.queue import DeliveryPublisher
+
+COUNTED_BLUEPRINTS = frozenset({"receiver", "ops_api", "ops_dashboard"})
+
+
+def check_database(database_url: str) -> None:
+    import psycopg  # only /readyz touches PostgreSQL here, never the webhook path
+
+    with psycopg.connect(database_url, connect_timeout=2) as conn:
+        conn.execute("SET statement_timeout = 2000")
+        conn.execute("SELECT 1")
+
+
+def create_app(
+    settings: Settings,
+    publisher: DeliveryPublisher | None = None,
+    check_db: Callable[[str], None] = check_database,
+) -> Flask:
+    app = Flask(__name__)
+    intake = receiver.views.install(app, settings, publisher)
+    ops.install(app, settings)  # /ops/ (only with OPS_API_TOKEN) and the pipeline gauges
+    app.after_request(_count_request)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return receiver.views.json_response(200, {"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        failed: dict[str, str] = {}
+        try:
+            intake.publisher.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            failed["redis"] = type(exc).__name__
+        try:
+            check_db(settings.database_url)
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            failed["postgres"] = type(exc).__name__
+        if failed:
+            return receiver.views.json_response(503, {"status": "unavailable", "failed": failed})
+        return receiver.views.json_response(200, {"status": "ready"})
+
+    @app.get("/metrics")
+    def metrics_endpoint() -> Response:
+        payload, content_type = metrics.render(ops.collectors(app))
+        return Response(payload, content_type=content_type)
+
+    return app
+
+
+def _count_request(response: BaseResponse) -> BaseResponse:
+    """Answers of the webhook and ops routes, by the route's template (never the raw path)."""
+    if request.blueprint in COUNTED_BLUEPRINTS and request.url_rule is not None:
+        metrics.REQUESTS.labels(request.url_rule.rule, str(response.status_code)).inc()
+    return response

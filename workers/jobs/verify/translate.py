@@ -1,0 +1,114 @@
+"""Voucherify's API answer -> the webhook it would have sent: pure functions.
+
+The job applies what our records miss as webhook events of its own, through the same
+schemas and handlers as a real delivery (``workers.processing``). This module writes
+their ``data`` (``redemption``, ``redemption_rollback``, ``order``, ``customer``) from
+``GET /v1/redemptions/<id>`` and, for a rollback, ``GET /v1/redemptions/<rr_id>``, and
+wraps it in the v2024-01-01 envelope.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from schemas.vocabulary import RedemptionStatus
+from workers.jobs.verify.compare import EVENT_STATUS, ROLLBACK_SUCCEEDED, amount_of
+
+SOURCE = {"id": "verify", "object": "reconciliation"}
+
+
+def customer_of(theirs: dict[str, Any]) -> dict[str, Any] | None:
+    customer = theirs.get("customer")
+    customer_id = (customer or {}).get("id") if isinstance(customer, dict) else None
+    customer_id = customer_id or theirs.get("customer_id")
+    return {"id": customer_id} if customer_id else None
+
+
+def order_of(obj: dict[str, Any]) -> dict[str, Any] | None:
+    order = obj.get("order")
+    return order if isinstance(order, dict) and order.get("id") else None
+
+
+def snapshot(theirs: dict[str, Any]) -> dict[str, Any]:
+    """The ``redemption`` object of a webhook, from the API's redemption."""
+    order = order_of(theirs)
+    return {
+        "id": theirs.get("id"),
+        "object": "redemption",
+        "status": theirs.get("status"),
+        "date": theirs.get("date"),
+        "amount": amount_of(theirs),
+        "redemption": theirs.get("redemption"),
+        "customer_id": theirs.get("customer_id"),
+        "failure_code": theirs.get("failure_code"),
+        "failure_message": theirs.get("failure_message"),
+        "reason": theirs.get("reason"),
+        "order": {"id": order["id"]} if order else None,
+        "voucher": theirs.get("voucher"),
+    }
+
+
+def succeeded_data(theirs: dict[str, Any]) -> dict[str, Any]:
+    """``data`` of ``redemption.succeeded`` (and of ``redemption.failed``)."""
+    # No top-level ``voucher``: its balance is a snapshot of unknown time, and the handlers
+    # read the card from the redemption's own voucher.
+    return {
+        "redemption": snapshot(theirs),
+        "order": order_of(theirs),
+        "customer": customer_of(theirs),
+        "voucher": None,
+    }
+
+
+def rollback_data(theirs: dict[str, Any], rollback: dict[str, Any]) -> dict[str, Any]:
+    """``data`` of ``redemption.rollback.succeeded``; the rollback's amount is negative."""
+    amount = amount_of(rollback)
+    order = order_of(rollback) or order_of(theirs)
+    return {
+        "redemption": snapshot(theirs),
+        "redemption_rollback": {
+            "id": rollback.get("id"),
+            "object": "redemption_rollback",
+            "status": RedemptionStatus.SUCCEEDED,
+            "date": rollback.get("date"),
+            "amount": -abs(amount) if amount else None,
+            "redemption": theirs.get("id"),
+            "customer_id": rollback.get("customer_id") or theirs.get("customer_id"),
+            "reason": rollback.get("reason"),
+            "order": {"id": order["id"]} if order else None,
+        },
+        "order": order,
+        "customer": customer_of(theirs),
+        "voucher": None,
+    }
+
+
+def event_data(
+    event_type: str, theirs: dict[str, Any], rollback: dict[str, Any] | None
+) -> tuple[dict[str, Any], str | None]:
+    """The ``data`` of one missing event and the date it happened at, when known."""
+    if event_type == ROLLBACK_SUCCEEDED:
+        assert rollback is not None  # compare.missing_events asks for it only with one
+        return rollback_data(theirs, rollback), rollback.get("date") or theirs.get("date")
+    return succeeded_data(theirs), theirs.get("date")
+
+
+def event_id(redemption_id: str, event_type: str) -> str:
+    """One synthetic event per redemption and status: the inbox records it once."""
+    return f"verify:{redemption_id}:{EVENT_STATUS[event_type]}"
+
+
+def webhook_body(event_id: str, event_type: str, data: dict[str, Any], created_at: str) -> str:
+    """The raw body of the webhook, v2024-01-01 envelope, as a delivery carries it."""
+    return json.dumps(
+        {
+            "id": event_id,
+            "created_at": created_at,
+            "type": event_type,
+            "data": data,
+            "source": SOURCE,
+            "event": {"id": event_id, "type": event_type, "created_at": created_at},
+        },
+        separators=(",", ":"),
+    )

@@ -1,0 +1,113 @@
+"""The accepted set: forget a recorded delivery's copy; sweep the copies left behind.
+
+The worker forgets a copy once the delivery is recorded in PostgreSQL, whatever the
+outcome (processed, duplicate, ignored, dead, or failed and left to the re-drive job).
+The sweep (run by the re-drive job) looks at copies older than a threshold: a delivery
+PostgreSQL has recorded is forgotten (the worker died after its commit); one it has not,
+and that is no longer waiting in the queue, is pushed again. A push too many is
+harmless: a delivery id already recorded is recorded once, its event applied once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import asdict, dataclass
+
+import redis
+
+from workers.queue.keys import ACCEPTED_HASH, ACCEPTED_INDEX, DELIVERY_QUEUE
+from workers.queue.message import task_id_of
+
+log = logging.getLogger(__name__)
+
+Recorded = Callable[[Sequence[str]], Collection[str]]
+"""Which of these delivery ids PostgreSQL has recorded (the caller asks the inbox)."""
+
+
+def forget(client: redis.Redis, delivery_ids: Sequence[str]) -> None:
+    """Delete recorded deliveries' copies in one round trip; never raises.
+
+    A failure only leaves the copies for the sweep, which forgets them then (they are
+    recorded), so it is logged and swallowed.
+    """
+    if not delivery_ids:
+        return
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.hdel(ACCEPTED_HASH, *delivery_ids)
+        pipe.zrem(ACCEPTED_INDEX, *delivery_ids)
+        pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("delivery.forget_failed", extra={"error": repr(exc)})
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    forgotten: int = 0
+    repushed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def sweep(
+    client: redis.Redis,
+    recorded: Recorded,
+    after_seconds: int,
+    deadline: float,
+    batch_size: int = 200,
+) -> SweepResult:
+    """Forget copies PostgreSQL has recorded; push again the ones it never got."""
+    forgotten = repushed = 0
+    now = time.time()
+    cutoff = min(now - after_seconds, _oldest_waiting(client))
+    while time.monotonic() < deadline:
+        members = client.zrangebyscore(
+            ACCEPTED_INDEX, "-inf", f"({cutoff}", start=0, num=batch_size
+        )
+        ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+        if not ids:
+            break
+        done = set(recorded(ids))
+        missing = [i for i in ids if i not in done]
+        messages = client.hmget(ACCEPTED_HASH, missing) if missing else []
+        pipe = client.pipeline(transaction=True)
+        for delivery_id in done:
+            pipe.hdel(ACCEPTED_HASH, delivery_id)
+            pipe.zrem(ACCEPTED_INDEX, delivery_id)
+        for delivery_id, message in zip(missing, messages, strict=True):
+            if message is None:  # the index outlived its copy: nothing left to push
+                pipe.zrem(ACCEPTED_INDEX, delivery_id)
+                continue
+            # Queued again, and judged again only after another full threshold.
+            pipe.lpush(DELIVERY_QUEUE, message)
+            pipe.zadd(ACCEPTED_INDEX, {delivery_id: now}, xx=True)
+            log.warning("redrive.unrecorded_delivery", extra={"delivery_id": delivery_id})
+            repushed += 1
+        pipe.execute()  # every id of the batch leaves the range: the next one starts at 0
+        forgotten += len(done)
+        if len(ids) < batch_size:
+            break
+    result = SweepResult(forgotten=forgotten, repushed=repushed)
+    if repushed:
+        log.warning("redrive.accepted_swept", extra=result.as_dict())
+    return result
+
+
+def _oldest_waiting(client: redis.Redis) -> float:
+    """When the oldest delivery still waiting in the queue was accepted (inf: unknown).
+
+    The queue is FIFO (pushed left, taken right), so an accepted copy older than the
+    message at the right end is not waiting in the queue any more: it is in a worker's
+    hands (bounded by the visibility timeout), parked, or lost. A copy younger than it
+    may simply be waiting behind a backlog, and pushing it again would only double the
+    backlog, so the sweep leaves it alone.
+    """
+    raw = client.lindex(DELIVERY_QUEUE, -1)
+    delivery_id = task_id_of(raw) if raw is not None else None
+    if delivery_id is None:
+        return float("inf")
+    score = client.zscore(ACCEPTED_INDEX, delivery_id)
+    return float("inf") if score is None else float(score)
