@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -43,6 +43,7 @@ from psycopg_pool import ConnectionPool
 
 from schemas.vocabulary import FlagCategory, FlagStatus, LedgerEffect, LedgerKind
 from workers.jobs import metrics
+from workers.jobs.result import JobResult
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +108,12 @@ WORDS = {
 
 
 @dataclass(frozen=True, slots=True)
-class DriftResult:
+class DriftResult(JobResult):
     cards: int = 0
     drifting: int = 0
     flags_raised: int = 0
     flags_resolved: int = 0
     rebased: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -36,6 +36,7 @@ from psycopg_pool import ConnectionPool
 from schemas.vocabulary import UNFINISHED_STATUSES, EventStatus
 from workers import metrics as worker_metrics
 from workers import queue
+from workers.jobs.result import JobResult
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +91,12 @@ class StuckEvent:
 
 
 @dataclass(frozen=True, slots=True)
-class RedriveResult:
+class RedriveResult(JobResult):
     redriven: int = 0
     dead_lettered: int = 0
     unparked: int = 0
     accepted_forgotten: int = 0
     accepted_repushed: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 def redrive(

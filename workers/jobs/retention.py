@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from schemas.vocabulary import EventStatus, JobOutcome
+from workers.jobs.result import JobResult
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +95,12 @@ WORDS: dict[str, Any] = {
 
 
 @dataclass(frozen=True, slots=True)
-class RetentionResult:
+class RetentionResult(JobResult):
     deliveries_deleted: int = 0
     bodies_pruned: int = 0
     events_deleted: int = 0
     job_runs_deleted: int = 0
     complete: int = 1  # 0 when the time budget ran out first
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 def apply_retention(

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,7 @@ from schemas.vocabulary import (
     RedemptionStatus,
 )
 from workers import processing
+from workers.jobs.result import JobResult
 from workers.jobs.verify import claims, compare, translate
 from workers.jobs.verify.compare import Ours
 from workers.jobs.voucherify_api import VoucherifyApi, VoucherifyApiError
@@ -76,16 +78,13 @@ LEDGER_EFFECTS = {"debit": LedgerEffect.DEBIT, "restore": LedgerEffect.RESTORE}
 
 
 @dataclass(frozen=True, slots=True)
-class VerifyResult:
+class VerifyResult(JobResult):
     checked: int = 0
     applied: int = 0
     flags_resolved: int = 0
     flags_annotated: int = 0
     mismatches: int = 0
     errors: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,14 +103,8 @@ class Check:
         return self.problem is None
 
 
-@dataclass
-class _Tally:
-    checked: int = 0
-    applied: int = 0
-    flags_resolved: int = 0
-    flags_annotated: int = 0
-    mismatches: int = 0
-    errors: int = 0
+Tally = Counter[str]
+"""The counts of a run so far, by ``VerifyResult`` field name."""
 
 
 def verify(
@@ -122,7 +115,7 @@ def verify(
     deadline: float,
 ) -> VerifyResult:
     """Flags first, then redemptions, each a bounded batch; stops at ``deadline``."""
-    tally = _Tally()
+    tally = Tally()
 
     def check_flag(flag: claims.FlagClaim) -> None:
         check = reconcile(pool, api, flag.redemption_id, deadline, tally)
@@ -132,7 +125,7 @@ def verify(
         reconcile(pool, api, redemption.redemption_id, deadline, tally)
 
     def failed(item: claims.Claimed, exc: VoucherifyApiError) -> None:
-        tally.errors += 1
+        tally["errors"] += 1
         log.error(
             "verify.api_failed", extra={"redemption_id": item.redemption_id, "error": str(exc)}
         )
@@ -141,7 +134,7 @@ def verify(
     # Out of time on the flags: the redemptions wait for the next run, unclaimed.
     if claims.work_through(pool, claims.FLAGS, *due, check_flag, failed):
         claims.work_through(pool, claims.REDEMPTIONS, *due, check_redemption, failed)
-    result = VerifyResult(**asdict(tally))
+    result = VerifyResult(**tally)
     if result.applied or result.mismatches or result.errors or result.flags_resolved:
         log.warning("verify.done", extra=result.as_dict())
     return result
@@ -152,11 +145,11 @@ def reconcile(
     api: VoucherifyApi,
     redemption_id: str,
     deadline: float,
-    tally: _Tally | None = None,
+    tally: Tally | None = None,
 ) -> Check:
     """Fetch one redemption, apply what our records miss, say whether they now agree."""
-    tally = tally if tally is not None else _Tally()
-    tally.checked += 1
+    tally = tally if tally is not None else Tally()
+    tally["checked"] += 1
     theirs = api.get_redemption(redemption_id, deadline)
     if theirs is None:
         ours = _ours(pool, redemption_id)
@@ -173,7 +166,7 @@ def reconcile(
         data, at = translate.event_data(event_type, theirs, rollback)
         if _apply(pool, redemption_id, event_type, data, at):
             applied += 1
-    tally.applied += applied
+    tally["applied"] += applied
     ours = _ours(pool, redemption_id)
     problem = compare.disagreement(theirs, status, rollback, ours)
     rollback_id = rollback.get("id") if rollback else None
@@ -191,7 +184,7 @@ def _rollback_of(
     return full if full is not None else latest
 
 
-def _conclude(pool: ConnectionPool, check: Check, tally: _Tally) -> Check:
+def _conclude(pool: ConnectionPool, check: Check, tally: Tally) -> Check:
     """Mark the redemption checked; resolve, or raise or refresh, its mismatch flag."""
     mismatch = {**FLAG_STATES, "id": check.redemption_id, "mismatch": MISMATCH}
     with pool.connection() as conn, conn.transaction():
@@ -217,7 +210,7 @@ def _conclude(pool: ConnectionPool, check: Check, tally: _Tally) -> Check:
                 "message": message,
             },
         ).fetchone()
-    tally.mismatches += 1
+    tally["mismatches"] += 1
     log.error(
         "verify.mismatch",
         extra={
@@ -229,7 +222,7 @@ def _conclude(pool: ConnectionPool, check: Check, tally: _Tally) -> Check:
     return check
 
 
-def _settle_flag(pool: ConnectionPool, flag: claims.FlagClaim, check: Check, tally: _Tally) -> None:
+def _settle_flag(pool: ConnectionPool, flag: claims.FlagClaim, check: Check, tally: Tally) -> None:
     """Resolve a failed-rollback flag both sides show rolled back; else note the answer."""
     if flag.failure_code == MISMATCH:
         return  # _conclude resolved or refreshed it already
@@ -249,7 +242,7 @@ def _settle_flag(pool: ConnectionPool, flag: claims.FlagClaim, check: Check, tal
                 f"ROLLED_BACK and {restore}"
             )
             conn.execute(RESOLVE_FLAG, {**FLAG_STATES, "id": flag.id, "note": note})
-            tally.flags_resolved += 1
+            tally["flags_resolved"] += 1
             log.info("verify.flag_resolved", extra={"flag_id": flag.id, "category": flag.category})
             return
         note = (
@@ -257,7 +250,7 @@ def _settle_flag(pool: ConnectionPool, flag: claims.FlagClaim, check: Check, tal
             f"{check.theirs or 'nothing (404)'}; our record: {ours.status if ours else 'none'}"
         )
         conn.execute(ANNOTATE_FLAG, {**FLAG_STATES, "id": flag.id, "note": note})
-        tally.flags_annotated += 1
+        tally["flags_annotated"] += 1
 
 
 def _now() -> str:
