@@ -9,6 +9,7 @@ starts with the variable's name, so the entry module can print one line and exit
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -40,7 +41,9 @@ class Settings:
     webhook_secrets: tuple[bytes, ...] = ()
     port: int = 8000
     ops_api_token: str | None = None
-    max_body_bytes: int = 1_048_576
+    """At least ``MIN_TOKEN_CHARS`` characters; without it the ``/ops/`` tree answers 404."""
+    max_body_bytes: int = 262_144
+    """Real webhooks are 6-10 KB; a larger body is answered 413 before it is read."""
     log_level: str = "INFO"
 
     # --- receiver --------------------------------------------------------------------
@@ -51,6 +54,12 @@ class Settings:
     web_worker_class: str = "gthread"
     web_threads: int = 8
     """Threads per gunicorn worker (gthread); 1 with the sync class."""
+    web_request_timeout_seconds: float = 10.0
+    """How long a request may take to arrive once its first byte came; then it is dropped."""
+    forwarded_allow_ips: str = "127.0.0.1,::1"
+    """Peers whose X-Forwarded-Proto/-For gunicorn trusts (the load balancer; ``*``: any)."""
+    metrics_token: str | None = None
+    """When set, ``/metrics`` answers only ``Authorization: Bearer <token>``."""
 
     # --- workers ---------------------------------------------------------------------
     worker_concurrency: int = 2
@@ -61,6 +70,8 @@ class Settings:
     broker_visibility_timeout_seconds: int = 300
     worker_metrics_port: int = 9808
     """Port of the worker's Prometheus endpoint (multi-process mode); 0: none."""
+    worker_metrics_host: str = "127.0.0.1"
+    """Address the worker's Prometheus endpoint listens on (loopback unless told)."""
 
     # --- reconciliation jobs -----------------------------------------------------------
     redrive_after_seconds: int = 600
@@ -81,7 +92,7 @@ class Settings:
     """Requests per second the verify job may send to Voucherify's API."""
 
     def __repr__(self) -> str:  # never print secrets
-        hidden = {"webhook_secrets", "ops_api_token", "voucherify_app_token"}
+        hidden = {"webhook_secrets", "ops_api_token", "metrics_token", "voucherify_app_token"}
         parts = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -122,13 +133,18 @@ class Settings:
             ),
             webhook_secrets=env.get("VOUCHERIFY_WEBHOOK_SECRET", _secrets, ()),
             port=env.get("PORT", _int_range(1, 65535), 8000),
-            ops_api_token=env.get("OPS_API_TOKEN", _token, None),
-            max_body_bytes=env.get("MAX_BODY_BYTES", _int_range(1, 1 << 30), 1_048_576),
+            ops_api_token=env.get("OPS_API_TOKEN", _long_token, None),
+            max_body_bytes=env.get("MAX_BODY_BYTES", _int_range(1, 1 << 30), 262_144),
             log_level=env.get("LOG_LEVEL", _log_level, "INFO"),
             enqueue_timeout_seconds=env.get("ENQUEUE_TIMEOUT_SECONDS", _seconds(0.1, 6.0), 5.0),
             web_concurrency=env.get("WEB_CONCURRENCY", _int_range(1, 64), 2),
             web_worker_class=env.get("WEB_WORKER_CLASS", _choice(WEB_WORKER_CLASSES), "gthread"),
             web_threads=env.get("WEB_THREADS", _int_range(1, 256), 8),
+            web_request_timeout_seconds=env.get(
+                "WEB_REQUEST_TIMEOUT_SECONDS", _seconds(1.0, 60.0), 10.0
+            ),
+            forwarded_allow_ips=env.get("FORWARDED_ALLOW_IPS", _address_list, "127.0.0.1,::1"),
+            metrics_token=env.get("METRICS_TOKEN", _long_token, None),
             worker_concurrency=env.get("WORKER_CONCURRENCY", _int_range(1, 64), 2),
             db_pool_max_size=env.get("DB_POOL_MAX_SIZE", _int_range(1, 100), 4),
             event_max_retries=env.get("EVENT_MAX_RETRIES", _int_range(0, 100), 12),
@@ -139,6 +155,7 @@ class Settings:
                 "BROKER_VISIBILITY_TIMEOUT_SECONDS", _int_range(10, 86400), 300
             ),
             worker_metrics_port=env.get("WORKER_METRICS_PORT", _int_range(0, 65535), 9808),
+            worker_metrics_host=env.get("WORKER_METRICS_HOST", _host, "127.0.0.1"),
             redrive_after_seconds=env.get("REDRIVE_AFTER_SECONDS", _int_range(1, 10**7), 600),
             redrive_max_attempts=env.get("REDRIVE_MAX_ATTEMPTS", _int_range(1, 1000), 5),
             redrive_interval_seconds=env.get("REDRIVE_INTERVAL_SECONDS", _int_range(1, 10**7), 300),
@@ -291,6 +308,43 @@ def _secrets(raw: str) -> tuple[bytes, ...]:
     if not secrets:
         raise ValueError("no secret given (only commas and blanks)")
     return secrets
+
+
+MIN_TOKEN_CHARS = 32
+
+
+def _long_token(raw: str) -> str:
+    """A bearer token that guards the ops tools or the metrics: long enough not to guess."""
+    token = _token(raw)
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(
+            f"must be at least {MIN_TOKEN_CHARS} characters (it has {len(token)}); "
+            "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return token
+
+
+def _address_list(raw: str) -> str:
+    """gunicorn's ``forwarded_allow_ips``: ``*`` or comma-separated IP addresses/networks."""
+    if raw == "*":
+        return raw
+    parts = [part.strip() for part in raw.split(",") if part.strip()]
+    if not parts:
+        raise ValueError("expected * or comma-separated IP addresses")
+    for part in parts:
+        try:
+            ipaddress.ip_network(part, strict=False)
+        except ValueError:
+            raise ValueError(f"not an IP address or network: {part!r}") from None
+    return ",".join(parts)
+
+
+def _host(raw: str) -> str:
+    try:
+        ipaddress.ip_address(raw)
+    except ValueError:
+        raise ValueError(f"expected an IP address to listen on, got {raw!r}") from None
+    return raw
 
 
 def _token(raw: str) -> str:

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 
+from compat.gunicorn_gthread import BufferingThreadWorker
 from config.entry import load_settings
 
 # Checked here, in the master, before gunicorn uses a value or starts a worker: a bad or
@@ -20,7 +21,19 @@ _settings = load_settings("web", os.environ)
 
 bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.web_concurrency
-worker_class = _settings.web_worker_class
+# gthread whose threads only take requests that have fully arrived: a slow client cannot
+# hold a thread (compat/gunicorn_gthread.py); WEB_WORKER_CLASS=sync is gunicorn's own.
+if _settings.web_worker_class == "gthread":
+    BufferingThreadWorker.configure(
+        request_timeout=_settings.web_request_timeout_seconds,
+        max_body=_settings.max_body_bytes,
+    )
+    worker_class = f"{BufferingThreadWorker.__module__}.{BufferingThreadWorker.__name__}"
+else:
+    worker_class = _settings.web_worker_class
+# Behind a TLS-terminating load balancer: trust its X-Forwarded-Proto/-For, so Flask sees
+# HTTPS (the dashboard's cookie is Secure) and the client's address.
+forwarded_allow_ips = _settings.forwarded_allow_ips
 threads = _settings.web_threads
 keepalive = 75  # longer than common load-balancer idle timeouts
 timeout = 30

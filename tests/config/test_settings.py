@@ -65,7 +65,7 @@ def test_defaults_of_an_environment_with_only_the_urls() -> None:
     assert settings.webhook_secrets == ()
     assert settings.port == 8000
     assert settings.ops_api_token is None
-    assert settings.max_body_bytes == 1_048_576
+    assert settings.max_body_bytes == 262_144  # real webhooks are 6-10 KB
     assert settings.log_level == "INFO"
     # The receiver's and workers' own.
     assert settings.enqueue_timeout_seconds == 5.0
@@ -93,7 +93,7 @@ def test_values_are_coerced() -> None:
             "REDIS_URL": "rediss://:pw@cache.internal:6380/1",
             "VOUCHERIFY_WEBHOOK_SECRET": " old , new ,",
             "PORT": " 9000 ",
-            "OPS_API_TOKEN": "tok",
+            "OPS_API_TOKEN": LONG_TOKEN,
             "MAX_BODY_BYTES": "2048",
             "LOG_LEVEL": "debug",
             "ENQUEUE_TIMEOUT_SECONDS": "2.5",
@@ -103,10 +103,31 @@ def test_values_are_coerced() -> None:
     assert settings.redis_url == "rediss://:pw@cache.internal:6380/1"
     assert settings.webhook_secrets == (b"old", b"new")
     assert settings.port == 9000
-    assert settings.ops_api_token == "tok"
+    assert settings.ops_api_token == LONG_TOKEN
     assert settings.max_body_bytes == 2048
     assert settings.log_level == "DEBUG"
     assert settings.enqueue_timeout_seconds == 2.5
+
+
+LONG_TOKEN = "t" * 32
+
+
+def test_a_short_ops_token_is_refused_with_a_way_to_make_one() -> None:
+    with pytest.raises(SettingsError, match="OPS_API_TOKEN: must be at least 32 characters"):
+        Settings.from_env({**URLS, "OPS_API_TOKEN": "short-token"})
+
+
+def test_probe_and_proxy_settings_have_safe_defaults() -> None:
+    settings = Settings.from_env(URLS)
+    assert settings.max_body_bytes == 256 * 1024
+    assert settings.forwarded_allow_ips == "127.0.0.1,::1"
+    assert settings.metrics_token is None
+    assert settings.worker_metrics_host == "127.0.0.1"
+    assert settings.web_request_timeout_seconds == 10.0
+    behind_a_router = Settings.from_env({**URLS, "FORWARDED_ALLOW_IPS": "*"})
+    assert behind_a_router.forwarded_allow_ips == "*"
+    networks = Settings.from_env({**URLS, "FORWARDED_ALLOW_IPS": " 10.0.0.0/8 , ::1"})
+    assert networks.forwarded_allow_ips == "10.0.0.0/8,::1"
 
 
 def test_settings_are_frozen() -> None:
@@ -131,6 +152,12 @@ def test_settings_are_frozen() -> None:
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"VOUCHERIFY_WEBHOOK_SECRET": " , ,"}, "VOUCHERIFY_WEBHOOK_SECRET"),
         ({"OPS_API_TOKEN": "two words"}, "OPS_API_TOKEN"),
+        ({"OPS_API_TOKEN": "x" * 31}, "OPS_API_TOKEN"),
+        ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN"),
+        ({"FORWARDED_ALLOW_IPS": "10.0.0.1,router"}, "FORWARDED_ALLOW_IPS"),
+        ({"FORWARDED_ALLOW_IPS": " , "}, "FORWARDED_ALLOW_IPS"),
+        ({"WORKER_METRICS_HOST": "localhost:9808"}, "WORKER_METRICS_HOST"),
+        ({"WEB_REQUEST_TIMEOUT_SECONDS": "0.5"}, "WEB_REQUEST_TIMEOUT_SECONDS"),
         ({"ENQUEUE_TIMEOUT_SECONDS": "soon"}, "ENQUEUE_TIMEOUT_SECONDS"),
         ({"ENQUEUE_TIMEOUT_SECONDS": "30"}, "ENQUEUE_TIMEOUT_SECONDS"),
         ({"VOUCHERIFY_API_URL": "ftp://api"}, "VOUCHERIFY_API_URL"),
@@ -192,7 +219,8 @@ def test_repr_shows_no_secret_and_no_password() -> None:
             "DATABASE_URL": "postgresql://app:db-pass-1@db:5432/vfy?sslmode=require",
             "REDIS_URL": "redis://default:redis-pass-2@cache:6379/0",
             "VOUCHERIFY_WEBHOOK_SECRET": "webhook-secret-3,webhook-secret-4",
-            "OPS_API_TOKEN": "ops-token-5",
+            "OPS_API_TOKEN": "ops-token-5-" + "x" * 32,
+            "METRICS_TOKEN": "metrics-token-7-" + "y" * 32,
             "VOUCHERIFY_API_URL": "https://api.voucherify.io",
             "VOUCHERIFY_APP_ID": "app-id",
             "VOUCHERIFY_APP_TOKEN": "app-token-6",
@@ -206,6 +234,7 @@ def test_repr_shows_no_secret_and_no_password() -> None:
             "webhook-secret-4",
             "ops-token-5",
             "app-token-6",
+            "metrics-token-7",
         ):
             assert secret not in text
         # Still useful to an operator: where it connects, as whom.

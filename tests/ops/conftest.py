@@ -32,7 +32,7 @@ from web.app import create_app
 from workers.db import close_pool
 from workers.processing import process_delivery
 
-TOKEN = "ops-test-token-0123456789"
+TOKEN = "ops-test-token-0123456789-abcdefghijklmnop"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

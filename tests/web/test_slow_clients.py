@@ -1,0 +1,129 @@
+"""Slow clients cannot stall intake: the web process (gunicorn, as the Procfile runs it)
+reads each request whole in its main loop before a thread takes it
+(compat/gunicorn_gthread.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from devtools.webhooks import SECRET, body_of, card_redemption, envelope, sign
+from tests.conftest import Processes, process_env
+from workers.queue import DELIVERY_QUEUE
+
+TRICKLERS = 64
+WEBHOOKS = 5
+TRICKLE_HEAD = (
+    b"POST /webhooks/voucherify HTTP/1.1\r\n"
+    b"Host: localhost\r\n"
+    b"Content-Type: application/json\r\n"
+    b"x-voucherify-signature: " + b"0" * 64 + b"\r\n"
+    b"Content-Length: 5000\r\n\r\n"
+)
+
+
+@pytest.fixture(params=["1", "2"], ids=["1x8-threads", "2x8-threads"])
+def web_port(
+    request: pytest.FixtureRequest,
+    processes: Processes,
+    database_url: str,
+    redis_url: str,
+    tmp_path: Path,
+) -> int:
+    env = process_env(
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        VOUCHERIFY_WEBHOOK_SECRET=SECRET,
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
+        WEB_CONCURRENCY=request.param,  # the default is 2 processes x 8 threads
+        WEB_THREADS="8",
+        WEB_REQUEST_TIMEOUT_SECONDS="3",
+    )
+    (tmp_path / "metrics").mkdir()
+    _, port = processes.web(env)
+    return port
+
+
+class Tricklers:
+    """Connections that send a request head, then one body byte every ``every`` seconds."""
+
+    def __init__(self, port: int, count: int, every: float = 0.5) -> None:
+        self.sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+        for sock in self.sockets:
+            sock.sendall(TRICKLE_HEAD)
+        self.every = every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._trickle, daemon=True)
+        self.thread.start()
+
+    def _trickle(self) -> None:
+        while not self.stop.wait(self.every):
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):  # dropped by the server: as it should
+                    sock.send(b" ")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        for sock in self.sockets:
+            sock.close()
+
+
+def post_webhook(port: int, timeout: float) -> int:
+    body = body_of(envelope("redemption.succeeded", card_redemption("gift", "r_slow", 100, 900)))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(
+            "POST",
+            "/webhooks/voucherify",
+            body,
+            {"Content-Type": "application/json", "x-voucherify-signature": sign(body)},
+        )
+        response = conn.getresponse()
+        json.loads(response.read())
+        return response.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.e2e
+def test_a_webhook_gets_its_202_while_64_clients_trickle_their_requests(
+    web_port: int, redis_client: redis.Redis, processes: Processes
+) -> None:
+    tricklers = Tricklers(web_port, TRICKLERS)
+    try:
+        time.sleep(1.0)  # every trickler is past its head and holding on
+        # Each within a second, though 64 connections trickle (more than 2 x 8 threads).
+        # Several, on new connections: whichever process accepts one must answer it.
+        for _ in range(WEBHOOKS):
+            assert post_webhook(web_port, timeout=1.0) == 202, processes.logs()
+        assert redis_client.llen(DELIVERY_QUEUE) == WEBHOOKS
+    finally:
+        tricklers.close()
+
+
+@pytest.mark.e2e
+def test_a_request_that_takes_too_long_to_arrive_is_answered_408_and_closed(
+    web_port: int, processes: Processes
+) -> None:
+    tricklers = Tricklers(web_port, 1)
+    sock = tricklers.sockets[0]
+    sock.settimeout(10)
+    started = time.monotonic()
+    try:
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    finally:
+        tricklers.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), (answer, processes.logs())
+    # WEB_REQUEST_TIMEOUT_SECONDS=3, checked once a second by the main loop.
+    assert time.monotonic() - started < 8
