@@ -4,7 +4,8 @@
 it adds the ``pipeline_*`` gauges to ``/metrics`` and, only when ``OPS_API_TOKEN`` is set,
 the ``/ops/api/`` and ``/ops/`` blueprints (without a token the whole ``/ops/`` tree
 answers 404). Nothing here runs on the webhook path or opens a connection before an ops
-request or a scrape.
+request or a scrape; the gauges read the database at most once per
+``ops.gauges.CACHE_SECONDS`` per process, however often ``/metrics`` is scraped.
 
 The layers, each calling only the ones below it:
 

@@ -6,8 +6,9 @@ needs one (``web/wsgi.py`` is the entry point). It mounts:
 - the receiver's blueprint (``POST /webhooks/voucherify``; Redis only),
 - the ops blueprints (``/ops/api/``, ``/ops/``; only with ``OPS_API_TOKEN``) and the
   ``pipeline_*`` gauges,
-- ``/healthz`` (the process answers), ``/readyz`` (Redis and PostgreSQL answer) and
-  ``/metrics``.
+- ``/healthz`` (the process answers), ``/readyz`` (Redis and PostgreSQL answer, asked at
+  most once a second per process: ``web.health``) and ``/metrics`` (only with
+  ``Authorization: Bearer $METRICS_TOKEN`` when that is set: ``web.metrics``).
 
 The receiver and ops never import each other; this module is where they meet.
 """
@@ -22,29 +23,24 @@ from werkzeug.wrappers import Response as BaseResponse
 import ops
 import receiver.views
 from config.settings import Settings
-from web import metrics
+from web import health, metrics
 from workers.queue import DeliveryPublisher
 
 COUNTED_BLUEPRINTS = frozenset({"receiver", "ops_api", "ops_dashboard"})
 
 
-def check_database(database_url: str) -> None:
-    import psycopg  # only /readyz touches PostgreSQL here, never the webhook path
-
-    with psycopg.connect(database_url, connect_timeout=2) as conn:
-        conn.execute("SET statement_timeout = 2000")
-        conn.execute("SELECT 1")
-
-
 def create_app(
     settings: Settings,
     publisher: DeliveryPublisher | None = None,
-    check_db: Callable[[str], None] = check_database,
+    check_db: Callable[[str], None] = health.check_database,
 ) -> Flask:
     app = Flask(__name__)
     intake = receiver.views.install(app, settings, publisher)
     ops.install(app, settings)  # /ops/ (only with OPS_API_TOKEN) and the pipeline gauges
     app.after_request(_count_request)
+    readiness = health.Readiness(
+        {"redis": intake.publisher.ping, "postgres": lambda: check_db(settings.database_url)}
+    )
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -52,21 +48,15 @@ def create_app(
 
     @app.get("/readyz")
     def readyz() -> Response:
-        failed: dict[str, str] = {}
-        try:
-            intake.publisher.ping()
-        except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            failed["redis"] = type(exc).__name__
-        try:
-            check_db(settings.database_url)
-        except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            failed["postgres"] = type(exc).__name__
+        failed = readiness.failures()
         if failed:
             return receiver.views.json_response(503, {"status": "unavailable", "failed": failed})
         return receiver.views.json_response(200, {"status": "ready"})
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:
+        if not metrics.authorized(request.headers.get("Authorization"), settings.metrics_token):
+            return metrics.unauthorized()
         payload, content_type = metrics.render(ops.collectors(app))
         return Response(payload, content_type=content_type)
 

@@ -3,6 +3,11 @@
 Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` is set (see ``web/gunicorn.py``) and every
 worker process writes to its own files in it; ``/metrics`` aggregates them. Without it
 (tests, the Flask dev server) the default per-process registry is used.
+
+With ``METRICS_TOKEN`` set, ``/metrics`` answers only ``Authorization: Bearer <token>``
+(compared in constant time, ``ops.auth``) and 401 to anyone else, before reading anything;
+without it, anyone may scrape. The ``pipeline_*`` gauges are cached per process either way
+(``ops.gauges``), so scrapes cost the database nothing more than one read per window.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from flask import Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -19,6 +25,8 @@ from prometheus_client import (
 )
 from prometheus_client.registry import Collector
 
+from ops.auth import bearer_matches
+
 REQUESTS = Counter(
     "receiver_requests_total",
     "Answers of the webhook and ops routes, by route (its template) and status code",
@@ -26,9 +34,21 @@ REQUESTS = Counter(
 )
 
 
+def authorized(authorization: str | None, token: str | None) -> bool:
+    """Whether a scrape with this ``Authorization`` header may read the metrics."""
+    return token is None or bearer_matches(authorization, token)
+
+
+def unauthorized() -> Response:
+    """Not logged: a flood of scrapes without the token must not flood the logs either."""
+    response = Response("unauthorized\n", status=401, mimetype="text/plain")
+    response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
+    return response
+
+
 def render(extra: Iterable[Collector] = ()) -> tuple[bytes, str]:
     """The process's (or all gunicorn workers') metrics, then those of ``extra`` collectors
-    (the ``pipeline_*`` gauges of ``ops.gauges``, read when scraped)."""
+    (the ``pipeline_*`` gauges of ``ops.gauges``, read when scraped, at most once a window)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

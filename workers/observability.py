@@ -4,9 +4,11 @@ Metrics: prefork pool children cannot each serve HTTP, so the worker runs Promet
 multi-process mode. ``prepare_metrics_dir`` (called by the entry module ``workers.app``
 before ``prometheus_client`` is imported) points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh
 temporary folder unless one is given; every child writes its counters there, and the
-worker's main process serves their sum on ``WORKER_METRICS_PORT`` (default 9808, 0 turns
-it off) once the worker is ready. A folder given by the operator is emptied when the
-worker starts (as gunicorn's is in ``config/gunicorn.py``), so give each worker its own.
+worker's main process serves their sum on ``WORKER_METRICS_HOST``:``WORKER_METRICS_PORT``
+(default 127.0.0.1:9808, loopback only: a scraper elsewhere needs the host set to an
+address it can reach; port 0 turns it off) once the worker is ready. A folder given by
+the operator is emptied when the worker starts (as gunicorn's is in
+``web/gunicorn.py``), so give each worker its own.
 
 Logs: one JSON object per line on stdout, from the first line on. Logging is set up as
 soon as the entry module runs, with Python warnings (Celery's "running as root"
@@ -65,18 +67,19 @@ def empty_folder(folder: str) -> None:
                 os.remove(os.path.join(folder, name))
 
 
-def start_metrics_server(port: int) -> Any | None:
-    """Serve the sum of every process's metrics; None when the port cannot be had."""
+def start_metrics_server(port: int, host: str = "127.0.0.1") -> Any | None:
+    """Serve the sum of every process's metrics on ``host`` (loopback unless told);
+    None when the address cannot be had."""
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     try:
-        server, _thread = start_http_server(port, registry=registry)
+        server, _thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:  # taken by another worker on this host: run without it
-        log.warning("metrics.server_failed", extra={"port": port, "error": str(exc)})
+        log.warning("metrics.server_failed", extra={"host": host, "port": port, "error": str(exc)})
         return None
-    log.info("metrics.serving", extra={"port": port})
+    log.info("metrics.serving", extra={"host": host, "port": port})
     return server
 
 
@@ -116,7 +119,9 @@ def install(settings: Settings, environ: MutableMapping[str, str]) -> None:
     @signals.worker_ready.connect(weak=False)
     def _serve_metrics(**_: Any) -> None:
         if settings.worker_metrics_port and not servers:
-            server = start_metrics_server(settings.worker_metrics_port)
+            server = start_metrics_server(
+                settings.worker_metrics_port, settings.worker_metrics_host
+            )
             if server is not None:
                 servers.append(server)
 

@@ -3,8 +3,10 @@ log shipper and Prometheus see them."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from devtools.webhooks import (
 )
 from tests.conftest import Processes, process_env
 from tests.ops.conftest import TOKEN
+from workers.observability import start_metrics_server
 from workers.queue import DeliveryPublisher
 
 pytestmark = pytest.mark.e2e
@@ -45,6 +48,29 @@ def request(
     raw = response.read()
     conn.close()
     return response.status, json.loads(raw) if raw.startswith(b"{") else {}
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def other_local_addresses() -> list[str]:
+    """Addresses of this machine other than 127.0.0.1: 127.0.0.2 (all of 127/8 is local
+    on Linux) and the one outbound traffic leaves from, when there is a route."""
+    found = ["127.0.0.2"]
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe,
+    ):
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent
+        address = probe.getsockname()[0]
+        if not address.startswith("127."):
+            found.append(address)
+    return found
 
 
 def post_webhook(port: int, body: bytes, signature: str) -> tuple[int, dict[str, Any]]:
@@ -189,3 +215,32 @@ def test_the_worker_serves_its_metrics_from_every_pool_process(
     assert values["worker_processing_seconds_count"] == 5
     assert values["worker_end_to_end_lag_seconds_count"] == 5
     assert "worker_retries_total" in values
+    assert [a for a in other_local_addresses() if reachable(a, metrics_port)] == []
+
+
+def test_the_worker_metrics_server_listens_on_loopback_unless_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    port = free_port()
+    server = start_metrics_server(port)
+    assert server is not None
+    try:
+        assert server.server_address[:2] == ("127.0.0.1", port)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            assert r.status == 200
+        others = other_local_addresses()
+        assert [a for a in others if reachable(a, port)] == []
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    told = start_metrics_server(free_port(), host="127.0.0.2")
+    assert told is not None
+    try:
+        assert told.server_address[0] == "127.0.0.2"
+        assert reachable("127.0.0.2", told.server_address[1])
+        assert not reachable("127.0.0.1", told.server_address[1])
+    finally:
+        told.shutdown()
+        told.server_close()
