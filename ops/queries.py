@@ -11,7 +11,7 @@ they fetch ``limit + 1`` rows and the extra one means there is a next page.
 EVENT = """
 SELECT event_id, type, status, attempts, last_error, received_at, processed_at,
        event_created_at, updated_at, redrives,
-       payload IS NOT NULL AS has_payload,
+       (payload IS NOT NULL OR raw_body IS NOT NULL) AS has_payload,
        payload #>> '{data,redemption,id}' AS redemption_id,
        payload #>> '{data,order,id}' AS order_id,
        payload #>> '{data,customer,id}' AS customer_id
@@ -36,7 +36,7 @@ ORDER BY id
 # Newest first; the cursor is the (received_at, event_id) of the last row seen.
 EVENTS = """
 SELECT event_id, type, status, attempts, last_error, received_at, processed_at,
-       payload IS NOT NULL AS has_payload
+       (payload IS NOT NULL OR raw_body IS NOT NULL) AS has_payload
 FROM events
 WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
   AND (%(type)s::text IS NULL OR type = %(type)s::text)
@@ -50,7 +50,8 @@ LIMIT %(limit)s
 
 # What a replay by range walks through: oldest first, so events go back in natural order.
 EVENTS_TO_REPLAY = """
-SELECT event_id, type, status, received_at, payload IS NOT NULL AS has_payload
+SELECT event_id, type, status, received_at,
+       (payload IS NOT NULL OR raw_body IS NOT NULL) AS has_payload
 FROM events
 WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
   AND received_at >= %(since)s::timestamptz
@@ -85,8 +86,9 @@ REQUEUE_EVENT = """
 UPDATE events AS e
 SET status = %(received)s, updated_at = now()
 FROM (SELECT event_id, status FROM events WHERE event_id = %(event_id)s FOR UPDATE) AS old
-WHERE e.event_id = old.event_id AND e.payload IS NOT NULL
-RETURNING e.event_id, e.type, old.status AS previous_status, e.payload::text AS payload
+WHERE e.event_id = old.event_id AND (e.payload IS NOT NULL OR e.raw_body IS NOT NULL)
+RETURNING e.event_id, e.type, old.status AS previous_status,
+          coalesce(e.payload::text, e.raw_body) AS payload
 """
 
 MARK_EVENT_DEAD_LETTERS_REPLAYED = """
@@ -110,7 +112,7 @@ LIMIT %(limit)s
 
 DEAD_LETTER = """
 SELECT d.id, d.event_id, d.delivery_id, d.type, d.reason, d.created_at, d.replayed_at,
-       e.status AS event_status, e.payload IS NOT NULL AS has_payload
+       e.status AS event_status, (e.payload IS NOT NULL OR e.raw_body IS NOT NULL) AS has_payload
 FROM dead_letters AS d
 JOIN events AS e USING (event_id)
 WHERE d.id = %(id)s

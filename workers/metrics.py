@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Histogram
 
 from schemas.vocabulary import DeliveryOutcome
+from workers.registry import registry
 
 if TYPE_CHECKING:
     from workers.processing import Outcome
@@ -31,11 +32,18 @@ DEAD_LETTERS = Counter("worker_dead_letters_total", "Deliveries dead-lettered", 
 PARKED = Counter("worker_parked_total", "Deliveries parked in Redis because PostgreSQL was gone")
 
 
+def type_label(event_type: str | None) -> str:
+    """The ``type`` label: a type we handle, else ``other``. The sender chooses the type,
+    so a label per type seen would let anyone with a signing secret grow the metrics
+    without bound."""
+    return event_type if event_type and registry.route(event_type) is not None else "other"
+
+
 def observe_outcome(outcome: Outcome, received_at: str, elapsed: float) -> None:
-    EVENTS.labels(outcome.type or "unknown", outcome.status).inc()
+    EVENTS.labels(type_label(outcome.type), outcome.status).inc()
     PROCESSING.observe(elapsed)
     if outcome.status == DeliveryOutcome.DEAD:
-        DEAD_LETTERS.labels(outcome.type or "unknown").inc()
+        DEAD_LETTERS.labels(type_label(outcome.type)).inc()
     try:
         lag = (datetime.now(UTC) - datetime.fromisoformat(received_at)).total_seconds()
     except ValueError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import traceback
 
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -47,12 +48,8 @@ def process_delivery(task: Task, body: str, delivery_id: str, received_at: str) 
             outcome = processing.process_delivery(pool, body, delivery_id, received_at)
         except (processing.TransientError, SoftTimeLimitExceeded) as exc:
             return retry_or_give_up(task, settings, pool, message, exc)
-        except Exception as exc:  # a bug: keep the event, let the re-drive job try later
-            log.exception("delivery.crashed")
-            if not record_failure(settings, pool, message, f"{type(exc).__name__}: {exc}"):
-                park(settings, message)
-            metrics.EVENTS.labels("unknown", DeliveryOutcome.FAILED).inc()
-            return DeliveryOutcome.FAILED
+        except Exception as exc:  # noqa: BLE001 - a bug: logged, kept for the re-drive job
+            return give_up_on_crash(settings, pool, message, exc)
         forget(settings, message)  # recorded in PostgreSQL: the copy has done its job
         elapsed = time.perf_counter() - started
         metrics.observe_outcome(outcome, received_at, elapsed)
@@ -96,11 +93,39 @@ def retry_or_give_up(
     )
 
 
+def give_up_on_crash(
+    settings: Settings, pool: ConnectionPool, message: queue.Message, exc: Exception
+) -> str:
+    """A bug (an exception nobody expected): keep the event ``failed`` for the re-drive job,
+    which tries again a bounded number of times, then dead-letters it.
+
+    The error is named by its type and where it was raised, never by its message: a
+    message can quote the payload (a ``KeyError`` of a field name, a ``ValueError`` of a
+    value), and ``last_error`` becomes the dead letter's reason.
+    """
+    error = f"crashed: {type(exc).__name__}"
+    log.error("delivery.crashed", extra={"error": error, "where": _where(exc)})
+    if not record_failure(settings, pool, message, error):
+        park(settings, message)
+    metrics.EVENTS.labels("other", DeliveryOutcome.FAILED).inc()
+    return DeliveryOutcome.FAILED
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame of a traceback, ``module:line function`` (no values)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "unknown"
+    frame = frames[-1]
+    return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
+
+
 def record_failure(
     settings: Settings, pool: ConnectionPool, message: queue.Message, error: str
 ) -> bool:
     """Mark the event failed in the inbox; once there, its accepted copy is not needed
-    (the re-drive job takes over). False when even that could not be written."""
+    (the re-drive job takes over). False when even that could not be written. Never
+    raises (``processing.record_failure`` and ``queue.forget`` swallow what they meet)."""
     recorded = processing.record_failure(
         pool, message.body, message.delivery_id, message.received_at, error
     )

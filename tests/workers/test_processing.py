@@ -15,7 +15,7 @@ from psycopg_pool import ConnectionPool
 
 from devtools.servers import free_port
 from devtools.webhooks import VOUCHERIFY, body_of, card_redemption, envelope, fixture
-from workers.processing import TransientError, process_delivery
+from workers.processing import TransientError, process_delivery, record_failure
 
 
 @pytest.fixture
@@ -193,3 +193,275 @@ def test_effects_and_the_processed_mark_commit_together(
         process_delivery(pool, body_of(doc).decode(), "d1", now(), routes=routes)
     assert db.execute("SELECT count(*) FROM orders").fetchone() == (0,)
     assert db.execute("SELECT count(*) FROM events").fetchone() == (0,)
+
+
+# --- hostile input: every delivery ends final and visible, with a short reason ---------
+
+
+def inbox(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    """Every event: id, type, status, whether the body is in payload, the body as text."""
+    return [
+        tuple(r)
+        for r in db.execute(
+            "SELECT event_id, type, status, payload IS NOT NULL, raw_body FROM events ORDER BY 1"
+        ).fetchall()
+    ]
+
+
+def dead_letters(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    return [
+        tuple(r)
+        for r in db.execute(
+            "SELECT event_id, delivery_id, type, reason FROM dead_letters ORDER BY id"
+        ).fetchall()
+    ]
+
+
+def hostile(event_id: str, event_type: str = "redemption.succeeded") -> str:
+    """A well-formed v2024-01-01 body around a hostile event id or type (valid JSON)."""
+    doc = envelope(event_type, fixture("redemption.succeeded"), event_id=event_id)
+    return body_of(doc).decode()
+
+
+def test_a_lone_surrogate_in_the_event_id_is_a_dead_letter_under_a_sanitised_id_beside_the_raw_body(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    body = hostile("ev_\ud800_x")
+    assert "\\ud800" in body  # a JSON escape: the body is ASCII, the parsed id is not UTF-8
+
+    outcome = process_delivery(pool, body, "d_surrogate", now())
+
+    assert outcome.status == "dead"
+    assert outcome.reason == "not storable: the event id holds a lone surrogate"
+    [(event_id, type_, status, in_jsonb, raw_body)] = inbox(db)
+    assert event_id == outcome.event_id
+    assert event_id.startswith("ev_\ufffd_x~")  # replaced, and a hash keeps it distinct
+    assert (type_, status) == ("redemption.succeeded", "dead")
+    # jsonb refuses the escape itself: the body is kept as text, byte for byte.
+    assert (in_jsonb, raw_body) == (False, body)
+    assert dead_letters(db) == [(event_id, "d_surrogate", "redemption.succeeded", outcome.reason)]
+    # A later delivery of the same body finds the same sanitised event: a duplicate.
+    assert process_delivery(pool, body, "d_surrogate_2", now()).status == "duplicate"
+    assert len(dead_letters(db)) == 1
+
+
+@pytest.mark.parametrize(
+    ("event_id", "event_type", "reason"),
+    [
+        ("ev_\x00nul", "redemption.succeeded", "the event id holds a NUL character"),
+        ("ev_" + "x" * 3000, "redemption.succeeded", "the event id is over 255 characters"),
+        ("ev_ok_type", "redemption.\udc80", "the event type holds a lone surrogate"),
+        ("ev_ok_type2", "t" * 400, "the event type is over 255 characters"),
+    ],
+)
+def test_ids_that_cannot_be_stored_are_stored_sanitised_and_dead_lettered_at_once(
+    pool: ConnectionPool, db: psycopg.Connection[Any], event_id: str, event_type: str, reason: str
+) -> None:
+    body = hostile(event_id, event_type)
+
+    outcome = process_delivery(pool, body, "d_bad_id", now())
+
+    assert (outcome.status, outcome.reason) == ("dead", f"not storable: {reason}")
+    [(stored_id, stored_type, status, _, _)] = inbox(db)
+    assert status == "dead"
+    assert len(stored_id) <= 255
+    assert len(stored_type) <= 255
+    assert "\x00" not in stored_id + stored_type
+    assert stored_id.encode() + stored_type.encode()  # raises on a lone surrogate
+    kept = db.execute("SELECT coalesce(payload::text, raw_body) FROM events").fetchone()
+    assert kept is not None
+    assert kept[0] is not None  # the raw body is kept
+    assert [r[0] for r in dead_letters(db)] == [stored_id]
+
+
+def test_two_long_event_ids_with_one_prefix_stay_two_events(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    prefix = "ev_" + "p" * 300
+    assert deliver(pool, hostile(prefix + "_one")) == "dead"
+    assert deliver(pool, hostile(prefix + "_two")) == "dead"
+    ids = [r[0] for r in inbox(db)]
+    assert len(set(ids)) == 2
+    assert all(len(i) <= 255 for i in ids)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_dead_letters_with_the_body_kept_as_text(
+    pool: ConnectionPool, db: psycopg.Connection[Any], constant: str
+) -> None:
+    body = hostile("ev_nan").replace('"amount":', f'"amount":{constant},"was":', 1)
+    assert json.loads(body)  # Python's json takes it; PostgreSQL's jsonb does not
+
+    outcome = process_delivery(pool, body, "d_nan", now())
+
+    assert outcome.status == "dead"
+    assert outcome.reason == "rejected by the database: SQLSTATE 22P02 (class 22, data exception)"
+    assert inbox(db) == [("ev_nan", "redemption.succeeded", "dead", False, body)]
+    assert [r[3] for r in dead_letters(db)] == [outcome.reason]
+
+
+def nested(depth: int) -> str:
+    """A v2024-01-01 body whose ``data.redemption.metadata`` nests ``depth`` lists deep."""
+    body = hostile("ev_deep")
+    return body.replace('"metadata":', '"metadata":' + "[" * depth + "]" * depth + ',"was":', 1)
+
+
+def test_a_body_nested_deeper_than_the_limit_is_a_dead_letter_whatever_the_stack(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    body = nested(900)  # within what the receiver's json.loads takes
+    outcome = process_delivery(pool, body, "d_deep", now())
+
+    assert outcome.status == "dead"
+    assert outcome.reason == "not storable: JSON nested over 64 levels deep"
+    [(event_id, _, status, in_jsonb, raw_body)] = inbox(db)
+    assert (event_id, status) == ("ev_deep", "dead")
+    assert (in_jsonb, raw_body) == (False, body)  # never jsonb: others would parse it again
+
+
+def test_a_body_nested_too_deep_for_pythons_json_is_a_dead_letter_not_a_crash(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    body = nested(100_000)  # RecursionError in json.loads, stack depth limit in PostgreSQL
+    outcome = process_delivery(pool, body, "d_deeper", now())
+
+    assert outcome.status == "dead"
+    assert outcome.reason == "not storable: JSON nested over 64 levels deep"
+    # No event id could be read: the event is keyed by its delivery, its body kept as text.
+    assert inbox(db) == [("delivery:d_deeper", "", "dead", False, body)]
+
+
+def test_an_id_too_long_for_a_btree_index_is_a_dead_letter_not_a_transient_fault(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    data = fixture("redemption.succeeded")
+    data["redemption"]["id"] = "".join(uuid.uuid4().hex for _ in range(200))  # incompressible
+    doc = envelope("redemption.succeeded", data, event_id="ev_long_key")
+
+    outcome = process_delivery(pool, body_of(doc).decode(), "d_long_key", now())
+
+    assert outcome.status == "dead"
+    assert outcome.reason == (
+        "rejected by the database: SQLSTATE 54000 (class 54, program limit exceeded)"
+    )
+    assert event_row(db, "ev_long_key")[1:] == ("dead", 1, outcome.reason)
+    assert db.execute("SELECT count(*) FROM redemptions").fetchone() == (0,)
+
+
+def test_the_reason_names_the_sqlstate_never_the_servers_text_or_the_payload(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    from workers.registry import Registry
+
+    routes = Registry()
+
+    def cast(event: Any, conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SELECT %(v)s::integer", {"v": "card 4111 1111 1111 1111"})
+
+    routes.handles("redemption.succeeded", lambda *args: args)(cast)
+    body = hostile("ev_cast")
+
+    outcome = process_delivery(pool, body, "d_cast", now(), routes=routes)
+
+    reason = "rejected by the database: SQLSTATE 22P02 (class 22, data exception)"
+    assert (outcome.status, outcome.reason) == ("dead", reason)
+    assert event_row(db, "ev_cast") == ("redemption.succeeded", "dead", 1, reason)
+    assert [r[3] for r in dead_letters(db)] == [reason]
+
+
+def test_a_lone_surrogate_a_handler_writes_is_a_dead_letter_named_for_it(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    from workers.registry import Registry
+
+    routes = Registry()
+
+    def write(event: Any, conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SELECT %(v)s::text", {"v": "r_\udfff"})
+
+    routes.handles("redemption.succeeded", lambda *args: args)(write)
+
+    outcome = process_delivery(pool, hostile("ev_write"), "d_write", now(), routes=routes)
+
+    assert (outcome.status, outcome.reason) == (
+        "dead",
+        "not storable: lone surrogate in a string (UnicodeEncodeError)",
+    )
+    assert [r[:2] for r in dead_letters(db)] == [("ev_write", "d_write")]
+
+
+@pytest.mark.parametrize("final", ["processed", "ignored", "dead"])
+def test_a_later_delivery_failing_at_the_claim_never_changes_a_final_event(
+    pool: ConnectionPool, db: psycopg.Connection[Any], final: str
+) -> None:
+    event_type = {"processed": "redemption.succeeded", "ignored": "voucher.published"}.get(
+        final, "redemption.succeeded"
+    )
+    data = fixture("redemption.succeeded")
+    if final == "dead":
+        data["redemption"]["amount"] = "a lot"
+    first = envelope(event_type, data, event_id="ev_final")
+    assert deliver(pool, first, "d_first") == final
+    before = db.execute("SELECT status, last_error, processed_at FROM events").fetchone()
+    letters = dead_letters(db)
+    # The same event id, a body PostgreSQL's jsonb refuses: the claim itself fails.
+    again = body_of(first).decode().replace('"project_id":', '"x":NaN,"project_id":', 1)
+
+    outcome = process_delivery(pool, again, "d_again", now())
+
+    assert outcome.status == "duplicate"
+    assert db.execute("SELECT status, last_error, processed_at FROM events").fetchone() == before
+    assert dead_letters(db) == letters
+    outcomes = db.execute("SELECT delivery_id, outcome FROM deliveries ORDER BY 1").fetchall()
+    assert outcomes == [("d_again", "duplicate"), ("d_first", final)]
+
+
+# --- recording a failure never raises ---------------------------------------------------
+
+
+def test_recording_a_failure_of_a_lone_surrogate_id_never_raises_and_keeps_the_body(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    body = hostile("ev_\ud800")
+
+    assert record_failure(pool, body, "d_fail", now(), "OperationalError: gone") is True
+
+    [(event_id, _, status, in_jsonb, raw_body)] = inbox(db)
+    assert event_id.startswith("ev_\ufffd~")
+    assert (status, in_jsonb, raw_body) == ("failed", False, body)
+    assert db.execute("SELECT outcome FROM deliveries").fetchall() == [("failed",)]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        hostile("ev_nan_fail").replace('"project_id":', '"x":NaN,"project_id":', 1),
+        nested(100_000),
+        "not json at all \x00",
+    ],
+    ids=["nan", "deep", "nul-in-text"],
+)
+def test_recording_a_failure_of_a_malformed_body_never_raises(
+    pool: ConnectionPool, db: psycopg.Connection[Any], body: str
+) -> None:
+    assert record_failure(pool, body, "d_malformed", now(), "SoftTimeLimitExceeded: ") is True
+    assert [r[2] for r in inbox(db)] == ["failed"]
+
+
+def test_recording_a_failure_of_a_final_event_is_a_duplicate_and_keeps_its_status(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    doc = envelope("redemption.succeeded", fixture("redemption.succeeded"), event_id="ev_done")
+    assert deliver(pool, doc, "d_done") == "processed"
+
+    assert record_failure(pool, body_of(doc).decode(), "d_late", now(), "boom") is True
+
+    assert event_row(db, "ev_done") == ("redemption.succeeded", "processed", 1, None)
+    outcomes = db.execute("SELECT delivery_id, outcome FROM deliveries ORDER BY 1").fetchall()
+    assert outcomes == [("d_done", "processed"), ("d_late", "duplicate")]
+
+
+def test_recording_a_failure_without_a_database_answers_false() -> None:
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    with ConnectionPool(url, min_size=0, max_size=1, timeout=1, open=True) as pool:
+        assert record_failure(pool, nested(100_000), "d1", now(), "boom") is False

@@ -16,7 +16,9 @@ Then the deliveries parked in Redis (``deliveries.parked``: the worker could not
 record them because PostgreSQL was gone) go back to the queue, now that PostgreSQL
 answers again. Last, the accepted set is swept (``workers.queue.sweep``): deliveries the
 receiver accepted that never reached the inbox -- lost by Celery's transport between its
-BRPOP and its bookkeeping -- are pushed again.
+BRPOP and its bookkeeping -- are pushed again; one pushed ``queue.MAX_PUSHES`` times and
+still not in the inbox is dead-lettered here (``dead_letter_in``), its body kept, so that
+a delivery no worker manages to record ends visible instead of going round for ever.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ import redis
 from psycopg.rows import class_row, dict_row
 from psycopg_pool import ConnectionPool
 
-from schemas.vocabulary import UNFINISHED_STATUSES, EventStatus
+from schemas.vocabulary import UNFINISHED_STATUSES, DeliveryOutcome, EventStatus
 from workers import metrics as worker_metrics
-from workers import queue
+from workers import processing, queue
 from workers.jobs.result import JobResult
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,8 @@ BATCH_SIZE = 200
 # index events_unfinished (migrations/0001_inbox.sql), and the planner matches a partial
 # index against constants only -- a prepared statement's generic plan would ignore it.
 SELECT_STUCK = """
-SELECT event_id, type, payload::text AS payload, received_at, redrives, last_error
+SELECT event_id, type, coalesce(payload::text, raw_body) AS payload, received_at, redrives,
+       last_error
 FROM events
 WHERE status IN ('received', 'failed')
   AND updated_at < now() - make_interval(secs => %(after)s)
@@ -97,6 +100,7 @@ class RedriveResult(JobResult):
     unparked: int = 0
     accepted_forgotten: int = 0
     accepted_repushed: int = 0
+    accepted_dead_lettered: int = 0
 
 
 def redrive(
@@ -122,15 +126,23 @@ def redrive(
         if seen < batch_size:
             break
     unparked = queue.unpark(client, limit=10 * batch_size)
-    swept = queue.sweep(client, recorded_in(pool), after_seconds, deadline, batch_size)
+    swept = queue.sweep(
+        client,
+        recorded_in(pool),
+        after_seconds,
+        deadline,
+        batch_size,
+        give_up=dead_letter_in(pool),
+    )
     result = RedriveResult(
         redriven=redriven,
         dead_lettered=dead,
         unparked=unparked,
         accepted_forgotten=swept.forgotten,
         accepted_repushed=swept.repushed,
+        accepted_dead_lettered=swept.given_up,
     )
-    if redriven or dead or unparked or swept.repushed:
+    if redriven or dead or unparked or swept.repushed or swept.given_up:
         log.warning("redrive.done", extra=result.as_dict())
     return result
 
@@ -144,6 +156,40 @@ def recorded_in(pool: ConnectionPool) -> queue.Recorded:
             return {row["delivery_id"] for row in cursor.execute(RECORDED, {"ids": list(ids)})}
 
     return recorded
+
+
+def dead_letter_in(pool: ConnectionPool) -> queue.GiveUp:
+    """The sweep's last word on deliveries it pushed too often: dead letters in the inbox,
+    bodies kept (a duplicate, when the event is final already). Raises
+    ``processing.TransientError`` when PostgreSQL is gone: the copies wait for a later run."""
+
+    def give_up(unrecorded: Sequence[queue.Unrecorded]) -> set[str]:
+        recorded: set[str] = set()
+        for delivery in unrecorded:
+            reason = f"pushed {delivery.pushes} times by the accepted-set sweep and never recorded"
+            message = delivery.message
+            outcome = processing.record_dead_letter(
+                pool,
+                message.body if message else "",
+                delivery.delivery_id,
+                message.received_at if message else "",
+                reason,
+            )
+            recorded.add(delivery.delivery_id)
+            if outcome.status == DeliveryOutcome.DEAD:
+                worker_metrics.DEAD_LETTERS.labels(worker_metrics.type_label(outcome.type)).inc()
+            log.error(
+                "redrive.accepted_dead_lettered",
+                extra={
+                    "delivery_id": delivery.delivery_id,
+                    "event_id": outcome.event_id,
+                    "outcome": outcome.status,
+                    "reason": reason,
+                },
+            )
+        return recorded
+
+    return give_up
 
 
 def _take_batch(
@@ -165,7 +211,7 @@ def _take_batch(
                     DEAD_LETTER_STUCK,
                     {**DEAD_LETTER_WORDS, "event_id": event.event_id, "reason": reason},
                 )
-                worker_metrics.DEAD_LETTERS.labels(event.type or "unknown").inc()
+                worker_metrics.DEAD_LETTERS.labels(worker_metrics.type_label(event.type)).inc()
                 log.error(
                     "redrive.dead_lettered",
                     extra={"event_id": event.event_id, "type": event.type, "reason": reason},

@@ -4,7 +4,8 @@ Three horizons, each applied in bounded batches (``FOR UPDATE SKIP LOCKED``) unt
 out of time; what is left waits for the next run:
 
 - deliveries whose ``received_at`` is older than ``RETENTION_DAYS`` (default 30), and
-- raw bodies (``events.payload``, which carries customers' personal data) of events
+- raw bodies (``events.payload``, or ``events.raw_body`` when jsonb refused it; they
+  carry customers' personal data) of events
   received before then, are deleted -- only for settled events: ``processed``,
   ``ignored``, or ``dead`` with every dead letter replayed;
 - event rows (the event id, type, status and dates: what deduplication needs) are deleted
@@ -66,9 +67,9 @@ DELETE FROM events WHERE event_id IN (
 """).format(settled=SETTLED)
 
 PRUNE_BODIES = sql.SQL("""
-UPDATE events SET payload = NULL WHERE event_id IN (
+UPDATE events SET payload = NULL, raw_body = NULL WHERE event_id IN (
     SELECT e.event_id FROM events e
-    WHERE e.payload IS NOT NULL
+    WHERE (e.payload IS NOT NULL OR e.raw_body IS NOT NULL)
       AND e.received_at < now() - make_interval(days => %(days)s)
       AND {settled}
     LIMIT %(batch)s

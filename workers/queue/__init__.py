@@ -25,11 +25,20 @@ unpark, depths), ``accepted`` (forget, sweep). Nothing here touches PostgreSQL: 
 is told which deliveries are recorded by its caller.
 """
 
-from workers.queue.accepted import Recorded, SweepResult, forget, sweep
+from workers.queue.accepted import (
+    MAX_PUSHES,
+    GiveUp,
+    Recorded,
+    SweepResult,
+    Unrecorded,
+    forget,
+    sweep,
+)
 from workers.queue.client import BrokerUnavailable, connect, process_client
 from workers.queue.keys import (
     ACCEPTED_HASH,
     ACCEPTED_INDEX,
+    ACCEPTED_PUSHES,
     DELIVERY_QUEUE,
     JOBS_QUEUE,
     PARKED_QUEUE,
@@ -43,17 +52,21 @@ from workers.queue.publisher import ACCEPT_SCRIPT, DeliveryPublisher, accept_com
 __all__ = [
     "ACCEPTED_HASH",
     "ACCEPTED_INDEX",
+    "ACCEPTED_PUSHES",
     "ACCEPT_SCRIPT",
     "DELIVERY_QUEUE",
     "JOBS_QUEUE",
+    "MAX_PUSHES",
     "PARKED_QUEUE",
     "PROCESS_DELIVERY_TASK",
     "QUEUES",
     "BrokerUnavailable",
     "DeliveryPublisher",
+    "GiveUp",
     "Message",
     "Recorded",
     "SweepResult",
+    "Unrecorded",
     "accept_command",
     "celery_message",
     "connect",

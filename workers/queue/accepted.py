@@ -6,6 +6,12 @@ The sweep (run by the re-drive job) looks at copies older than a threshold: a de
 PostgreSQL has recorded is forgotten (the worker died after its commit); one it has not,
 and that is no longer waiting in the queue, is pushed again. A push too many is
 harmless: a delivery id already recorded is recorded once, its event applied once.
+
+Pushing again is bounded: the sweep counts its pushes of each copy
+(``deliveries.accepted.pushes``), and a copy pushed ``MAX_PUSHES`` times that still never
+reached the inbox -- a delivery every worker that takes it fails to record, or one the
+transport keeps losing -- is not pushed again but handed to the caller's ``GiveUp``
+(the re-drive job dead-letters it, body kept), then forgotten. Nothing loops.
 """
 
 from __future__ import annotations
@@ -17,13 +23,31 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-from workers.queue.keys import ACCEPTED_HASH, ACCEPTED_INDEX, DELIVERY_QUEUE
-from workers.queue.message import task_id_of
+from workers.queue.keys import ACCEPTED_HASH, ACCEPTED_INDEX, ACCEPTED_PUSHES, DELIVERY_QUEUE
+from workers.queue.message import Message, task_id_of
 
 log = logging.getLogger(__name__)
 
+MAX_PUSHES = 3
+"""Pushes of one accepted copy by the sweep before it gives up on the delivery."""
+
 Recorded = Callable[[Sequence[str]], Collection[str]]
 """Which of these delivery ids PostgreSQL has recorded (the caller asks the inbox)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unrecorded:
+    """An accepted delivery the sweep gives up on: pushed ``pushes`` times, never recorded."""
+
+    delivery_id: str
+    pushes: int
+    message: Message | None
+    """The accepted copy, read back; None when it cannot be read."""
+
+
+GiveUp = Callable[[Sequence[Unrecorded]], Collection[str]]
+"""Record these deliveries for good (the caller dead-letters them in the inbox); the ids it
+recorded. Their copies are forgotten; the others are kept, and offered again later."""
 
 
 def forget(client: redis.Redis, delivery_ids: Sequence[str]) -> None:
@@ -38,6 +62,7 @@ def forget(client: redis.Redis, delivery_ids: Sequence[str]) -> None:
         pipe = client.pipeline(transaction=False)
         pipe.hdel(ACCEPTED_HASH, *delivery_ids)
         pipe.zrem(ACCEPTED_INDEX, *delivery_ids)
+        pipe.hdel(ACCEPTED_PUSHES, *delivery_ids)
         pipe.execute()
     except redis.RedisError as exc:
         log.warning("delivery.forget_failed", extra={"error": repr(exc)})
@@ -47,6 +72,7 @@ def forget(client: redis.Redis, delivery_ids: Sequence[str]) -> None:
 class SweepResult:
     forgotten: int = 0
     repushed: int = 0
+    given_up: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -58,9 +84,13 @@ def sweep(
     after_seconds: int,
     deadline: float,
     batch_size: int = 200,
+    *,
+    give_up: GiveUp | None = None,
 ) -> SweepResult:
-    """Forget copies PostgreSQL has recorded; push again the ones it never got."""
-    forgotten = repushed = 0
+    """Forget copies PostgreSQL has recorded; push again the ones it never got, each at most
+    ``MAX_PUSHES`` times, then hand them to ``give_up``. Without ``give_up`` a copy out of
+    pushes is kept, not pushed (``depths`` shows it)."""
+    forgotten = repushed = given_up = 0
     now = time.time()
     cutoff = min(now - after_seconds, _oldest_waiting(client))
     while time.monotonic() < deadline:
@@ -73,27 +103,56 @@ def sweep(
         done = set(recorded(ids))
         missing = [i for i in ids if i not in done]
         messages = client.hmget(ACCEPTED_HASH, missing) if missing else []
+        pushes = client.hmget(ACCEPTED_PUSHES, missing) if missing else []
         pipe = client.pipeline(transaction=True)
         for delivery_id in done:
-            pipe.hdel(ACCEPTED_HASH, delivery_id)
-            pipe.zrem(ACCEPTED_INDEX, delivery_id)
-        for delivery_id, message in zip(missing, messages, strict=True):
+            _drop(pipe, delivery_id)
+        exhausted: list[Unrecorded] = []
+        for delivery_id, message, count in zip(missing, messages, pushes, strict=True):
             if message is None:  # the index outlived its copy: nothing left to push
-                pipe.zrem(ACCEPTED_INDEX, delivery_id)
+                _drop(pipe, delivery_id)
+                continue
+            pushed = int(count or 0)
+            if pushed >= MAX_PUSHES:
+                exhausted.append(Unrecorded(delivery_id, pushed, Message.decode(message)))
                 continue
             # Queued again, and judged again only after another full threshold.
             pipe.lpush(DELIVERY_QUEUE, message)
             pipe.zadd(ACCEPTED_INDEX, {delivery_id: now}, xx=True)
-            log.warning("redrive.unrecorded_delivery", extra={"delivery_id": delivery_id})
+            pipe.hincrby(ACCEPTED_PUSHES, delivery_id, 1)
+            log.warning(
+                "redrive.unrecorded_delivery",
+                extra={"delivery_id": delivery_id, "push": pushed + 1},
+            )
             repushed += 1
+        given = set(give_up(exhausted)) if exhausted and give_up is not None else set()
+        for unrecorded in exhausted:
+            if unrecorded.delivery_id in given:
+                _drop(pipe, unrecorded.delivery_id)
+                given_up += 1
+                continue
+            # Not recorded by the caller (or no caller to record it): kept, not pushed,
+            # offered again after another full threshold.
+            pipe.zadd(ACCEPTED_INDEX, {unrecorded.delivery_id: now}, xx=True)
+            log.error(
+                "redrive.unrecorded_delivery_kept",
+                extra={"delivery_id": unrecorded.delivery_id, "pushes": unrecorded.pushes},
+            )
         pipe.execute()  # every id of the batch leaves the range: the next one starts at 0
         forgotten += len(done)
         if len(ids) < batch_size:
             break
-    result = SweepResult(forgotten=forgotten, repushed=repushed)
-    if repushed:
+    result = SweepResult(forgotten=forgotten, repushed=repushed, given_up=given_up)
+    if repushed or given_up:
         log.warning("redrive.accepted_swept", extra=result.as_dict())
     return result
+
+
+def _drop(pipe: redis.client.Pipeline, delivery_id: str) -> None:
+    """Forget one copy, its index entry and its push count (in the sweep's transaction)."""
+    pipe.hdel(ACCEPTED_HASH, delivery_id)
+    pipe.zrem(ACCEPTED_INDEX, delivery_id)
+    pipe.hdel(ACCEPTED_PUSHES, delivery_id)
 
 
 def _oldest_waiting(client: redis.Redis) -> float:

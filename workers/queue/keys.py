@@ -12,6 +12,8 @@ ACCEPTED_HASH = "deliveries.accepted"
 """delivery id -> message, for every delivery answered 202 and not yet recorded."""
 ACCEPTED_INDEX = "deliveries.accepted.index"
 """delivery id -> accepted-at (unix seconds): which accepted copies are old."""
+ACCEPTED_PUSHES = "deliveries.accepted.pushes"
+"""delivery id -> how many times the sweep pushed its accepted copy again (absent: never)."""
 
 QUEUES = (DELIVERY_QUEUE, PARKED_QUEUE, JOBS_QUEUE)
 """The Redis lists whose depth the stats and gauges report (the accepted set beside them)."""

@@ -39,6 +39,16 @@ class Message:
     def kwargs(self) -> dict[str, str]:
         return {"body": self.body, "delivery_id": self.delivery_id, "received_at": self.received_at}
 
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Message | None:
+        """The delivery a stored message carries (``encode`` read back); None if unreadable."""
+        try:
+            envelope = json.loads(raw)
+            _, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+            return cls(str(kwargs["body"]), str(kwargs["delivery_id"]), str(kwargs["received_at"]))
+        except (ValueError, KeyError, TypeError, RecursionError):  # binascii.Error: ValueError
+            return None
+
     def encode(self) -> bytes:
         """The Celery message of the entry task for this delivery (task id = delivery id)."""
         return celery_message(

@@ -1,0 +1,106 @@
+"""Hostile signed bodies through the real processes: each ends as one dead letter with a
+short reason, at its first attempt, and nothing is left in the accepted set to loop.
+
+The lone surrogate goes through the receiver (valid JSON: it answers 202). The receiver
+now refuses deep nesting and NaN up front (400), so those two are queued the way the
+receiver queues what it accepts (``DeliveryPublisher``): what a receiver without those
+checks (an older release during a rolling deploy), a re-drive or a replay would hand the
+worker. The worker must end them all the same.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from devtools.webhooks import SECRET, body_of, card_redemption, envelope, sign, wait_until
+from tests.conftest import Processes, process_env
+from tests.e2e.test_pipeline import post
+from workers.queue import (
+    ACCEPTED_HASH,
+    ACCEPTED_INDEX,
+    ACCEPTED_PUSHES,
+    DELIVERY_QUEUE,
+    DeliveryPublisher,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def redemption(event_id: str) -> bytes:
+    data = card_redemption("gift", f"r_{event_id}", amount=100, balance_after=900)
+    return body_of(envelope("redemption.succeeded", data, event_id=event_id))
+
+
+def test_hostile_signed_bodies_end_as_one_dead_letter_each_and_leave_nothing_to_sweep(
+    processes: Processes,
+    database_url: str,
+    redis_url: str,
+    db: psycopg.Connection[Any],
+    redis_client: redis.Redis,
+) -> None:
+    env = process_env(
+        DATABASE_URL=database_url, REDIS_URL=redis_url, VOUCHERIFY_WEBHOOK_SECRET=SECRET
+    )
+    _, port = processes.web(env)
+    processes.worker(env)
+
+    surrogate = redemption("ev_\ud800_e2e")  # valid JSON: the escape, not the character
+    deep = redemption("ev_deep_e2e").replace(
+        b'"metadata":', b'"metadata":' + b"[" * 500 + b"]" * 500 + b',"x":', 1
+    )
+    nan = redemption("ev_nan_e2e").replace(b'"project_id":', b'"x":NaN,"project_id":', 1)
+    status, payload = post(port, surrogate, sign(surrogate))
+    assert status == 202, payload
+    publisher = DeliveryPublisher(redis_url, 1.0)
+    try:
+        for body in (deep, nan):
+            publisher.publish(body.decode(), uuid.uuid4().hex, datetime.now(UTC).isoformat())
+    finally:
+        publisher.close()
+
+    def three_dead_letters() -> bool:
+        row = db.execute("SELECT count(*) FROM dead_letters").fetchone()
+        return row is not None and row[0] == 3
+
+    wait_until(
+        three_dead_letters, timeout=60, what=lambda: "three dead letters\n" + processes.logs()
+    )
+    wait_until(
+        lambda: redis_client.hlen(ACCEPTED_HASH) == 0, timeout=10, what="accepted copies forgotten"
+    )
+
+    letters = db.execute(
+        "SELECT d.event_id, d.reason, e.status, e.attempts, e.raw_body IS NOT NULL"
+        " FROM dead_letters d JOIN events e USING (event_id) ORDER BY d.id"
+    ).fetchall()
+    by_reason = {
+        reason: (event_id, status, attempts, kept)
+        for event_id, reason, status, attempts, kept in letters
+    }
+    assert set(by_reason) == {
+        "not storable: the event id holds a lone surrogate",
+        "not storable: JSON nested over 64 levels deep",
+        "rejected by the database: SQLSTATE 22P02 (class 22, data exception)",
+    }
+    surrogate_id = by_reason["not storable: the event id holds a lone surrogate"][0]
+    assert surrogate_id.startswith("ev_\ufffd_e2e~")
+    # Dead at the first attempt, each body kept as text (jsonb takes none of them).
+    assert {tuple(v[1:]) for v in by_reason.values()} == {("dead", 1, True)}
+    assert db.execute("SELECT outcome, count(*) FROM deliveries GROUP BY 1").fetchall() == [
+        ("dead", 3)
+    ]
+    # Nothing left for the sweep to push again, nothing queued.
+    assert redis_client.zcard(ACCEPTED_INDEX) == 0
+    assert redis_client.hlen(ACCEPTED_PUSHES) == 0
+    assert redis_client.llen(DELIVERY_QUEUE) == 0
+    # The log lines carry the short reasons, never the server's text.
+    logs = processes.logs()
+    assert "not storable: the event id holds a lone surrogate" in logs
+    assert "invalid input syntax" not in logs
+    assert "Token" not in logs
