@@ -17,7 +17,9 @@ The keys (Redis lists are pushed left and consumed right, by kombu's Redis trans
   (BRPOP) before it records it as unacknowledged: a worker killed, or a Redis restarted,
   between the two loses it. The accept script writes the copy in the same atomic step as
   the push, the worker forgets it once the delivery is in PostgreSQL, and the sweep pushes
-  again what stayed too long and never reached the inbox.
+  again what stayed too long and never reached the inbox, counting its pushes in
+  ``deliveries.accepted.pushes`` (hash: delivery id -> pushes) and handing a copy pushed
+  ``MAX_PUSHES`` times to its caller's give-up (a dead letter) instead of a fourth push.
 
 Modules: ``keys`` (names), ``message`` (Celery's wire format), ``client`` (the one client
 factory and its timeouts), ``publisher`` (the accept script), ``lists`` (requeue, park,
