@@ -5,6 +5,12 @@ needs from ``app.extensions[EXTENSION]`` (an ``Intake``: the secrets, the body l
 the publisher), which ``install(app, settings)`` puts there; the web process's composition
 root (``web.app``) calls it. No PostgreSQL here: the only thing the request touches is
 Redis, through the queue contract (``workers.queue``).
+
+Cheapest refusals first: the content type, the declared length and the signature header's
+form (64 hex characters) are checked before the body is read, so a malformed header costs
+neither the read nor an HMAC. A signed body is then read as a JSON object (``read_object``
+of ``workers.queue.body``: UTF-8, nesting at most ``MAX_NESTING``, no NaN or Infinity) or
+refused with a 400 naming why; whatever else goes wrong reading it is a 400, never a 5xx.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from config.settings import Settings
 from receiver import metrics
-from receiver.signature import verify_signature
+from receiver.signature import is_well_formed_signature, verify_signature
 from workers.queue import BrokerUnavailable, DeliveryPublisher
+from workers.queue.body import NOT_AN_OBJECT, NotAWebhook, read_object
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +103,11 @@ def _too_large(limit: int) -> Response:
     return json_response(413, {"error": "body_too_large", "limit": limit})
 
 
+def _invalid_signature() -> Response:
+    log.info("delivery.rejected", extra={"reason": "invalid_signature"})
+    return json_response(401, {"error": "invalid_signature"})
+
+
 def _receive(it: Intake) -> Response:
     limit = it.max_body_bytes
     if not _is_json_content_type(request.mimetype):
@@ -103,23 +115,27 @@ def _receive(it: Intake) -> Response:
     declared = request.content_length
     if declared is not None and declared > limit:
         return _too_large(limit)
+    signature = request.headers.get(SIGNATURE_HEADER)
+    if not is_well_formed_signature(signature):
+        return _invalid_signature()  # the body is not read, no HMAC is computed
     try:
         body = request.get_data(cache=False)
     except RequestEntityTooLarge:
         return _too_large(limit)
     if len(body) > limit:
         return _too_large(limit)
-    if not verify_signature(body, request.headers.get(SIGNATURE_HEADER), it.secrets):
-        log.info("delivery.rejected", extra={"reason": "invalid_signature"})
-        return json_response(401, {"error": "invalid_signature"})
+    if not verify_signature(body, signature, it.secrets):
+        return _invalid_signature()
     try:
-        text = body.decode("utf-8")
-        is_object = isinstance(json.loads(text), dict)
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        is_object = False
-    if not is_object:
-        log.info("delivery.rejected", extra={"reason": "not_a_json_object"})
-        return json_response(400, {"error": "body must be a JSON object"})
+        text = read_object(body)
+    except NotAWebhook as exc:
+        log.info("delivery.rejected", extra={"reason": "not_a_webhook", "detail": str(exc)})
+        return json_response(400, {"error": str(exc)})
+    except Exception as exc:  # noqa: BLE001 - the edge: no body is ever a 5xx
+        log.warning(
+            "delivery.rejected", extra={"reason": "unparsable", "detail": type(exc).__name__}
+        )
+        return json_response(400, {"error": NOT_AN_OBJECT})
     delivery_id = uuid.uuid4().hex
     received_at = datetime.now(UTC).isoformat()
     try:

@@ -45,6 +45,7 @@ from psycopg_pool import ConnectionPool
 from schemas.envelope import LEGACY_FORMAT, Envelope, read_envelope
 from schemas.vocabulary import FINAL_STATUSES, UNFINISHED_STATUSES, DeliveryOutcome, EventStatus
 from workers import handlers  # noqa: F401 - importing registers the handlers
+from workers.queue.body import MAX_NESTING, nests_deeper_than
 from workers.registry import Registry, registry
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,6 @@ PERMANENT_SQLSTATE_CLASSES = {
 MAX_ID_LENGTH = 255
 """Longest event id or type stored as it came: far below the btree limit (2704 bytes) even
 in four-byte characters. Longer ones are stored cut, with a hash (``storable``)."""
-MAX_NESTING = 64
-"""Deepest JSON nesting a body may have. Voucherify's payloads nest about ten levels; the
-receiver's parser takes about a thousand, and how many a worker's parser takes depends on
-its stack. A fixed limit makes the outcome the same in every process."""
 
 BodyForm = Literal["jsonb", "text", "none"]
 """Where an event's raw body is stored: ``payload`` (jsonb), ``raw_body`` (text), or not at all."""
@@ -86,8 +83,6 @@ BodyForm = Literal["jsonb", "text", "none"]
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 """Characters no PostgreSQL text can hold: NUL, and surrogates (not encodable as UTF-8)."""
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_JSON_TOKEN = re.compile(r'"(?:[^"\\]++|\\.)*+"|[\[\]{}]')
-"""A JSON string (skipped whole) or a bracket: what the nesting scan looks at."""
 
 CLAIM_EVENT = """
 INSERT INTO events AS e (event_id, type, payload, raw_body, event_created_at, received_at)
@@ -199,7 +194,7 @@ class Delivery:
 
 def read_delivery(body: str, delivery_id: str, received_at: str) -> Delivery:
     """What a delivery is, never raising: a body that is not a JSON object has no envelope."""
-    too_deep = _nested_over(body, MAX_NESTING)
+    too_deep = nests_deeper_than(MAX_NESTING, body.encode("utf-8", "surrogatepass"))
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the stack
@@ -247,22 +242,6 @@ def storable(text: str, what: str) -> tuple[str, str | None]:
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     kept = _UNSTORABLE.sub("\ufffd", text)[: MAX_ID_LENGTH - len(digest) - 1]
     return f"{kept}~{digest}", problem
-
-
-def _nested_over(body: str, limit: int) -> bool:
-    """Whether the JSON text nests more than ``limit`` levels (brackets in strings skipped)."""
-    if body.count("[") + body.count("{") <= limit:
-        return False
-    depth = 0
-    for token in _JSON_TOKEN.finditer(body):
-        bracket = token.group()[0]
-        if bracket in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif bracket in "]}":
-            depth -= 1
-    return False
 
 
 def _parse_time(text: str | None) -> datetime | None:

@@ -11,10 +11,13 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+import hypothesis
 import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.test import EnvironBuilder, TestResponse, run_wsgi_app
 
@@ -194,6 +197,85 @@ def test_invalid_signature_is_401_and_nothing_is_stored(
     assert redis_client.dbsize() == 0
 
 
+class WatchedBody(io.RawIOBase):
+    """A request body that counts every read the app makes of it."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = io.BytesIO(body)
+        self.reads = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self.reads += 1
+        return self.body.readinto(buffer)
+
+
+def sent_as_stream(
+    app: Flask, body: bytes, signature: str | None, chunked: bool
+) -> tuple[str, bytes, WatchedBody]:
+    """POST ``body`` from a WatchedBody, with its Content-Length or without (chunked)."""
+    stream = WatchedBody(body)
+    headers = [] if signature is None else [("x-voucherify-signature", signature)]
+    environ = EnvironBuilder(
+        path=WEBHOOK, method="POST", content_type="application/json", headers=headers
+    ).get_environ()
+    if chunked:
+        environ.pop("CONTENT_LENGTH", None)
+        environ["wsgi.input_terminated"] = True
+    else:
+        environ["CONTENT_LENGTH"] = str(len(body))
+    environ["wsgi.input"] = stream
+    app_iter, status, _ = run_wsgi_app(app, environ, buffered=True)
+    return status, b"".join(app_iter), stream
+
+
+MALFORMED_SIGNATURES = {
+    "missing": None,
+    "empty": "",
+    "blank": "   ",
+    "too-short": sign(b'{"a":1}')[:63],
+    "too-long": sign(b'{"a":1}') + "0",
+    "non-hex": "g" * 64,
+    "prefixed": "sha256=" + sign(b'{"a":1}'),
+    "base64": base64.b64encode(bytes(32)).decode() + "=" * 20,
+    "non-ascii": "é" * 64,
+    "inner-space": sign(b'{"a":1}')[:32] + " " + sign(b'{"a":1}')[32:63],
+}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize(
+    "signature", list(MALFORMED_SIGNATURES.values()), ids=list(MALFORMED_SIGNATURES)
+)
+def test_malformed_signature_header_is_401_without_reading_the_body(
+    settings: Settings, redis_client: redis.Redis, signature: str | None, chunked: bool
+) -> None:
+    status, answer, stream = sent_as_stream(create_app(settings), b'{"a":1}', signature, chunked)
+    assert status.startswith("401")
+    assert json.loads(answer) == {"error": "invalid_signature"}
+    assert stream.reads == 0
+    assert redis_client.dbsize() == 0
+
+
+def test_well_formed_signature_header_is_read_and_checked_against_the_body(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    # The control of the test above: a WatchedBody does see the reads of a request
+    # whose header has the form of a digest (right or wrong).
+    body = b'{"a":1}'
+    app = create_app(settings)
+    status, _, stream = sent_as_stream(app, body, "0" * 64, chunked=False)
+    assert status.startswith("401")
+    assert stream.reads > 0
+    assert redis_client.dbsize() == 0
+    status, _, stream = sent_as_stream(app, body, f"  {sign(body).upper()} ", chunked=True)
+    assert status.startswith("202")
+    assert stream.reads > 0
+    assert redis_client.llen(DELIVERY_QUEUE) == 1
+
+
 def test_app_cannot_be_built_without_a_secret(make_settings: Callable[..., Settings]) -> None:
     with pytest.raises(SettingsError, match=r"^VOUCHERIFY_WEBHOOK_SECRET: "):
         create_app(make_settings(VOUCHERIFY_WEBHOOK_SECRET=None))
@@ -202,18 +284,253 @@ def test_app_cannot_be_built_without_a_secret(make_settings: Callable[..., Setti
 # --- 400 ----------------------------------------------------------------------------------
 
 
+NOT_AN_OBJECT = "body must be a JSON object"
+NOT_JSON = "body is not JSON"
+NAN = "NaN and Infinity are not JSON"
+TOO_DEEP = "nesting deeper than 64"  # workers.queue.body.MAX_NESTING
+
+
 @pytest.mark.parametrize(
-    "body",
-    [b"[1,2,3]", b'"a string"', b"42", b"null", b'{"a":', b"", b'{"a":"\xff\xfe"}'],
-    ids=["array", "string", "number", "null", "invalid-json", "empty", "invalid-utf8"],
+    ("body", "error"),
+    [
+        (b"[1,2,3]", NOT_AN_OBJECT),
+        (b'"a string"', NOT_AN_OBJECT),
+        (b"42", NOT_AN_OBJECT),
+        (b"null", NOT_AN_OBJECT),
+        (b'{"a":', NOT_JSON),
+        (b"", NOT_JSON),
+        (b'{"a":1} {"b":2}', NOT_JSON),
+        (b'\xef\xbb\xbf{"a":1}', NOT_JSON),  # a UTF-8 byte order mark
+        (b'{"a":"tab\there"}', NOT_JSON),  # a raw control character inside a string
+        (b'{"a":' + b"9" * 5000 + b"}", "number too long"),  # Python's int limit
+        (b'{"a":"\xff\xfe"}', "body is not UTF-8"),
+        (b'{"a":"\xed\xa0\x80"}', "body is not UTF-8"),  # an encoded surrogate
+    ],
+    ids=[
+        "array",
+        "string",
+        "number",
+        "null",
+        "invalid-json",
+        "empty",
+        "two-documents",
+        "bom",
+        "control-character",
+        "5000-digit-integer",
+        "invalid-utf8",
+        "utf8-surrogate",
+    ],
 )
-def test_signed_body_that_is_not_a_json_object_is_400(
-    client: FlaskClient, redis_client: redis.Redis, body: bytes
+def test_signed_body_that_is_not_a_json_object_is_400_naming_why(
+    client: FlaskClient, redis_client: redis.Redis, body: bytes, error: str
 ) -> None:
     response = post(client, body)
     assert response.status_code == 400
+    assert response.get_json() == {"error": error}
+    assert redis_client.dbsize() == 0
+
+
+def nested(depth: int, opener: str) -> bytes:
+    """A JSON object ``depth`` levels deep: the object itself, then arrays or objects."""
+    inner = "1"
+    for _ in range(depth - 1):
+        inner = f"[{inner}]" if opener == "[" else f'{{"a":{inner}}}'
+    return f'{{"a":{inner}}}'.encode()
+
+
+@pytest.mark.parametrize("opener", ["[", "{"], ids=["arrays", "objects"])
+def test_nesting_up_to_the_limit_is_accepted_and_one_past_it_is_400(
+    client: FlaskClient, redis_client: redis.Redis, opener: str
+) -> None:
+    assert json.loads(nested(64, opener))  # what the receiver accepts, Python reads
+    assert post(client, nested(64, opener)).status_code == 202
+    response = post(client, nested(65, opener))
+    assert response.status_code == 400
+    assert response.get_json() == {"error": TOO_DEEP}
+    assert redis_client.llen(DELIVERY_QUEUE) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        nested(2_000, "["),
+        nested(2_000, "{"),
+        b"[" * 100_000,
+        b'{"a":' + b"[" * 100_000,
+        b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        b'{"a":' * 20_000 + b"1" + b"}" * 20_000,
+    ],
+    ids=["2000-arrays", "2000-objects", "100000-open", "object-100000-open", "balanced", "keys"],
+)
+def test_deep_nesting_is_400_not_a_server_error(
+    client: FlaskClient, redis_client: redis.Redis, body: bytes
+) -> None:
+    # Python's json raises RecursionError (not a ValueError) past ~1,000 levels: the
+    # nesting is counted first, without recursion, in time linear in the body.
+    response = post(client, body)
+    assert response.status_code == 400
+    assert response.get_json() == {"error": TOO_DEEP}
+    assert redis_client.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a":"' + b"[" * 1000 + b'"}',
+        b'{"a":"\\"' + b"[" * 1000 + b'"}',  # after an escaped quote, still inside
+        b'{"' + b"{" * 1000 + b'":1}',  # in a key
+        b'{"a":"\\\\","b":"' + b"[" * 1000 + b'"}',  # an escaped backslash, then a string
+    ],
+    ids=["in-a-string", "after-escaped-quote", "in-a-key", "after-escaped-backslash"],
+)
+def test_brackets_inside_strings_are_not_nesting(
+    client: FlaskClient, redis_client: redis.Redis, body: bytes
+) -> None:
+    assert isinstance(json.loads(body), dict)
+    assert post(client, body).status_code == 202
+    assert redis_client.llen(DELIVERY_QUEUE) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a":NaN}',
+        b'{"a":Infinity}',
+        b'{"a":-Infinity}',
+        b'{"a":[1,NaN]}',
+        b'{"a":[Infinity,2]}',
+        b'{"a":{"b":[0,-Infinity]}}',
+        b'{"data":{"amount":NaN},"type":"redemption.succeeded"}',
+    ],
+    ids=["nan", "infinity", "minus-infinity", "nan-in-array", "inf-in-array", "deep", "envelope"],
+)
+def test_nan_and_infinity_are_400(
+    client: FlaskClient, redis_client: redis.Redis, body: bytes
+) -> None:
+    json.loads(body)  # Python reads them; PostgreSQL's jsonb would not
+    response = post(client, body)
+    assert response.status_code == 400
+    assert response.get_json() == {"error": NAN}
+    assert redis_client.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"a":"NaN"}', b'{"NaN":"Infinity","b":["-Infinity"]}', b'{"a":"x NaN y"}'],
+    ids=["value", "key-and-array", "inside-text"],
+)
+def test_nan_and_infinity_as_strings_are_accepted(
+    client: FlaskClient, redis_client: redis.Redis, body: bytes
+) -> None:
+    assert post(client, body).status_code == 202
+    assert redis_client.llen(DELIVERY_QUEUE) == 1
+
+
+@pytest.mark.parametrize("error", [RecursionError, MemoryError, KeyError, RuntimeError])
+def test_any_failure_reading_the_body_is_400_not_500(
+    client: FlaskClient,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    error: type[BaseException],
+) -> None:
+    def fail(body: bytes) -> str:
+        raise error("from the parser")
+
+    monkeypatch.setattr("receiver.views.read_object", fail)
+    response = post(client, b'{"a":1}')
+    assert response.status_code == 400
     assert set(response.get_json()) == {"error"}
     assert redis_client.dbsize() == 0
+
+
+# A function-scoped client shared by a property's examples is fine: the app keeps no state
+# between requests, and what the 202s leave in Redis is flushed after the test.
+PROPERTY = hypothesis.settings(
+    max_examples=100,
+    suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture],
+)
+tricky_text = st.text(alphabet='[]{}"\\ aNI\n\u00e9\U0001f39f', max_size=8) | st.text(max_size=8)
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | tricky_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(tricky_text, inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@PROPERTY
+@given(json_values, st.sampled_from([None, 2]), st.booleans())
+def test_any_json_document_signed_is_202_when_an_object_else_400(
+    client: FlaskClient, document: Any, indent: int | None, ensure_ascii: bool
+) -> None:
+    body = json.dumps(document, indent=indent, ensure_ascii=ensure_ascii).encode()
+    response = post(client, body)
+    assert response.status_code == (202 if isinstance(document, dict) else 400)
+
+
+def depth_of(document: Any) -> int:
+    deepest, pending = 0, [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            children = value.values() if isinstance(value, dict) else value
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+@PROPERTY
+@given(json_values, st.lists(st.sampled_from(["[", "{"]), min_size=50, max_size=70))
+def test_nesting_is_counted_as_the_parser_sees_it(
+    client: FlaskClient, inner: Any, wrappers: list[str]
+) -> None:
+    document: Any = inner
+    for opener in wrappers:
+        document = [document] if opener == "[" else {'"[{': document}
+    document = {"w": document}
+    response = post(client, json.dumps(document).encode())
+    too_deep = depth_of(document) > 64
+    hypothesis.event("too deep" if too_deep else "within the limit")
+    if too_deep:
+        assert (response.status_code, response.get_json()) == (400, {"error": TOO_DEEP})
+    else:
+        assert response.status_code == 202
+
+
+def refuse(constant: str) -> None:
+    raise AssertionError(f"{constant} accepted")
+
+
+json_ish_bytes = st.text(alphabet='[]{}":,0123456789.eE+- \\nuaNIfinity\u00e9', max_size=64).map(
+    str.encode
+)
+# Runs of one piece, up to 3,000 times: deep nesting (Python's json gives up near 1,000),
+# NaN and Infinity, strings and escapes, in any order and mostly not JSON.
+PIECES = [b"[", b"{", b'{"a":', b"]", b"}", b",", b'"', b"\\", b"NaN", b"-Infinity", b"1", b" "]
+runs = st.lists(
+    st.tuples(st.sampled_from(PIECES), st.integers(1, 3_000)).map(lambda run: run[0] * run[1]),
+    max_size=5,
+).map(b"".join)
+
+
+@PROPERTY
+@given(
+    st.binary(max_size=256)
+    | json_ish_bytes
+    | json_ish_bytes.map(lambda b: b"{" + b)
+    | runs
+    | runs.map(lambda b: b'{"a":' + b)
+)
+def test_any_bytes_signed_are_never_a_server_error(client: FlaskClient, body: bytes) -> None:
+    response = post(client, body)
+    assert response.status_code in (202, 400)
+    if response.status_code == 202:  # then it is a JSON object as the worker will read it
+        document = json.loads(body, parse_constant=refuse)
+        assert isinstance(document, dict)
+        assert depth_of(document) <= 64
 
 
 # --- 413 ----------------------------------------------------------------------------------

@@ -10,7 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from devtools.webhooks import body_of, envelope, fixture
-from receiver.signature import sign, strip_json_whitespace, verify_signature
+from receiver import signature as signature_module
+from receiver.signature import (
+    is_well_formed_signature,
+    sign,
+    strip_json_whitespace,
+    verify_signature,
+)
 
 # VOUCHERIFY.md section 2: (secret, message bytes, lower-case hex HMAC-SHA256).
 PUBLISHED_VECTORS = [
@@ -123,6 +129,58 @@ def test_upper_case_hex_is_accepted() -> None:
 @pytest.mark.parametrize("signature", ["zz" * 32, "a17d", "é" * 64, "sha256=" + "0" * 64])
 def test_malformed_signature_is_rejected(signature: str) -> None:
     assert not verify_signature(b'{"a":1}', signature, [b"secretKey"])
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        "a17d2ac229d1ebbb5f10e839c7985c4818e5986eab297f7e5979196d4d7d3ed2",
+        "A17D2AC229D1EBBB5F10E839C7985C4818E5986EAB297F7E5979196D4D7D3ED2",
+        "a17D2ac229d1ebbb5f10e839c7985c4818e5986eab297f7e5979196d4d7d3eD2",
+        " \ta17d2ac229d1ebbb5f10e839c7985c4818e5986eab297f7e5979196d4d7d3ed2\r\n",
+    ],
+    ids=["lower", "upper", "mixed", "surrounding-whitespace"],
+)
+def test_well_formed_signature_is_64_hex_characters_in_either_case(signature: str) -> None:
+    assert is_well_formed_signature(signature)
+    assert verify_signature(b'{"a":1}', signature, [b"secretKey"])
+
+
+MALFORMED = {
+    "missing": None,
+    "empty": "",
+    "blank": "   ",
+    "63-hex": "a" * 63,
+    "65-hex": "a" * 65,
+    "128-hex": "a" * 128,
+    "non-hex": "g" * 64,
+    "prefixed": "sha256=" + "a" * 64,
+    "0x": "0x" + "a" * 62,
+    "inner-space": "a" * 32 + " " + "a" * 31,
+    "unicode-digits": "\u0660" * 64,  # ARABIC-INDIC DIGIT ZERO: a digit, not hex
+    "fullwidth": "\uff41" * 64,  # FULLWIDTH LATIN SMALL LETTER A
+    "latin-1": "\xe9" * 64,
+    "nul": "a" * 63 + "\x00",
+}
+
+
+@pytest.mark.parametrize("signature", list(MALFORMED.values()), ids=list(MALFORMED))
+def test_malformed_signature_is_told_without_any_hmac(
+    signature: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_hmac(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an HMAC was computed for a malformed signature")
+
+    monkeypatch.setattr(signature_module.hmac, "new", no_hmac)
+    assert not is_well_formed_signature(signature)
+    assert not verify_signature(b'{"a":1}' + b" " * 1000, signature, [b"k1", b"k2"])
+
+
+@given(st.text(max_size=80))
+def test_well_formed_is_exactly_64_hex_after_strip(text: str) -> None:
+    stripped = text.strip()
+    expected = len(stripped) == 64 and all(c in "0123456789abcdefABCDEF" for c in stripped)
+    assert is_well_formed_signature(text) is expected
 
 
 def test_no_secret_accepts_nothing() -> None:
