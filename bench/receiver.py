@@ -158,7 +158,9 @@ class Bench:
             "PYTHONPATH": str(ROOT),
             "PORT": str(port),
             "WEB_CONCURRENCY": "2",
-            "WEB_WORKER_CLASS": worker_class,
+            # "gthread-plain": gunicorn's own gthread (-k below), without the buffering
+            # main loop of compat/gunicorn_gthread.py, to measure what the buffering costs.
+            "WEB_WORKER_CLASS": worker_class.removesuffix("-plain"),
             # gunicorn turns "sync" into gthread when threads > 1 (web/gunicorn.py's
             # default is 8): one thread, or the sync figures would be gthread's.
             "WEB_THREADS": "1" if worker_class == "sync" else str(self.args.threads),
@@ -170,6 +172,8 @@ class Bench:
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         }
         args = gunicorn_command(app)
+        if worker_class == "gthread-plain":
+            args += ["--worker-class", "gthread"]
         with log.open("wb") as out:
             proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         wait_for_port(port, timeout=30)
@@ -228,7 +232,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate-seconds", type=int, default=None, help="length of a rate run")
     parser.add_argument("--smooth-senders", type=int, default=25, help="hey processes")
     parser.add_argument("--threads", type=int, default=8, help="WEB_THREADS for gthread")
-    parser.add_argument("--classes", default="sync,gthread", help="gunicorn worker classes")
+    parser.add_argument(
+        "--classes",
+        default="sync,gthread",
+        help="gunicorn worker classes: sync, gthread (ours, buffering), gthread-plain",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="repeat all, report medians")
     parser.add_argument("--body-bytes", type=int, default=6144, help="pad the body to this")
     args = parser.parse_args()

@@ -28,24 +28,27 @@ Hostile input ends final and visible at its first attempt, never in a loop:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from marshmallow import ValidationError
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from schemas.envelope import LEGACY_FORMAT, Envelope, read_envelope
+from schemas.envelope import LEGACY_FORMAT
 from schemas.vocabulary import FINAL_STATUSES, UNFINISHED_STATUSES, DeliveryOutcome, EventStatus
 from workers import handlers  # noqa: F401 - importing registers the handlers
-from workers.queue.body import MAX_NESTING, nests_deeper_than
+from workers.delivery import UNSTORABLE, Delivery, read_delivery
+from workers.faults import (
+    STORAGE_ERRORS,
+    TRANSIENT_ERRORS,
+    TransientError,
+    describe,
+    refusal,
+)
 from workers.registry import Registry, registry
 
 log = logging.getLogger(__name__)
@@ -53,36 +56,6 @@ log = logging.getLogger(__name__)
 SETTLED = (EventStatus.PROCESSED, EventStatus.IGNORED)
 """Final statuses that stamp ``processed_at``: the event was applied or had nothing to apply."""
 
-# psycopg_pool.PoolTimeout, SerializationFailure and DeadlockDetected are all
-# OperationalErrors: the database is unreachable, busy, or asked us to try again. (So is
-# class 54, program limit exceeded: ``refusal`` sorts that out first, as permanent.)
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (psycopg.OperationalError,)
-
-STORAGE_ERRORS: tuple[type[BaseException], ...] = (
-    psycopg.Error,
-    UnicodeError,
-    RecursionError,
-    OverflowError,
-)
-"""What storing a payload can raise; ``refusal`` says which of them are about the payload."""
-
-PERMANENT_SQLSTATE_CLASSES = {
-    "22": "data exception",
-    "23": "integrity constraint violation",
-    "54": "program limit exceeded",
-}
-"""SQLSTATE classes the database answers for what a payload holds: the same every time."""
-
-MAX_ID_LENGTH = 255
-"""Longest event id or type stored as it came: far below the btree limit (2704 bytes) even
-in four-byte characters. Longer ones are stored cut, with a hash (``storable``)."""
-
-BodyForm = Literal["jsonb", "text", "none"]
-"""Where an event's raw body is stored: ``payload`` (jsonb), ``raw_body`` (text), or not at all."""
-
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-"""Characters no PostgreSQL text can hold: NUL, and surrogates (not encodable as UTF-8)."""
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 CLAIM_EVENT = """
 INSERT INTO events AS e (event_id, type, payload, raw_body, event_created_at, received_at)
@@ -139,164 +112,12 @@ ON CONFLICT (delivery_id) DO NOTHING
 """
 
 
-class TransientError(Exception):
-    """The delivery could not be applied now; trying again later may work."""
-
-
 @dataclass(frozen=True, slots=True)
 class Outcome:
     status: DeliveryOutcome
     event_id: str
     type: str
     reason: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One message from the receiver, identified enough to be recorded."""
-
-    delivery_id: str
-    received_at: datetime
-    body: str
-    document: dict[str, Any] | None
-    envelope: Envelope | None
-    event_id: str
-    """``event.id``, else the envelope id, else ``delivery:<delivery id>``; storable."""
-    type: str
-    """The event type ('' when none); storable."""
-    refused: str | None = None
-    """Why the delivery cannot be stored as it came (an id, its nesting): dead at once."""
-    jsonb: bool = True
-    """Whether ``payload`` (jsonb) may be asked to take the body: a JSON object not too deep."""
-
-    def body_forms(self) -> Iterator[BodyForm]:
-        """Where to try to keep the body, best first; the last one always fits."""
-        if self.jsonb:
-            yield "jsonb"
-        if self.body and _UNSTORABLE.search(self.body) is None:
-            yield "text"
-        yield "none"
-
-    def inbox_params(self, form: BodyForm | None = None) -> dict[str, Any]:
-        form = form or next(self.body_forms())
-        return {
-            "event_id": self.event_id,
-            "type": self.type,
-            "payload": self.body if form == "jsonb" else None,
-            "raw_body": self.body if form == "text" else None,
-            "event_created_at": _parse_time(
-                self.envelope.event_created_at if self.envelope else None
-            ),
-            "received_at": self.received_at,
-            "delivery_id": self.delivery_id,
-        }
-
-
-def read_delivery(body: str, delivery_id: str, received_at: str) -> Delivery:
-    """What a delivery is, never raising: a body that is not a JSON object has no envelope."""
-    too_deep = nests_deeper_than(MAX_NESTING, body.encode("utf-8", "surrogatepass"))
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the stack
-        document = None
-    if not isinstance(document, dict):
-        document = None
-    envelope = read_envelope(document) if document is not None else None
-    delivery_id, _ = storable(delivery_id, "delivery id")
-    event_id, id_problem = storable(
-        envelope.event_id if envelope and envelope.event_id else f"delivery:{delivery_id}",
-        "event id",
-    )
-    event_type, type_problem = storable(envelope.type if envelope else "", "event type")
-    problem = id_problem or type_problem
-    if problem is None and too_deep:
-        problem = f"JSON nested over {MAX_NESTING} levels deep"
-    return Delivery(
-        delivery_id=delivery_id,
-        received_at=_parse_time(received_at) or datetime.now(UTC),
-        body=body,
-        document=document,
-        envelope=envelope,
-        event_id=event_id,
-        type=event_type,
-        refused=f"not storable: {problem}" if problem else None,
-        jsonb=document is not None and not too_deep,
-    )
-
-
-def storable(text: str, what: str) -> tuple[str, str | None]:
-    """``text`` as PostgreSQL can store and index it, and what had to change (None: nothing).
-
-    NUL characters and lone surrogates become U+FFFD, and the text is cut to
-    ``MAX_ID_LENGTH`` with a hash of the original at the end, so two different ids never
-    end as one: a later delivery of the same event finds the same row.
-    """
-    if "\x00" in text:
-        problem = f"the {what} holds a NUL character"
-    elif _SURROGATE.search(text):
-        problem = f"the {what} holds a lone surrogate"
-    elif len(text) > MAX_ID_LENGTH:
-        problem = f"the {what} is over {MAX_ID_LENGTH} characters"
-    else:
-        return text, None
-    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    kept = _UNSTORABLE.sub("\ufffd", text)[: MAX_ID_LENGTH - len(digest) - 1]
-    return f"{kept}~{digest}", problem
-
-
-def _parse_time(text: str | None) -> datetime | None:
-    """An ISO 8601 time as PostgreSQL can store it (in UTC; naive taken as UTC), else None."""
-    if not text:
-        return None
-    try:
-        parsed = datetime.fromisoformat(text)
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-    except (ValueError, OverflowError):  # +25:00, year 0, or out of range once in UTC
-        return None
-
-
-def refusal(exc: BaseException) -> str | None:
-    """The short reason the database or psycopg refused what a payload holds; None when
-    ``exc`` is not about the payload (a transient fault, or a bug).
-
-    Names the problem, never quotes it: the server's message text quotes the body.
-    """
-    if isinstance(exc, psycopg.Error):
-        state = exc.sqlstate
-        if state:
-            kind = PERMANENT_SQLSTATE_CLASSES.get(state[:2])
-            if kind is None:
-                return None
-            return f"rejected by the database: SQLSTATE {state} (class {state[:2]}, {kind})"
-        # Raised by psycopg itself, before sending: its own fixed text, never the payload.
-        if isinstance(exc, psycopg.DataError):
-            what = "a NUL character in a string" if "NUL" in str(exc) else "a value psycopg refuses"
-            return f"not storable: {what} (DataError)"
-        if isinstance(exc, psycopg.ProgrammingError) and str(exc).startswith("cannot adapt"):
-            return "not storable: a value psycopg cannot adapt (ProgrammingError)"
-        return None
-    if isinstance(exc, UnicodeEncodeError):
-        return "not storable: lone surrogate in a string (UnicodeEncodeError)"
-    if isinstance(exc, UnicodeDecodeError):
-        return "not storable: invalid UTF-8 (UnicodeDecodeError)"
-    if isinstance(exc, RecursionError):
-        return "not storable: nested too deeply (RecursionError)"
-    if isinstance(exc, OverflowError):
-        return "not storable: a date or number out of range (OverflowError)"
-    return None
-
-
-def describe(exc: BaseException) -> str:
-    """A short text of an error for ``last_error`` and log lines: the server's message only
-    when it cannot quote a payload (client-side faults: connection, pool timeout)."""
-    name = type(exc).__name__
-    if isinstance(exc, psycopg.Error):
-        if exc.sqlstate:
-            return f"{name} (SQLSTATE {exc.sqlstate})"
-        return _UNSTORABLE.sub("\ufffd", f"{name}: {exc}")[:500]
-    if isinstance(exc, TransientError):
-        return str(exc)
-    return name
 
 
 def process_delivery(
@@ -456,7 +277,7 @@ def record_failure(
     try:
         delivery = read_delivery(body, delivery_id, received_at)
         words = {
-            "error": _UNSTORABLE.sub("\ufffd", error)[:2000],
+            "error": UNSTORABLE.sub("\ufffd", error)[:2000],
             "status": EventStatus.FAILED,
             "outcome": DeliveryOutcome.FAILED,
             "duplicate": DeliveryOutcome.DUPLICATE,

@@ -26,6 +26,7 @@ from schemas.vocabulary import DeliveryOutcome
 from workers import metrics, processing, queue
 from workers.celery_app import settings_of
 from workers.db import get_pool
+from workers.faults import TransientError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def process_delivery(task: Task, body: str, delivery_id: str, received_at: str) 
         pool = get_pool(settings.database_url, settings.db_pool_max_size)
         try:
             outcome = processing.process_delivery(pool, body, delivery_id, received_at)
-        except (processing.TransientError, SoftTimeLimitExceeded) as exc:
+        except (TransientError, SoftTimeLimitExceeded) as exc:
             return retry_or_give_up(task, settings, pool, message, exc)
         except Exception as exc:  # noqa: BLE001 - a bug: logged, kept for the re-drive job
             return give_up_on_crash(settings, pool, message, exc)

@@ -15,7 +15,8 @@ from psycopg_pool import ConnectionPool
 
 from devtools.servers import free_port
 from devtools.webhooks import VOUCHERIFY, body_of, card_redemption, envelope, fixture
-from workers.processing import TransientError, process_delivery, record_failure
+from workers.faults import TransientError
+from workers.processing import process_delivery, record_failure
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from devtools.webhooks import body_of, envelope, fixture
 from workers import processing
 from workers.celery_app import make_celery
 from workers.db import close_pool, get_pool
+from workers.faults import TransientError
 from workers.queue import ACCEPTED_HASH, ACCEPTED_PUSHES, PARKED_QUEUE, DeliveryPublisher, Message
 from workers.tasks import record_failure, retry_or_give_up
 
@@ -114,7 +115,7 @@ def test_out_of_retries_a_hostile_body_is_recorded_failed_not_raised(
     pool = get_pool(settings.database_url)
     task.push_request(retries=settings.event_max_retries)
     try:
-        exc = processing.TransientError("OperationalError (SQLSTATE 57P01)")
+        exc = TransientError("OperationalError (SQLSTATE 57P01)")
         status = retry_or_give_up(task, settings, pool, message, exc)
     finally:
         task.pop_request()
@@ -157,7 +158,7 @@ def test_without_postgresql_a_hostile_body_is_parked_not_raised(
     pool = get_pool(gone.database_url)
     task.push_request(retries=settings.event_max_retries)
     try:
-        exc = processing.TransientError("PoolTimeout: couldn't get a connection")
+        exc = TransientError("PoolTimeout: couldn't get a connection")
         status = retry_or_give_up(task, gone, pool, message, exc)
     finally:
         task.pop_request()

@@ -161,7 +161,7 @@ def recorded_in(pool: ConnectionPool) -> queue.Recorded:
 def dead_letter_in(pool: ConnectionPool) -> queue.GiveUp:
     """The sweep's last word on deliveries it pushed too often: dead letters in the inbox,
     bodies kept (a duplicate, when the event is final already). Raises
-    ``processing.TransientError`` when PostgreSQL is gone: the copies wait for a later run."""
+    ``faults.TransientError`` when PostgreSQL is gone: the copies wait for a later run."""
 
     def give_up(unrecorded: Sequence[queue.Unrecorded]) -> set[str]:
         recorded: set[str] = set()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 
@@ -90,7 +91,7 @@ def sweep(
     """Forget copies PostgreSQL has recorded; push again the ones it never got, each at most
     ``MAX_PUSHES`` times, then hand them to ``give_up``. Without ``give_up`` a copy out of
     pushes is kept, not pushed (``depths`` shows it)."""
-    forgotten = repushed = given_up = 0
+    total = Counter[str]()
     now = time.time()
     cutoff = min(now - after_seconds, _oldest_waiting(client))
     while time.monotonic() < deadline:
@@ -100,22 +101,40 @@ def sweep(
         ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
         if not ids:
             break
-        done = set(recorded(ids))
-        missing = [i for i in ids if i not in done]
-        messages = client.hmget(ACCEPTED_HASH, missing) if missing else []
-        pushes = client.hmget(ACCEPTED_PUSHES, missing) if missing else []
-        pipe = client.pipeline(transaction=True)
-        for delivery_id in done:
+        total.update(_sweep_batch(client, ids, recorded, give_up, now))
+        if len(ids) < batch_size:
+            break
+    result = SweepResult(**total)
+    if result.repushed or result.given_up:
+        log.warning("redrive.accepted_swept", extra=result.as_dict())
+    return result
+
+
+def _sweep_batch(
+    client: redis.Redis,
+    ids: list[str],
+    recorded: Recorded,
+    give_up: GiveUp | None,
+    now: float,
+) -> Counter[str]:
+    """One batch of old copies, in one Redis transaction; every id leaves the swept range."""
+    counts = Counter[str]()
+    done = set(recorded(ids))
+    missing = [i for i in ids if i not in done]
+    messages = client.hmget(ACCEPTED_HASH, missing) if missing else []
+    pushes = client.hmget(ACCEPTED_PUSHES, missing) if missing else []
+    pipe = client.pipeline(transaction=True)
+    for delivery_id in done:
+        _drop(pipe, delivery_id)
+    counts["forgotten"] = len(done)
+    exhausted: list[Unrecorded] = []
+    for delivery_id, message, count in zip(missing, messages, pushes, strict=True):
+        pushed = int(count or 0)
+        if message is None:  # the index outlived its copy: nothing left to push
             _drop(pipe, delivery_id)
-        exhausted: list[Unrecorded] = []
-        for delivery_id, message, count in zip(missing, messages, pushes, strict=True):
-            if message is None:  # the index outlived its copy: nothing left to push
-                _drop(pipe, delivery_id)
-                continue
-            pushed = int(count or 0)
-            if pushed >= MAX_PUSHES:
-                exhausted.append(Unrecorded(delivery_id, pushed, Message.decode(message)))
-                continue
+        elif pushed >= MAX_PUSHES:
+            exhausted.append(Unrecorded(delivery_id, pushed, Message.decode(message)))
+        else:
             # Queued again, and judged again only after another full threshold.
             pipe.lpush(DELIVERY_QUEUE, message)
             pipe.zadd(ACCEPTED_INDEX, {delivery_id: now}, xx=True)
@@ -124,28 +143,22 @@ def sweep(
                 "redrive.unrecorded_delivery",
                 extra={"delivery_id": delivery_id, "push": pushed + 1},
             )
-            repushed += 1
-        given = set(give_up(exhausted)) if exhausted and give_up is not None else set()
-        for unrecorded in exhausted:
-            if unrecorded.delivery_id in given:
-                _drop(pipe, unrecorded.delivery_id)
-                given_up += 1
-                continue
-            # Not recorded by the caller (or no caller to record it): kept, not pushed,
-            # offered again after another full threshold.
-            pipe.zadd(ACCEPTED_INDEX, {unrecorded.delivery_id: now}, xx=True)
-            log.error(
-                "redrive.unrecorded_delivery_kept",
-                extra={"delivery_id": unrecorded.delivery_id, "pushes": unrecorded.pushes},
-            )
-        pipe.execute()  # every id of the batch leaves the range: the next one starts at 0
-        forgotten += len(done)
-        if len(ids) < batch_size:
-            break
-    result = SweepResult(forgotten=forgotten, repushed=repushed, given_up=given_up)
-    if repushed or given_up:
-        log.warning("redrive.accepted_swept", extra=result.as_dict())
-    return result
+            counts["repushed"] += 1
+    given = set(give_up(exhausted)) if exhausted and give_up is not None else set()
+    for unrecorded in exhausted:
+        if unrecorded.delivery_id in given:
+            _drop(pipe, unrecorded.delivery_id)
+            counts["given_up"] += 1
+            continue
+        # Not recorded by the caller (or no caller to record it): kept, not pushed,
+        # offered again after another full threshold.
+        pipe.zadd(ACCEPTED_INDEX, {unrecorded.delivery_id: now}, xx=True)
+        log.error(
+            "redrive.unrecorded_delivery_kept",
+            extra={"delivery_id": unrecorded.delivery_id, "pushes": unrecorded.pushes},
+        )
+    pipe.execute()
+    return counts
 
 
 def _drop(pipe: redis.client.Pipeline, delivery_id: str) -> None:
