@@ -11,11 +11,13 @@ The fault tests always start their own servers, since they stop and restart them
 
 from __future__ import annotations
 
+import http.client
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -24,11 +26,13 @@ import hypothesis
 import psycopg
 import pytest
 import redis
+from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
 from devtools.servers import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
-from devtools.webhooks import SECRET
+from devtools.webhooks import SECRET, body_of, envelope
 from migrations import apply_migrations
+from workers.processing import process_delivery
 
 # No per-example deadline: on two cores shared with real servers and processes, one slow
 # example is scheduling, not a finding, and a deadline would make the suite flaky.
@@ -108,6 +112,30 @@ def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
+@pytest.fixture
+def pool(database_url: str) -> Iterator[ConnectionPool]:
+    """A pool on the test database, for the code under test."""
+    with ConnectionPool(database_url, min_size=1, max_size=4, open=True) as pool:
+        yield pool
+
+
+def deliver(
+    pool: ConnectionPool,
+    event_type: str,
+    data: Any,
+    event_id: str | None = None,
+    received_at: str | None = None,
+) -> str:
+    """Apply one webhook as the worker would (``process_delivery``); the outcome's status."""
+    doc = envelope(event_type, data, event_id=event_id)
+    return process_delivery(
+        pool,
+        body_of(doc).decode(),
+        uuid.uuid4().hex,
+        received_at or datetime.now(UTC).isoformat(),
+    ).status
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     given = os.environ.get("TEST_REDIS_URL")
@@ -159,6 +187,24 @@ def process_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+def http_call(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | str | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 15,
+) -> tuple[http.client.HTTPResponse, bytes]:
+    """One request to a process of this machine: the response, and its body read in full."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response, response.read()
+    finally:
+        conn.close()
+
+
 class Processes:
     """Start real pipeline processes (as in the Procfile); stop them all at the end."""
 
@@ -180,7 +226,10 @@ class Processes:
         self.running.append(proc)
         return proc
 
-    def worker(self, env: dict[str, str], concurrency: int = 2) -> subprocess.Popen[bytes]:
+    def _celery(
+        self, command: str, options: list[str], env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
+        """``celery <command>`` of the pipeline's app, as the Procfile runs it."""
         args = [
             sys.executable,
             "-m",
@@ -188,7 +237,15 @@ class Processes:
             "--quiet",  # no banner: every stdout line is a JSON log line
             "-A",
             "workers.app",
-            "worker",
+            command,
+            "--loglevel",
+            "INFO",
+            *options,
+        ]
+        return self._spawn(command, args, env)
+
+    def worker(self, env: dict[str, str], concurrency: int = 2) -> subprocess.Popen[bytes]:
+        options = [
             "--queues",
             "deliveries,jobs",
             "--concurrency",
@@ -196,27 +253,12 @@ class Processes:
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
-            "--loglevel",
-            "INFO",
         ]
-        return self._spawn("worker", args, env)
+        return self._celery("worker", options, env)
 
     def beat(self, env: dict[str, str], schedule_file: Path) -> subprocess.Popen[bytes]:
         """A ``beat`` as in the Procfile; each one needs a schedule file of its own."""
-        args = [
-            sys.executable,
-            "-m",
-            "celery",
-            "--quiet",  # no banner: every stdout line is a JSON log line
-            "-A",
-            "workers.app",
-            "beat",
-            "--loglevel",
-            "INFO",
-            "--schedule",
-            str(schedule_file),
-        ]
-        return self._spawn("beat", args, env)
+        return self._celery("beat", ["--schedule", str(schedule_file)], env)
 
     def web(self, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
@@ -249,3 +291,32 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     procs = Processes(tmp_path)
     yield procs
     procs.stop_all()
+
+
+PipelineEnv = Callable[..., dict[str, str]]
+"""What ``pipeline_env`` gives: ``process_env`` with the test's servers, given more variables."""
+
+
+@pytest.fixture
+def pipeline_env(database_url: str, redis_url: str) -> PipelineEnv:
+    """``process_env`` on the test's database and Redis with the webhook secret ``SECRET``;
+    more variables as keywords."""
+
+    def build(**overrides: str) -> dict[str, str]:
+        return process_env(
+            DATABASE_URL=database_url,
+            REDIS_URL=redis_url,
+            VOUCHERIFY_WEBHOOK_SECRET=SECRET,
+            **overrides,
+        )
+
+    return build
+
+
+@pytest.fixture
+def pipeline_port(processes: Processes, pipeline_env: PipelineEnv) -> int:
+    """The port of a web process with a worker behind it, both on ``pipeline_env()``."""
+    env = pipeline_env()
+    _, port = processes.web(env)
+    processes.worker(env)
+    return port

@@ -9,7 +9,7 @@ import argparse
 import os
 import re
 import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -114,12 +114,34 @@ def test_readme_is_short() -> None:
     )
 
 
+def _link_targets(line: str) -> list[str]:
+    return LINK.findall(INLINE_CODE.sub("", line))
+
+
+def _assert_no_problem(
+    doc: Path,
+    found: Callable[[str], list[str]],
+    problem: Callable[[str], str | None],
+    in_code: bool | None = None,
+) -> None:
+    """Fails naming every line of ``doc`` where ``problem`` has something to say of what
+    ``found`` finds in it; only in code blocks or only outside them, when ``in_code`` says."""
+    problems = [
+        f"{_where(doc, number)}: {message}"
+        for number, line, code in _lines(doc)
+        if in_code is None or code == in_code
+        for item in found(line)
+        if (message := problem(item))
+    ]
+    assert not problems, "\n".join(problems)
+
+
 def test_readme_links_every_doc() -> None:
     linked = {
         (README.parent / target.split("#", 1)[0]).resolve()
         for _, line, in_code in _lines(README)
         if not in_code
-        for target in LINK.findall(INLINE_CODE.sub("", line))
+        for target in _link_targets(line)
     }
     orphans = [_id(doc) for doc in DOCS[1:] if doc.resolve() not in linked]
     assert not orphans, f"README.md links to none of: {', '.join(orphans)}"
@@ -127,58 +149,49 @@ def test_readme_links_every_doc() -> None:
 
 @pytest.mark.parametrize("doc", DOCS, ids=_id)
 def test_relative_links_resolve(doc: Path) -> None:
-    problems = []
-    for number, line, in_code in _lines(doc):
-        if in_code:
-            continue
-        for target in LINK.findall(INLINE_CODE.sub("", line)):
-            if re.match(r"(?i)(https?:|mailto:|#)", target):
-                continue
-            path = target.split("#", 1)[0]
-            if not (doc.parent / path).exists():
-                problems.append(f"{_where(doc, number)}: link to {target!r}: no such file")
-    assert not problems, "\n".join(problems)
+    def problem(target: str) -> str | None:
+        if re.match(r"(?i)(https?:|mailto:|#)", target):
+            return None
+        if (doc.parent / target.split("#", 1)[0]).exists():
+            return None
+        return f"link to {target!r}: no such file"
+
+    _assert_no_problem(doc, _link_targets, problem, in_code=False)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=_id)
 def test_scripts_exist(doc: Path) -> None:
-    problems = []
-    for number, line, _ in _lines(doc):
-        for name in SCRIPT.findall(line):
-            script = ROOT / "scripts" / name
-            if not script.is_file():
-                problems.append(f"{_where(doc, number)}: scripts/{name} does not exist")
-            elif not os.access(script, os.X_OK):
-                problems.append(f"{_where(doc, number)}: scripts/{name} is not executable")
-    assert not problems, "\n".join(problems)
+    def problem(name: str) -> str | None:
+        script = ROOT / "scripts" / name
+        if not script.is_file():
+            return f"scripts/{name} does not exist"
+        if not os.access(script, os.X_OK):
+            return f"scripts/{name} is not executable"
+        return None
+
+    _assert_no_problem(doc, SCRIPT.findall, problem)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=_id)
 def test_python_modules_exist(doc: Path) -> None:
-    problems = []
-    for number, line, _ in _lines(doc):
-        for module in PYTHON_MODULE.findall(line):
-            if module in THIRD_PARTY_MODULES or _module_resolves(module):
-                continue
-            problems.append(
-                f"{_where(doc, number)}: 'python -m {module}': no {module.replace('.', '/')}.py"
-                " or package with __main__.py in the repository"
-            )
-    assert not problems, "\n".join(problems)
+    def problem(module: str) -> str | None:
+        if module in THIRD_PARTY_MODULES or _module_resolves(module):
+            return None
+        return (
+            f"'python -m {module}': no {module.replace('.', '/')}.py"
+            " or package with __main__.py in the repository"
+        )
+
+    _assert_no_problem(doc, PYTHON_MODULE.findall, problem)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=_id)
 def test_cli_commands_exist(doc: Path) -> None:
     root = _cli_parser()
-    problems = []
-    for number, line, in_code in _lines(doc):
-        if not in_code:
-            continue  # prose may name a planned command; a code block shows one to run
-        for rest in CLI.findall(line):
-            problem = _cli_problem(_cli_words(rest), root)
-            if problem:
-                problems.append(f"{_where(doc, number)}: {problem}")
-    assert not problems, "\n".join(problems)
+    # Only code blocks: prose may name a planned command; a code block shows one to run.
+    _assert_no_problem(
+        doc, CLI.findall, lambda rest: _cli_problem(_cli_words(rest), root), in_code=True
+    )
 
 
 def test_cli_check_knows_real_and_planned_commands() -> None:

@@ -3,7 +3,8 @@
 Bounded (a fixed number of examples, a deadline for the worker to settle), in CI. The
 bodies: the published payloads of every type in ``tests/fixtures/voucherify`` mutated
 (free text replaced by hostile strings, keys dropped, values nulled or retyped, subtrees
-nested deep, NaN and Infinity written in, bytes flipped), and arbitrary JSON. Each is
+nested deep, NaN and Infinity written in, bytes flipped), envelopes generated from the
+published webhook schemas (``devtools.payloads``), and arbitrary JSON and bytes. Each is
 signed, a few with a forged or malformed signature header. What must hold:
 
 - never a 5xx (nothing here takes the broker away, so not even a 503);
@@ -14,7 +15,6 @@ signed, a few with a forged or malformed signature header. What must hold:
 
 from __future__ import annotations
 
-import http.client
 import itertools
 import json
 import random
@@ -27,8 +27,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devtools.webhooks import SECRET, VOUCHERIFY, envelope, sign, wait_until
-from tests.conftest import Processes, process_env
+from devtools.payloads import webhook_envelope
+from devtools.webhooks import REDEMPTION_FAMILY, VOUCHERIFY, envelope, sign, wait_until
+from tests.conftest import PipelineEnv, Processes, http_call
 from workers.queue import ACCEPTED_HASH, DELIVERY_QUEUE
 
 pytestmark = pytest.mark.e2e
@@ -158,6 +159,15 @@ JSON_VALUES = st.recursive(
 
 
 @st.composite
+def from_the_schemas(draw: st.DrawFn) -> bytes:
+    """An envelope generated from Voucherify's published webhook schemas (any Unicode,
+    lone surrogates included, in any free-text field)."""
+    event_type = draw(st.sampled_from(REDEMPTION_FAMILY))
+    document = draw(webhook_envelope(event_type, surrogates=True))
+    return json.dumps(document).encode()
+
+
+@st.composite
 def arbitrary_json(draw: st.DrawFn) -> bytes:
     value = draw(JSON_VALUES)
     if draw(st.booleans()):
@@ -167,7 +177,13 @@ def arbitrary_json(draw: st.DrawFn) -> bytes:
 
 
 # Mostly mutated payloads (one_of picks a branch uniformly): they reach the worker.
-BODIES = st.one_of(mutated_payload(), mutated_payload(), arbitrary_json(), st.binary(max_size=300))
+BODIES = st.one_of(
+    mutated_payload(),
+    mutated_payload(),
+    from_the_schemas(),
+    arbitrary_json(),
+    st.binary(max_size=300),
+)
 SIGNATURES = st.sampled_from(["good"] * 8 + ["forged", "malformed"])
 
 
@@ -177,18 +193,8 @@ def post(port: int, body: bytes, signature: str) -> tuple[int, dict[str, Any]]:
         "forged": sign(body, "not-the-secret"),
         "malformed": "sha256=" + sign(body)[:20],
     }[signature]
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request(
-            "POST",
-            "/webhooks/voucherify",
-            body=body,
-            headers={"Content-Type": "application/json", "x-voucherify-signature": header},
-        )
-        response = conn.getresponse()
-        raw = response.read()
-    finally:
-        conn.close()
+    headers = {"Content-Type": "application/json", "x-voucherify-signature": header}
+    response, raw = http_call(port, "POST", "/webhooks/voucherify", body, headers, timeout=30)
     try:
         answer = json.loads(raw)
     except ValueError:
@@ -198,20 +204,13 @@ def post(port: int, body: bytes, signature: str) -> tuple[int, dict[str, Any]]:
 
 def test_random_and_mutated_signed_bodies_never_5xx_and_all_end_final(
     processes: Processes,
-    database_url: str,
-    redis_url: str,
+    pipeline_env: PipelineEnv,
     db: psycopg.Connection[Any],
     redis_client: redis.Redis,
     tmp_path: Path,
 ) -> None:
     (tmp_path / "metrics").mkdir()
-    env = process_env(
-        DATABASE_URL=database_url,
-        REDIS_URL=redis_url,
-        VOUCHERIFY_WEBHOOK_SECRET=SECRET,
-        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
-        WORKER_METRICS_PORT="0",
-    )
+    env = pipeline_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"), WORKER_METRICS_PORT="0")
     web, port = processes.web(env)
     worker = processes.worker(env)
     accepted: list[str] = []

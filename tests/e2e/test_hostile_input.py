@@ -18,8 +18,8 @@ import psycopg
 import pytest
 import redis
 
-from devtools.webhooks import SECRET, body_of, card_redemption, envelope, sign, wait_until
-from tests.conftest import Processes, process_env
+from devtools.webhooks import body_of, card_redemption, envelope, sign, wait_until
+from tests.conftest import Processes
 from tests.e2e.test_pipeline import post
 from workers.queue import (
     ACCEPTED_HASH,
@@ -38,24 +38,18 @@ def redemption(event_id: str) -> bytes:
 
 
 def test_hostile_signed_bodies_end_as_one_dead_letter_each_and_leave_nothing_to_sweep(
+    pipeline_port: int,
     processes: Processes,
-    database_url: str,
     redis_url: str,
     db: psycopg.Connection[Any],
     redis_client: redis.Redis,
 ) -> None:
-    env = process_env(
-        DATABASE_URL=database_url, REDIS_URL=redis_url, VOUCHERIFY_WEBHOOK_SECRET=SECRET
-    )
-    _, port = processes.web(env)
-    processes.worker(env)
-
     surrogate = redemption("ev_\ud800_e2e")  # valid JSON: the escape, not the character
     deep = redemption("ev_deep_e2e").replace(
         b'"metadata":', b'"metadata":' + b"[" * 500 + b"]" * 500 + b',"x":', 1
     )
     nan = redemption("ev_nan_e2e").replace(b'"project_id":', b'"x":NaN,"project_id":', 1)
-    status, payload = post(port, surrogate, sign(surrogate))
+    status, payload = post(pipeline_port, surrogate, sign(surrogate))
     assert status == 202, payload
     publisher = DeliveryPublisher(redis_url, 1.0)
     try:

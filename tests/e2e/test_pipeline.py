@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 from typing import Any
 
@@ -11,7 +10,6 @@ import pytest
 import redis
 
 from devtools.webhooks import (
-    SECRET,
     body_of,
     card_redemption,
     card_rollback,
@@ -20,37 +18,26 @@ from devtools.webhooks import (
     sign,
     wait_until,
 )
-from tests.conftest import Processes, process_env
+from tests.conftest import Processes, http_call
 from workers.queue import ACCEPTED_HASH
 
 pytestmark = pytest.mark.e2e
 
 
 def post(port: int, body: bytes, signature: str | None = None) -> tuple[int, dict[str, Any]]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
     headers = {"Content-Type": "application/json"}
     if signature is not None:
         headers["x-voucherify-signature"] = signature
-    conn.request("POST", "/webhooks/voucherify", body=body, headers=headers)
-    response = conn.getresponse()
-    payload = json.loads(response.read() or b"{}")
-    conn.close()
-    return response.status, payload
+    response, raw = http_call(port, "POST", "/webhooks/voucherify", body, headers)
+    return response.status, json.loads(raw or b"{}")
 
 
 def test_signed_webhooks_end_as_rows_in_postgresql(
+    pipeline_port: int,
     processes: Processes,
-    database_url: str,
-    redis_url: str,
     db: psycopg.Connection[Any],
     redis_client: redis.Redis,
 ) -> None:
-    env = process_env(
-        DATABASE_URL=database_url, REDIS_URL=redis_url, VOUCHERIFY_WEBHOOK_SECRET=SECRET
-    )
-    _, port = processes.web(env)
-    processes.worker(env)
-
     redeemed = envelope(
         "redemption.succeeded",
         card_redemption("gift", "r_e2e", amount=2000, balance_after=8000),
@@ -74,11 +61,11 @@ def test_signed_webhooks_end_as_rows_in_postgresql(
     accepted = []
     for doc in (rolled, redeemed, redeemed, failed, invalid, unknown):  # out of order, a duplicate
         body = body_of(doc)
-        status, payload = post(port, body, sign(body))
+        status, payload = post(pipeline_port, body, sign(body))
         assert status == 202, payload
         assert payload["status"] == "accepted"
         accepted.append(payload["delivery_id"])
-    status, payload = post(port, body_of(unknown), sign(body_of(unknown), "wrong-secret"))
+    status, payload = post(pipeline_port, body_of(unknown), sign(body_of(unknown), "wrong-secret"))
     assert status == 401
     assert payload == {"error": "invalid_signature"}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import psycopg
+import redis
 
 from devtools.servers import EmbeddedPostgres, EmbeddedRedis
 from migrations import apply_migrations
@@ -25,3 +26,12 @@ class Servers:
     def stop(self) -> None:
         self.redis.stop()
         self.postgres.stop(mode="immediate")
+
+
+def unacked(redis_url: str) -> int:
+    """Messages taken by workers and not yet acknowledged (kombu's ``unacked`` hash)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.hlen("unacked"))
+    finally:
+        client.close()

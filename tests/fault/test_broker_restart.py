@@ -25,6 +25,7 @@ from devtools.servers import EmbeddedPostgres, EmbeddedRedis
 from devtools.webhooks import body_of, card_redemption, envelope, wait_until
 from migrations import apply_migrations
 from tests.conftest import Processes, process_env
+from tests.fault.servers import unacked
 from workers.queue import DELIVERY_QUEUE, Message
 
 pytestmark = pytest.mark.fault
@@ -55,14 +56,6 @@ def recorded(url: str) -> int:
     except psycopg.OperationalError:
         return -1
     return int(row[0]) if row else 0
-
-
-def unacked(redis_url: str) -> int:
-    client = redis.Redis.from_url(redis_url)
-    try:
-        return int(client.hlen("unacked"))
-    finally:
-        client.close()
 
 
 def test_a_worker_whose_acks_fail_during_a_redis_restart_goes_on_consuming(

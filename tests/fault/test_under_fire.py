@@ -55,7 +55,7 @@ from devtools.sender import CONNECTION_ERROR, Sender, percentile
 from devtools.stream import Stream, build_stream
 from devtools.webhooks import SECRET, wait_until
 from tests.conftest import Processes, process_env
-from tests.fault.servers import Servers
+from tests.fault.servers import Servers, unacked
 from workers.queue import ACCEPTED_HASH, DELIVERY_QUEUE, PARKED_QUEUE
 
 pytestmark = pytest.mark.fault
@@ -263,15 +263,6 @@ def where_are(url: str, redis_url: str, sender: Sender, accepted: dict[int, Any]
             f"in Redis: {places or 'nowhere'}"
         )
     return lines
-
-
-def unacked(redis_url: str) -> int:
-    """Messages taken by workers and not yet acknowledged (kombu's ``unacked`` hash)."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        return int(client.hlen("unacked"))
-    finally:
-        client.close()
 
 
 def reached(sender: Sender, deliveries: int) -> Callable[[], bool]:

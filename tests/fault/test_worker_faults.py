@@ -72,6 +72,19 @@ def count(url: str, query: str) -> int:
     return int(row[0])
 
 
+def wait_until_all_processed(
+    url: str, total: int, processes: Processes, *, timeout: float, after: str
+) -> None:
+    """Waits until ``total`` events are processed; a timeout fails saying "every event
+    applied after <after>", with the processes' logs."""
+    wait_until(
+        lambda: count(url, "SELECT count(*) FROM events WHERE status = 'processed'") == total,
+        timeout=timeout,
+        interval=0.5,
+        what=lambda: f"every event applied after {after}\n" + processes.logs(),
+    )
+
+
 def assert_applied_exactly_once(url: str, event_ids: list[str], *, tries: int | None) -> None:
     with psycopg.connect(url) as conn:
         events: list[Any] = conn.execute(
@@ -116,14 +129,7 @@ def test_a_worker_killed_with_sigkill_mid_batch_loses_nothing_and_applies_nothin
     assert done_at_kill < len(event_ids), "the batch finished before the kill: enqueue more"
 
     processes.worker(env)
-    wait_until(
-        lambda: (
-            count(url, "SELECT count(*) FROM events WHERE status = 'processed'") == len(event_ids)
-        ),
-        timeout=120,
-        interval=0.5,
-        what=lambda: "every event applied after the restart\n" + processes.logs(),
-    )
+    wait_until_all_processed(url, len(event_ids), processes, timeout=120, after="the restart")
     assert_applied_exactly_once(url, event_ids, tries=1)
     # Nothing left behind: every accepted copy forgotten by a worker or by the sweep.
     client = redis.Redis.from_url(servers.redis.url())
@@ -147,12 +153,7 @@ def test_events_arriving_while_postgresql_is_down_for_15s_are_applied_once_it_is
     time.sleep(15)  # the outage itself, not a wait for a result
     servers.postgres.start()
 
-    wait_until(
-        lambda: count(url, "SELECT count(*) FROM events WHERE status = 'processed'") == 120,
-        timeout=120,
-        interval=0.5,
-        what=lambda: "every event applied after PostgreSQL came back\n" + processes.logs(),
-    )
+    wait_until_all_processed(url, 120, processes, timeout=120, after="PostgreSQL came back")
     # Tries that failed while PostgreSQL was coming back are counted in attempts.
     assert_applied_exactly_once(url, before + during, tries=None)
     with psycopg.connect(url) as conn:
@@ -175,12 +176,5 @@ def test_a_worker_stopped_with_sigterm_mid_batch_hands_its_messages_back_at_once
 
     # With a one-hour visibility timeout, only a clean hand-back lets this finish quickly.
     processes.worker(env)
-    wait_until(
-        lambda: (
-            count(url, "SELECT count(*) FROM events WHERE status = 'processed'") == len(event_ids)
-        ),
-        timeout=90,
-        interval=0.5,
-        what=lambda: "every event applied after the restart\n" + processes.logs(),
-    )
+    wait_until_all_processed(url, len(event_ids), processes, timeout=90, after="the restart")
     assert_applied_exactly_once(url, event_ids, tries=1)

@@ -1,41 +1,13 @@
-"""Fixtures of the reconciliation job tests: a pool on the test database, a delivery helper."""
+"""Helpers of the reconciliation job tests: row queries, and the process's pool closed
+after each test (``pool`` and ``deliver`` are ``tests/conftest.py``'s)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg_pool import ConnectionPool
-
-from devtools.webhooks import body_of, envelope
-from workers.processing import process_delivery
-
-
-@pytest.fixture
-def pool(database_url: str) -> Iterator[ConnectionPool]:
-    with ConnectionPool(database_url, min_size=1, max_size=4, open=True) as pool:
-        yield pool
-
-
-def deliver(
-    pool: ConnectionPool,
-    event_type: str,
-    data: Any,
-    event_id: str | None = None,
-    received_at: str | None = None,
-) -> str:
-    """Apply one webhook as the worker would; the outcome's status."""
-    doc = envelope(event_type, data, event_id=event_id)
-    return process_delivery(
-        pool,
-        body_of(doc).decode(),
-        uuid.uuid4().hex,
-        received_at or datetime.now(UTC).isoformat(),
-    ).status
 
 
 def rows(db: psycopg.Connection[Any], query: str, *params: Any) -> list[tuple[Any, ...]]:

@@ -5,10 +5,12 @@ bounded number of times, then dead-lettered; one the inbox has is only forgotten
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+import pytest
 import redis
 from psycopg_pool import ConnectionPool
 
@@ -26,21 +28,29 @@ from workers.queue import (
     DeliveryPublisher,
 )
 
+Accept = Callable[..., str]
+"""``accept(event_id, age_seconds=3600, body="")``: the delivery id."""
 
-def accept(
-    redis_url: str, client: redis.Redis, event_id: str, age_seconds: float, body: str = ""
-) -> str:
-    """What the receiver does for a 202, then pretend it happened ``age_seconds`` ago."""
-    data = card_redemption("gift", f"r_{event_id}", amount=1500, balance_after=500)
-    body = body or body_of(envelope("redemption.succeeded", data, event_id=event_id)).decode()
-    delivery_id = f"d_{event_id}"
-    publisher = DeliveryPublisher(redis_url, 1.0)
-    try:
-        publisher.publish(body, delivery_id, datetime.now(UTC).isoformat())
-    finally:
-        publisher.close()
-    client.zadd(ACCEPTED_INDEX, {delivery_id: time.time() - age_seconds}, xx=True)
-    return delivery_id
+
+@pytest.fixture
+def accept(redis_url: str, redis_client: redis.Redis) -> Accept:
+    """What the receiver does for a 202, then pretend it happened ``age_seconds`` ago (by
+    default an hour: older than the sweep's threshold of 600 s)."""
+
+    def accepted(event_id: str, age_seconds: float = 3600, body: str = "") -> str:
+        data = card_redemption("gift", f"r_{event_id}", amount=1500, balance_after=500)
+        doc = envelope("redemption.succeeded", data, event_id=event_id)
+        body = body or body_of(doc).decode()
+        delivery_id = f"d_{event_id}"
+        publisher = DeliveryPublisher(redis_url, 1.0)
+        try:
+            publisher.publish(body, delivery_id, datetime.now(UTC).isoformat())
+        finally:
+            publisher.close()
+        redis_client.zadd(ACCEPTED_INDEX, {delivery_id: time.time() - age_seconds}, xx=True)
+        return delivery_id
+
+    return accepted
 
 
 def lose_in_flight(client: redis.Redis) -> None:
@@ -49,12 +59,9 @@ def lose_in_flight(client: redis.Redis) -> None:
 
 
 def test_a_delivery_lost_between_brpop_and_the_inbox_is_pushed_again_and_applied_once(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    redis_url: str,
-    redis_client: redis.Redis,
+    pool: ConnectionPool, db: psycopg.Connection[Any], accept: Accept, redis_client: redis.Redis
 ) -> None:
-    delivery_id = accept(redis_url, redis_client, "ev_lost_in_flight", age_seconds=3600)
+    delivery_id = accept("ev_lost_in_flight")
     lose_in_flight(redis_client)
 
     result = redrive(pool, redis_client, 600, 5, a_while())
@@ -73,9 +80,9 @@ def test_a_delivery_lost_between_brpop_and_the_inbox_is_pushed_again_and_applied
 
 
 def test_a_pushed_again_copy_is_judged_again_only_after_another_threshold(
-    pool: ConnectionPool, redis_url: str, redis_client: redis.Redis
+    pool: ConnectionPool, accept: Accept, redis_client: redis.Redis
 ) -> None:
-    accept(redis_url, redis_client, "ev_twice", age_seconds=3600)
+    accept("ev_twice")
     lose_in_flight(redis_client)
     assert queue.sweep(redis_client, recorded_in(pool), 600, a_while()).repushed == 1
     lose_in_flight(redis_client)  # lost again
@@ -86,9 +93,9 @@ def test_a_pushed_again_copy_is_judged_again_only_after_another_threshold(
 
 
 def test_a_delivery_recorded_before_its_worker_died_is_forgotten_not_pushed(
-    pool: ConnectionPool, redis_url: str, redis_client: redis.Redis
+    pool: ConnectionPool, accept: Accept, redis_client: redis.Redis
 ) -> None:
-    delivery_id = accept(redis_url, redis_client, "ev_recorded", age_seconds=3600)
+    delivery_id = accept("ev_recorded")
     [message] = queued(redis_client)
     redis_client.delete(DELIVERY_QUEUE)
     # The worker committed, then died before deleting the copy.
@@ -103,13 +110,13 @@ def test_a_delivery_recorded_before_its_worker_died_is_forgotten_not_pushed(
 
 
 def test_young_copies_and_copies_waiting_behind_a_backlog_are_left_alone(
-    pool: ConnectionPool, redis_url: str, redis_client: redis.Redis
+    pool: ConnectionPool, accept: Accept, redis_client: redis.Redis
 ) -> None:
     # Old, but still waiting in the queue behind a backlog (no worker took them yet).
-    accept(redis_url, redis_client, "ev_backlog_1", age_seconds=3600)
-    accept(redis_url, redis_client, "ev_backlog_2", age_seconds=3500)
+    accept("ev_backlog_1")
+    accept("ev_backlog_2", age_seconds=3500)
     # Taken by a worker a moment ago: still within the threshold.
-    accept(redis_url, redis_client, "ev_young", age_seconds=5)
+    accept("ev_young", age_seconds=5)
 
     result = queue.sweep(redis_client, recorded_in(pool), 600, a_while())
 
@@ -119,10 +126,10 @@ def test_young_copies_and_copies_waiting_behind_a_backlog_are_left_alone(
 
 
 def test_copies_are_swept_in_bounded_batches_until_none_is_left(
-    pool: ConnectionPool, redis_url: str, redis_client: redis.Redis
+    pool: ConnectionPool, accept: Accept, redis_client: redis.Redis
 ) -> None:
     for n in range(5):
-        accept(redis_url, redis_client, f"ev_batch_{n}", age_seconds=3600 - n)
+        accept(f"ev_batch_{n}", age_seconds=3600 - n)
     redis_client.delete(DELIVERY_QUEUE)  # all five lost
 
     assert queue.sweep(redis_client, recorded_in(pool), 600, a_while(), batch_size=2).repushed == 5
@@ -141,9 +148,9 @@ def pushes(client: redis.Redis, delivery_id: str) -> int:
 
 
 def test_the_sweep_counts_its_pushes_of_each_delivery(
-    pool: ConnectionPool, redis_url: str, redis_client: redis.Redis
+    pool: ConnectionPool, accept: Accept, redis_client: redis.Redis
 ) -> None:
-    delivery_id = accept(redis_url, redis_client, "ev_counted", age_seconds=3600)
+    delivery_id = accept("ev_counted")
     assert pushes(redis_client, delivery_id) == 0
     for push in (1, 2):
         lose_in_flight(redis_client)
@@ -160,14 +167,11 @@ def test_the_sweep_counts_its_pushes_of_each_delivery(
 
 
 def test_a_delivery_never_recorded_is_pushed_at_most_n_times_then_dead_lettered_with_its_body(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    redis_url: str,
-    redis_client: redis.Redis,
+    pool: ConnectionPool, db: psycopg.Connection[Any], accept: Accept, redis_client: redis.Redis
 ) -> None:
     # A body every worker that takes it fails to record (the transport loses it, or a
     # worker crashes on it before its commit): the sweep must not push it for ever.
-    delivery_id = accept(redis_url, redis_client, "ev_never", age_seconds=3600)
+    delivery_id = accept("ev_never")
     [message] = queued(redis_client)
     for _ in range(MAX_PUSHES):
         lose_in_flight(redis_client)
@@ -196,12 +200,9 @@ def test_a_delivery_never_recorded_is_pushed_at_most_n_times_then_dead_lettered_
 
 
 def test_a_given_up_delivery_of_an_event_already_final_is_a_duplicate(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    redis_url: str,
-    redis_client: redis.Redis,
+    pool: ConnectionPool, db: psycopg.Connection[Any], accept: Accept, redis_client: redis.Redis
 ) -> None:
-    delivery_id = accept(redis_url, redis_client, "ev_final_then_lost", age_seconds=3600)
+    delivery_id = accept("ev_final_then_lost")
     [message] = queued(redis_client)
     # The same event, applied through another delivery (a Voucherify retry, say).
     assert processing.process_delivery(pool, message["body"], "d_other", message["received_at"])
@@ -223,15 +224,12 @@ def test_a_given_up_delivery_of_an_event_already_final_is_a_duplicate(
 
 
 def test_a_hostile_body_given_up_by_the_sweep_is_dead_lettered_with_its_body_as_text(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    redis_url: str,
-    redis_client: redis.Redis,
+    pool: ConnectionPool, db: psycopg.Connection[Any], accept: Accept, redis_client: redis.Redis
 ) -> None:
     data = card_redemption("gift", "r_hostile", amount=1, balance_after=1)
     body = body_of(envelope("redemption.succeeded", data, event_id="ev_\ud800")).decode()
     body = body.replace('"project_id":', '"x":NaN,"project_id":', 1)
-    delivery_id = accept(redis_url, redis_client, "hostile", age_seconds=3600, body=body)
+    delivery_id = accept("hostile", body=body)
     redis_client.delete(DELIVERY_QUEUE)
     redis_client.hset(ACCEPTED_PUSHES, delivery_id, MAX_PUSHES)
 
@@ -245,9 +243,9 @@ def test_a_hostile_body_given_up_by_the_sweep_is_dead_lettered_with_its_body_as_
 
 
 def test_without_a_dead_letter_callback_a_copy_out_of_pushes_is_kept_not_pushed(
-    pool: ConnectionPool, redis_url: str, redis_client: redis.Redis
+    pool: ConnectionPool, accept: Accept, redis_client: redis.Redis
 ) -> None:
-    delivery_id = accept(redis_url, redis_client, "ev_kept", age_seconds=3600)
+    delivery_id = accept("ev_kept")
     redis_client.delete(DELIVERY_QUEUE)
     redis_client.hset(ACCEPTED_PUSHES, delivery_id, MAX_PUSHES)
 
@@ -263,9 +261,9 @@ def test_without_a_dead_letter_callback_a_copy_out_of_pushes_is_kept_not_pushed(
 
 
 def test_forgetting_a_copy_forgets_its_push_count(
-    pool: ConnectionPool, redis_url: str, redis_client: redis.Redis
+    pool: ConnectionPool, accept: Accept, redis_client: redis.Redis
 ) -> None:
-    delivery_id = accept(redis_url, redis_client, "ev_forget", age_seconds=3600)
+    delivery_id = accept("ev_forget")
     lose_in_flight(redis_client)
     assert queue.sweep(redis_client, recorded_in(pool), 600, a_while()).repushed == 1
     assert pushes(redis_client, delivery_id) == 1

@@ -10,7 +10,8 @@ from prometheus_client import REGISTRY
 from psycopg_pool import ConnectionPool
 
 from devtools.webhooks import card_redemption, card_rollback
-from tests.jobs.conftest import deliver, rows, scalar
+from tests.conftest import deliver
+from tests.jobs.conftest import rows, scalar
 from workers.jobs.drift import RAISE_DRIFT, WORDS, DriftResult, check_drift
 
 GIFT = "v_UFAc7FTVO0HtJV2hWZls4O7eqHMyn62g"  # the gift card of devtools.webhooks.gift_voucher

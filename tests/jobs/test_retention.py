@@ -11,7 +11,8 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from devtools.webhooks import body_of, card_redemption, envelope, fixture
-from tests.jobs.conftest import deliver, rows
+from tests.conftest import deliver
+from tests.jobs.conftest import rows
 from workers import processing
 from workers.jobs.retention import RetentionResult, apply_retention
 

@@ -14,7 +14,8 @@ from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
 from devtools.webhooks import card_redemption, card_rollback, card_rollback_failed
-from tests.jobs.conftest import deliver, rows, scalar
+from tests.conftest import deliver
+from tests.jobs.conftest import rows, scalar
 from tests.jobs.fake_voucherify import (
     APP_ID,
     APP_TOKEN,
@@ -91,10 +92,26 @@ def serve_rolled_back(fake: FakeVoucherify, redemption_id: str, rollback_id: str
     )
 
 
+def serve_succeeded(fake: FakeVoucherify, redemption_id: str) -> None:
+    fake.redemptions[redemption_id] = api_redemption("gift", redemption_id, 2000, date=REDEEMED)
+
+
+def redeem(pool: ConnectionPool, redemption_id: str) -> None:
+    """Our record of a gift card redemption of 2000, from its webhook."""
+    data = card_redemption("gift", redemption_id, 2000, 8000, date=REDEEMED)
+    deliver(pool, "redemption.succeeded", data)
+
+
+def roll_back(pool: ConnectionPool, redemption_id: str, rollback_id: str) -> None:
+    """Our record of its rollback, from its webhook."""
+    data = card_rollback("gift", redemption_id, rollback_id, 2000, 10000, date=ROLLED)
+    deliver(pool, "redemption.rollback.succeeded", data)
+
+
 def test_a_lost_rollback_webhook_is_applied_from_the_api_once(
     pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
 ) -> None:
-    deliver(pool, "redemption.succeeded", card_redemption("gift", "r_1", 2000, 8000, date=REDEEMED))
+    redeem(pool, "r_1")
     serve_rolled_back(fake, "r_1", "rr_1")
 
     result = run(pool, api)
@@ -105,11 +122,7 @@ def test_a_lost_rollback_webhook_is_applied_from_the_api_once(
     assert ledger(db) == [("r_1", "debit", -2000), ("r_1", "restore", 2000)]
     assert rows(db, "SELECT status FROM events WHERE event_id LIKE 'verify:%'") == [("processed",)]
     # The webhook arriving late after all changes nothing: the ledger's keys hold.
-    deliver(
-        pool,
-        "redemption.rollback.succeeded",
-        card_rollback("gift", "r_1", "rr_1", 2000, 10000, date=ROLLED),
-    )
+    roll_back(pool, "r_1", "rr_1")
     assert ledger(db) == [("r_1", "debit", -2000), ("r_1", "restore", 2000)]
     # Harmless twice: ROLLED_BACK with both entries is settled, nothing to check.
     assert run(pool, api) == VerifyResult()
@@ -119,8 +132,8 @@ def test_a_lost_rollback_webhook_is_applied_from_the_api_once(
 def test_a_redemption_voucherify_still_reports_succeeded_is_only_marked_checked(
     pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
 ) -> None:
-    deliver(pool, "redemption.succeeded", card_redemption("gift", "r_2", 2000, 8000, date=REDEEMED))
-    fake.redemptions["r_2"] = api_redemption("gift", "r_2", 2000, date=REDEEMED)
+    redeem(pool, "r_2")
+    serve_succeeded(fake, "r_2")
 
     assert run(pool, api) == VerifyResult(checked=1)
     assert scalar(db, "SELECT verified_at IS NOT NULL FROM redemptions") is True
@@ -150,13 +163,13 @@ def test_an_already_rolled_back_flag_is_healed_and_resolved_with_a_note(
 def test_a_review_flag_voucherify_does_not_confirm_stays_open_with_a_note(
     pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
 ) -> None:
-    deliver(pool, "redemption.succeeded", card_redemption("gift", "r_4", 2000, 8000, date=REDEEMED))
+    redeem(pool, "r_4")
     deliver(
         pool,
         "redemption.rollback.failed",
         card_rollback_failed("r_4", "rrf_4", code="redemption_too_old"),
     )
-    fake.redemptions["r_4"] = api_redemption("gift", "r_4", 2000, date=REDEEMED)  # still SUCCEEDED
+    serve_succeeded(fake, "r_4")  # still SUCCEEDED
 
     result = run(pool, api)
 
@@ -170,14 +183,10 @@ def test_what_cannot_be_made_to_agree_raises_one_mismatch_flag(
     pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
 ) -> None:
     # We recorded a rollback that Voucherify does not know about.
-    deliver(pool, "redemption.succeeded", card_redemption("gift", "r_5", 2000, 8000, date=REDEEMED))
-    deliver(
-        pool,
-        "redemption.rollback.succeeded",
-        card_rollback("gift", "r_5", "rr_5", 2000, 10000, date=ROLLED),
-    )
+    redeem(pool, "r_5")
+    roll_back(pool, "r_5", "rr_5")
     db.execute("DELETE FROM ledger_entries WHERE effect = 'restore'")  # make it unsettled
-    fake.redemptions["r_5"] = api_redemption("gift", "r_5", 2000, date=REDEEMED)
+    serve_succeeded(fake, "r_5")
 
     assert run(pool, api).mismatches == 1
     db.execute("UPDATE redemptions SET verified_at = now() - interval '1 hour'")
@@ -221,7 +230,7 @@ def test_429_and_5xx_are_retried_with_backoff_honouring_retry_after(
     fake: FakeVoucherify,
     sleeps: Sleeps,
 ) -> None:
-    deliver(pool, "redemption.succeeded", card_redemption("gift", "r_6", 2000, 8000, date=REDEEMED))
+    redeem(pool, "r_6")
     serve_rolled_back(fake, "r_6", "rr_6")
     fake.fail_first("r_6", Failure(429, {"Retry-After": "7"}), Failure(503))
 
@@ -237,7 +246,7 @@ def test_429_and_5xx_are_retried_with_backoff_honouring_retry_after(
 def test_an_api_out_of_retries_leaves_the_redemption_for_the_next_run(
     pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
 ) -> None:
-    deliver(pool, "redemption.succeeded", card_redemption("gift", "r_7", 2000, 8000, date=REDEEMED))
+    redeem(pool, "r_7")
     serve_rolled_back(fake, "r_7", "rr_7")
     fake.fail_first("r_7", *[Failure(500)] * 5)
 
@@ -249,7 +258,7 @@ def test_an_api_out_of_retries_leaves_the_redemption_for_the_next_run(
 def test_wrong_credentials_stop_the_run(
     pool: ConnectionPool, db: psycopg.Connection[Any], fake: FakeVoucherify, sleeps: Sleeps
 ) -> None:
-    deliver(pool, "redemption.succeeded", card_redemption("gift", "r_8", 2000, 8000, date=REDEEMED))
+    redeem(pool, "r_8")
     wrong = VoucherifyApi(fake.url, APP_ID, "wrong-token", rate=1000, sleep=sleeps)
     with pytest.raises(VoucherifyApiError) as raised:
         run(pool, wrong)
@@ -260,7 +269,7 @@ def test_wrong_credentials_stop_the_run(
 def test_run_job_verifies_with_the_settings_and_the_official_client(
     settings: Settings, db: psycopg.Connection[Any], pool: ConnectionPool, fake: FakeVoucherify
 ) -> None:
-    deliver(pool, "redemption.succeeded", card_redemption("gift", "r_9", 2000, 8000, date=REDEEMED))
+    redeem(pool, "r_9")
     serve_rolled_back(fake, "r_9", "rr_9")
     enabled = dataclasses.replace(
         settings,

@@ -292,22 +292,31 @@ def test_one_synthetic_event_id_per_redemption_and_status() -> None:
     assert set(compare.EVENT_STATUS.values()) == set(RedemptionStatus)
 
 
+def loaded_webhook(
+    redemption_id: str, status: str, theirs: dict[str, Any], rollback: dict[str, Any] | None
+) -> Any:
+    """The webhook the job writes for ``status``, read as a real delivery is read and
+    loaded by its route's schemas: the event the handler would get."""
+    event_id = translate.event_id(redemption_id, status)
+    data, at = translate.event_data(status, theirs, rollback)
+    assert at is not None
+    body = translate.webhook_body(event_id, status, data, at)
+
+    delivery = read_delivery(body, "verify-test", at)
+    assert delivery.envelope is not None
+    assert (delivery.event_id, delivery.type) == (event_id, status)
+    route = registry.route(status)
+    assert route is not None
+    return route.load(event_id, status, at, delivery.envelope.data)
+
+
 def test_the_webhook_loads_through_the_handlers_schemas() -> None:
     """What the job writes, the schemas of a real delivery read: a rollback of 2000 credits."""
     theirs = api_redemption("gift", "r_1", 2000, status="ROLLED_BACK", rollback_id="rr_1")
     rollback = api_rollback("gift", "rr_1", "r_1", 2000)
-    event_id = translate.event_id("r_1", ROLLBACK_SUCCEEDED)
-    data, at = translate.event_data(ROLLBACK_SUCCEEDED, theirs, rollback)
-    assert at is not None
 
-    body = translate.webhook_body(event_id, ROLLBACK_SUCCEEDED, data, at)
+    event = loaded_webhook("r_1", ROLLBACK_SUCCEEDED, theirs, rollback)
 
-    delivery = read_delivery(body, "verify-test", at)
-    assert delivery.envelope is not None
-    assert (delivery.event_id, delivery.type) == (event_id, ROLLBACK_SUCCEEDED)
-    route = registry.route(ROLLBACK_SUCCEEDED)
-    assert route is not None
-    event = route.load(event_id, delivery.type, at, delivery.envelope.data)
     assert event.redemption.id == "r_1"
     assert event.rollback.id == "rr_1"
     assert event.rollback.amount == -2000
@@ -318,17 +327,8 @@ def test_the_webhook_loads_through_the_handlers_schemas() -> None:
 
 
 def test_a_succeeded_webhook_loads_with_its_debit() -> None:
-    theirs = api_redemption("loyalty", "r_2", 50)
-    event_id = translate.event_id("r_2", SUCCEEDED)
-    data, at = translate.event_data(SUCCEEDED, theirs, None)
-    assert at is not None
-    body = translate.webhook_body(event_id, SUCCEEDED, data, at)
+    event = loaded_webhook("r_2", SUCCEEDED, api_redemption("loyalty", "r_2", 50), None)
 
-    delivery = read_delivery(body, "verify-test", at)
-    assert delivery.envelope is not None
-    route = registry.route(SUCCEEDED)
-    assert route is not None
-    event = route.load(event_id, SUCCEEDED, at, delivery.envelope.data)
     assert (event.redemption.id, event.redemption.amount) == ("r_2", 50)
     assert event.card is not None
     assert event.card.ledger_kind == LedgerKind.LOYALTY_POINTS

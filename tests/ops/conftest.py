@@ -58,12 +58,6 @@ def client(app: Flask) -> FlaskClient:
     return app.test_client()
 
 
-@pytest.fixture
-def pool(database_url: str) -> Iterator[ConnectionPool]:
-    with ConnectionPool(database_url, min_size=1, max_size=4, open=True) as pool:
-        yield pool
-
-
 def deliver(pool: ConnectionPool, document: dict[str, Any], delivery_id: str = "") -> str:
     body = body_of(document).decode()
     outcome = process_delivery(

@@ -18,8 +18,7 @@ import psycopg
 import pytest
 import redis
 
-from devtools.webhooks import SECRET
-from tests.conftest import ROOT, Processes, process_env
+from tests.conftest import ROOT, PipelineEnv, Processes
 from tests.ops.conftest import TOKEN, State
 from workers.queue import DELIVERY_QUEUE
 
@@ -73,19 +72,12 @@ def page() -> Iterator[Any]:
 def test_an_operator_logs_in_resolves_a_flag_and_replays_a_dead_letter(
     page: Any,
     processes: Processes,
+    pipeline_env: PipelineEnv,
     state: State,
-    database_url: str,
-    redis_url: str,
     db: psycopg.Connection[Any],
     redis_client: redis.Redis,
 ) -> None:
-    env = process_env(
-        DATABASE_URL=database_url,
-        REDIS_URL=redis_url,
-        VOUCHERIFY_WEBHOOK_SECRET=SECRET,
-        OPS_API_TOKEN=TOKEN,
-    )
-    _, port = processes.web(env)
+    _, port = processes.web(pipeline_env(OPS_API_TOKEN=TOKEN))
     base = f"http://127.0.0.1:{port}"
     ARTIFACTS.mkdir(exist_ok=True)
     page.set_default_timeout(15_000)

@@ -4,7 +4,6 @@ log shipper and Prometheus see them."""
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import socket
 import urllib.request
@@ -24,7 +23,7 @@ from devtools.webhooks import (
     sign,
     wait_until,
 )
-from tests.conftest import Processes, process_env
+from tests.conftest import PipelineEnv, Processes, http_call, process_env
 from tests.ops.conftest import TOKEN
 from workers.observability import start_metrics_server
 from workers.queue import DeliveryPublisher
@@ -42,11 +41,7 @@ def request(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
-    conn.request(method, path, body=body, headers=headers or {})
-    response = conn.getresponse()
-    raw = response.read()
-    conn.close()
+    response, raw = http_call(port, method, path, body, headers)
     return response.status, json.loads(raw) if raw.startswith(b"{") else {}
 
 
@@ -101,15 +96,9 @@ def log_records(log_dir: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def test_every_log_line_is_json_names_the_delivery_and_holds_no_body_or_secret(
-    processes: Processes, database_url: str, redis_url: str, db: psycopg.Connection[Any]
+    processes: Processes, pipeline_env: PipelineEnv, db: psycopg.Connection[Any]
 ) -> None:
-    env = process_env(
-        DATABASE_URL=database_url,
-        REDIS_URL=redis_url,
-        VOUCHERIFY_WEBHOOK_SECRET=SECRET,
-        OPS_API_TOKEN=TOKEN,
-        WORKER_METRICS_PORT="0",
-    )
+    env = pipeline_env(OPS_API_TOKEN=TOKEN, WORKER_METRICS_PORT="0")
     _, port = processes.web(env)
     processes.worker(env)
 

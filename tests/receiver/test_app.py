@@ -81,6 +81,21 @@ def queued(redis_client: redis.Redis) -> list[dict[str, Any]]:
     return messages
 
 
+def assert_refused(
+    client: FlaskClient,
+    redis_client: redis.Redis,
+    body: bytes,
+    status: int,
+    error: str,
+    signature: str | None = "sign",
+) -> None:
+    """``body`` is answered ``status`` with ``{"error": error}``, and nothing is stored."""
+    response = post(client, body, signature=signature)
+    assert response.status_code == status
+    assert response.get_json() == {"error": error}
+    assert redis_client.dbsize() == 0
+
+
 def redemption_body() -> bytes:
     return body_of(envelope("redemption.succeeded", fixture("redemption.succeeded")))
 
@@ -191,10 +206,7 @@ def test_rotated_secrets_are_both_accepted(
 def test_invalid_signature_is_401_and_nothing_is_stored(
     client: FlaskClient, redis_client: redis.Redis, signature: str | None
 ) -> None:
-    response = post(client, b'{"a":1}', signature=signature)
-    assert response.status_code == 401
-    assert response.get_json() == {"error": "invalid_signature"}
-    assert redis_client.dbsize() == 0
+    assert_refused(client, redis_client, b'{"a":1}', 401, "invalid_signature", signature)
 
 
 class WatchedBody(io.RawIOBase):
@@ -324,10 +336,7 @@ TOO_DEEP = "nesting deeper than 64"  # workers.queue.body.MAX_NESTING
 def test_signed_body_that_is_not_a_json_object_is_400_naming_why(
     client: FlaskClient, redis_client: redis.Redis, body: bytes, error: str
 ) -> None:
-    response = post(client, body)
-    assert response.status_code == 400
-    assert response.get_json() == {"error": error}
-    assert redis_client.dbsize() == 0
+    assert_refused(client, redis_client, body, 400, error)
 
 
 def nested(depth: int, opener: str) -> bytes:
@@ -367,10 +376,7 @@ def test_deep_nesting_is_400_not_a_server_error(
 ) -> None:
     # Python's json raises RecursionError (not a ValueError) past ~1,000 levels: the
     # nesting is counted first, without recursion, in time linear in the body.
-    response = post(client, body)
-    assert response.status_code == 400
-    assert response.get_json() == {"error": TOO_DEEP}
-    assert redis_client.dbsize() == 0
+    assert_refused(client, redis_client, body, 400, TOO_DEEP)
 
 
 @pytest.mark.parametrize(
@@ -408,10 +414,7 @@ def test_nan_and_infinity_are_400(
     client: FlaskClient, redis_client: redis.Redis, body: bytes
 ) -> None:
     json.loads(body)  # Python reads them; PostgreSQL's jsonb would not
-    response = post(client, body)
-    assert response.status_code == 400
-    assert response.get_json() == {"error": NAN}
-    assert redis_client.dbsize() == 0
+    assert_refused(client, redis_client, body, 400, NAN)
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,13 @@ carries the security headers."""
 from __future__ import annotations
 
 import http.client
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 
-from devtools.webhooks import SECRET
-from tests.conftest import Processes, process_env
+from tests.conftest import PipelineEnv, Processes, http_call
 
 TOKEN = "proxy-test-token-0123456789abcdefghijklmnop"
 DASHBOARD_HEADERS = {
@@ -24,40 +24,35 @@ DASHBOARD_HEADERS = {
 }
 
 
+@pytest.fixture
 def start_web(
-    processes: Processes, database_url: str, redis_url: str, tmp_path: Path, trusted: str
-) -> int:
-    (tmp_path / "metrics").mkdir(exist_ok=True)
-    env = process_env(
-        DATABASE_URL=database_url,
-        REDIS_URL=redis_url,
-        VOUCHERIFY_WEBHOOK_SECRET=SECRET,
-        OPS_API_TOKEN=TOKEN,
-        FORWARDED_ALLOW_IPS=trusted,
-        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
-    )
-    return processes.web(env)[1]
+    processes: Processes, pipeline_env: PipelineEnv, tmp_path: Path
+) -> Callable[[str], int]:
+    """Starts a web process that trusts X-Forwarded-* from ``trusted``; gives its port."""
+
+    def start(trusted: str) -> int:
+        (tmp_path / "metrics").mkdir(exist_ok=True)
+        env = pipeline_env(
+            OPS_API_TOKEN=TOKEN,
+            FORWARDED_ALLOW_IPS=trusted,
+            PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
+        )
+        return processes.web(env)[1]
+
+    return start
 
 
 def log_in(port: int, **headers: str) -> http.client.HTTPResponse:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request(
-        "POST",
-        "/ops/login",
-        urlencode({"token": TOKEN, "next": "/ops/"}),
-        {"Content-Type": "application/x-www-form-urlencoded", **headers},
-    )
-    response = conn.getresponse()
-    response.read()
-    conn.close()
-    return response
+    form = urlencode({"token": TOKEN, "next": "/ops/"})
+    headers = {"Content-Type": "application/x-www-form-urlencoded", **headers}
+    return http_call(port, "POST", "/ops/login", form, headers, timeout=10)[0]
 
 
 @pytest.mark.e2e
 def test_the_session_cookie_is_secure_when_the_trusted_balancer_says_https(
-    processes: Processes, database_url: str, redis_url: str, tmp_path: Path
+    start_web: Callable[[str], int], processes: Processes
 ) -> None:
-    port = start_web(processes, database_url, redis_url, tmp_path, trusted="127.0.0.1")
+    port = start_web("127.0.0.1")
 
     behind_tls = log_in(port, **{"X-Forwarded-Proto": "https"})
     assert behind_tls.status == 303, processes.logs()
@@ -72,32 +67,21 @@ def test_the_session_cookie_is_secure_when_the_trusted_balancer_says_https(
 
 
 @pytest.mark.e2e
-def test_an_untrusted_peer_cannot_claim_https(
-    processes: Processes, database_url: str, redis_url: str, tmp_path: Path
-) -> None:
-    port = start_web(processes, database_url, redis_url, tmp_path, trusted="192.0.2.1")
+def test_an_untrusted_peer_cannot_claim_https(start_web: Callable[[str], int]) -> None:
+    port = start_web("192.0.2.1")
     claimed = log_in(port, **{"X-Forwarded-Proto": "https"})
     assert "Secure" not in claimed.headers["Set-Cookie"]
 
 
 @pytest.mark.e2e
-def test_the_ops_pages_carry_the_security_headers(
-    processes: Processes, database_url: str, redis_url: str, tmp_path: Path
-) -> None:
-    port = start_web(processes, database_url, redis_url, tmp_path, trusted="127.0.0.1")
+def test_the_ops_pages_carry_the_security_headers(start_web: Callable[[str], int]) -> None:
+    port = start_web("127.0.0.1")
     for path in ("/ops/login", "/ops/"):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", path)
-        response = conn.getresponse()
-        response.read()
-        conn.close()
+        response, _ = http_call(port, "GET", path, timeout=10)
         for name, expected in DASHBOARD_HEADERS.items():
             assert expected in (response.headers[name] or ""), (path, name)
         assert "script-src" not in response.headers["Content-Security-Policy"]
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", "/ops/api/stats", headers={"Authorization": f"Bearer {TOKEN}"})
-    response = conn.getresponse()
-    response.read()
-    conn.close()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    response, _ = http_call(port, "GET", "/ops/api/stats", headers=auth, timeout=10)
     assert response.status == 200
     assert response.headers["Cache-Control"] == "no-store"

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -16,27 +13,12 @@ from psycopg_pool import ConnectionPool
 
 from devtools.webhooks import (
     SEEDS,
-    body_of,
     card_redemption,
     card_rollback,
     card_rollback_failed,
-    envelope,
     fixture,
 )
-from workers.processing import process_delivery
-
-
-@pytest.fixture
-def pool(database_url: str) -> Iterator[ConnectionPool]:
-    with ConnectionPool(database_url, min_size=1, max_size=4, open=True) as pool:
-        yield pool
-
-
-def deliver(pool: ConnectionPool, event_type: str, data: Any, event_id: str | None = None) -> str:
-    doc = envelope(event_type, data, event_id=event_id)
-    return process_delivery(
-        pool, body_of(doc).decode(), uuid.uuid4().hex, datetime.now(UTC).isoformat()
-    ).status
+from tests.conftest import deliver
 
 
 def one(db: psycopg.Connection[Any], query: str, *params: Any) -> tuple[Any, ...]:
@@ -112,33 +94,35 @@ def test_rollback_succeeded_marks_the_redemption_rolled_back_and_cancels_the_ord
     )
 
 
-@pytest.mark.parametrize("event_type", ["customer.redemption.succeeded"])
-def test_customer_redemption_succeeded_behaves_like_redemption_succeeded(
-    pool: ConnectionPool, db: psycopg.Connection[Any], event_type: str
+@pytest.mark.parametrize(
+    ("event_types", "redemption", "order"),
+    [
+        pytest.param(
+            ["customer.redemption.succeeded"],
+            ("SUCCEEDED", "ord_p6B1A0y805yUQQaCw4bC6Fbk", None),
+            ("PAID", 11499, 10349),
+            id="succeeded-like-redemption-succeeded",
+        ),
+        pytest.param(
+            ["customer.redemption.succeeded", "customer.redemption.rollback.succeeded"],
+            ("ROLLED_BACK", "ord_p6B1A0y805yUQQaCw4bC6Fbk", "rr_0e70cac29fee95aa7b"),
+            # The rollback's order snapshot has no discount: amounts come from the newest one.
+            ("CANCELED", 11499, 11499),
+            id="then-its-rollback-ends-rolled-back-and-canceled",
+        ),
+    ],
+)
+def test_customer_redemption_events_behave_like_the_redemption_ones(
+    pool: ConnectionPool,
+    db: psycopg.Connection[Any],
+    event_types: list[str],
+    redemption: tuple[Any, ...],
+    order: tuple[Any, ...],
 ) -> None:
-    assert deliver(pool, event_type, fixture(event_type)) == "processed"
-    assert one(db, "SELECT status, order_id FROM redemptions") == (
-        "SUCCEEDED",
-        "ord_p6B1A0y805yUQQaCw4bC6Fbk",
-    )
-    assert one(db, "SELECT status, amount, total_amount FROM orders") == ("PAID", 11499, 10349)
-
-
-def test_customer_redemption_then_its_rollback_end_rolled_back_and_canceled(
-    pool: ConnectionPool, db: psycopg.Connection[Any]
-) -> None:
-    deliver(pool, "customer.redemption.succeeded", fixture("customer.redemption.succeeded"))
-    deliver(
-        pool,
-        "customer.redemption.rollback.succeeded",
-        fixture("customer.redemption.rollback.succeeded"),
-    )
-    assert one(db, "SELECT status, rollback_id FROM redemptions") == (
-        "ROLLED_BACK",
-        "rr_0e70cac29fee95aa7b",
-    )
-    # The rollback's order snapshot has no discount: amounts come from the newest snapshot.
-    assert one(db, "SELECT status, amount, total_amount FROM orders") == ("CANCELED", 11499, 11499)
+    for event_type in event_types:
+        assert deliver(pool, event_type, fixture(event_type)) == "processed"
+    assert one(db, "SELECT status, order_id, rollback_id FROM redemptions") == redemption
+    assert one(db, "SELECT status, amount, total_amount FROM orders") == order
 
 
 def test_rollback_failed_raises_one_already_rolled_back_flag_and_restores_nothing(

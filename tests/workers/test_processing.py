@@ -17,6 +17,7 @@ from devtools.servers import free_port
 from devtools.webhooks import VOUCHERIFY, body_of, card_redemption, envelope, fixture
 from workers.faults import TransientError
 from workers.processing import process_delivery, record_failure
+from workers.registry import Handler, Registry
 
 
 @pytest.fixture
@@ -34,6 +35,36 @@ def deliver(pool: ConnectionPool, document: dict[str, Any] | str, delivery_id: s
     return process_delivery(pool, body, delivery_id or uuid.uuid4().hex, now()).status
 
 
+def routes_to(handler: Handler) -> Registry:
+    """A registry that hands every redemption.succeeded, unloaded, to ``handler``."""
+    routes = Registry()
+    routes.handles("redemption.succeeded", lambda *args: args)(handler)
+    return routes
+
+
+def routes_running(statement: str, value: str) -> Registry:
+    """A registry whose redemption.succeeded handler runs ``statement`` with ``value`` as
+    ``%(v)s``."""
+
+    def run(event: Any, conn: psycopg.Connection[Any]) -> None:
+        conn.execute(statement, {"v": value})
+
+    return routes_to(run)
+
+
+def redemption_succeeded(event_id: str | None = None, **changes: Any) -> dict[str, Any]:
+    """The published redemption.succeeded webhook, with ``changes`` to its redemption."""
+    data = fixture("redemption.succeeded")
+    data["redemption"].update(changes)
+    return envelope("redemption.succeeded", data, event_id=event_id)
+
+
+def dead_letter_reason(db: psycopg.Connection[Any]) -> str:
+    row = db.execute("SELECT reason FROM dead_letters").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
 def event_row(db: psycopg.Connection[Any], event_id: str) -> tuple[Any, ...]:
     row = db.execute(
         "SELECT type, status, attempts, last_error FROM events WHERE event_id = %s", (event_id,)
@@ -45,7 +76,7 @@ def event_row(db: psycopg.Connection[Any], event_id: str) -> tuple[Any, ...]:
 def test_an_event_is_processed_and_its_delivery_recorded(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    doc = envelope("redemption.succeeded", fixture("redemption.succeeded"), event_id="evred_1")
+    doc = redemption_succeeded("evred_1")
     assert deliver(pool, doc, "d1") == "processed"
     assert event_row(db, "evred_1") == ("redemption.succeeded", "processed", 1, None)
     deliveries = db.execute("SELECT delivery_id, outcome FROM deliveries").fetchall()
@@ -72,7 +103,7 @@ def test_a_duplicate_delivery_is_recorded_and_not_applied_again(
 def test_the_same_delivery_redelivered_by_the_broker_is_idempotent(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    doc = envelope("redemption.succeeded", fixture("redemption.succeeded"), event_id="evred_2")
+    doc = redemption_succeeded("evred_2")
     assert deliver(pool, doc, "d1") == "processed"
     assert deliver(pool, doc, "d1") == "duplicate"
     assert db.execute("SELECT count(*) FROM deliveries").fetchone() == (1,)
@@ -112,10 +143,8 @@ def test_an_unhandled_type_is_stored_and_ignored(
 def test_a_payload_that_fails_validation_is_dead_lettered_and_the_next_event_goes_through(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    bad = fixture("redemption.succeeded")
-    bad["redemption"]["amount"] = "a lot"
-    assert deliver(pool, envelope("redemption.succeeded", bad, event_id="ev_bad")) == "dead"
-    good = envelope("redemption.succeeded", fixture("redemption.succeeded"), event_id="ev_good")
+    assert deliver(pool, redemption_succeeded("ev_bad", amount="a lot")) == "dead"
+    good = redemption_succeeded("ev_good")
     assert deliver(pool, good) == "processed"
 
     type_, status, attempts, error = event_row(db, "ev_bad")
@@ -126,7 +155,7 @@ def test_a_payload_that_fails_validation_is_dead_lettered_and_the_next_event_goe
     assert letters[0][:2] == ("ev_bad", "redemption.succeeded")
     assert "Not a valid integer" in letters[0][2]
     # A later delivery of the same dead event is a duplicate, not a second dead letter.
-    assert deliver(pool, envelope("redemption.succeeded", bad, event_id="ev_bad")) == "duplicate"
+    assert deliver(pool, redemption_succeeded("ev_bad", amount="a lot")) == "duplicate"
     assert db.execute("SELECT count(*) FROM dead_letters").fetchone() == (1,)
 
 
@@ -142,9 +171,7 @@ def test_bodies_that_cannot_be_keyed_or_typed_are_dead_lettered_with_the_reason(
     pool: ConnectionPool, db: psycopg.Connection[Any], body: str, reason: str
 ) -> None:
     assert deliver(pool, body, "d_odd") == "dead"
-    row = db.execute("SELECT reason FROM dead_letters").fetchone()
-    assert row is not None
-    assert reason in row[0]
+    assert reason in dead_letter_reason(db)
 
 
 def test_the_legacy_format_is_dead_lettered_with_a_clear_reason(
@@ -152,26 +179,20 @@ def test_the_legacy_format_is_dead_lettered_with_a_clear_reason(
 ) -> None:
     body = (VOUCHERIFY / "legacy-v2018-08-01.redemption.succeeded.example.json").read_text()
     assert deliver(pool, body) == "dead"
-    row = db.execute("SELECT reason FROM dead_letters").fetchone()
-    assert row is not None
-    assert "v2018-08-01" in row[0]
+    assert "v2018-08-01" in dead_letter_reason(db)
 
 
 def test_values_postgresql_refuses_are_dead_lettered_not_retried(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    data = fixture("redemption.succeeded")
-    data["redemption"]["id"] = "r_\u0000nul"
-    assert deliver(pool, envelope("redemption.succeeded", data, event_id="ev_nul")) == "dead"
-    row = db.execute("SELECT reason FROM dead_letters").fetchone()
-    assert row is not None
-    assert "rejected by the database" in row[0]
+    assert deliver(pool, redemption_succeeded("ev_nul", id="r_\u0000nul")) == "dead"
+    assert "rejected by the database" in dead_letter_reason(db)
 
 
 def test_an_unreachable_database_is_a_transient_error() -> None:
     url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     with ConnectionPool(url, min_size=0, max_size=1, timeout=1, open=True) as pool:
-        doc = envelope("redemption.succeeded", fixture("redemption.succeeded"))
+        doc = redemption_succeeded()
         with pytest.raises(TransientError):
             process_delivery(pool, body_of(doc).decode(), "d1", now())
 
@@ -180,18 +201,14 @@ def test_effects_and_the_processed_mark_commit_together(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
     """A handler failing half-way leaves neither its first writes nor the mark behind."""
-    from workers.registry import Registry
-
-    routes = Registry()
 
     def half_then_boom(event: Any, conn: psycopg.Connection[Any]) -> None:
         conn.execute("INSERT INTO orders (order_id, status) VALUES ('ord_half', 'PAID')")
         raise psycopg.OperationalError("connection lost mid-transaction")
 
-    routes.handles("redemption.succeeded", lambda *args: args)(half_then_boom)
-    doc = envelope("redemption.succeeded", fixture("redemption.succeeded"), event_id="ev_half")
+    doc = redemption_succeeded("ev_half")
     with pytest.raises(TransientError):
-        process_delivery(pool, body_of(doc).decode(), "d1", now(), routes=routes)
+        process_delivery(pool, body_of(doc).decode(), "d1", now(), routes=routes_to(half_then_boom))
     assert db.execute("SELECT count(*) FROM orders").fetchone() == (0,)
     assert db.execute("SELECT count(*) FROM events").fetchone() == (0,)
 
@@ -201,21 +218,13 @@ def test_effects_and_the_processed_mark_commit_together(
 
 def inbox(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
     """Every event: id, type, status, whether the body is in payload, the body as text."""
-    return [
-        tuple(r)
-        for r in db.execute(
-            "SELECT event_id, type, status, payload IS NOT NULL, raw_body FROM events ORDER BY 1"
-        ).fetchall()
-    ]
+    query = "SELECT event_id, type, status, payload IS NOT NULL, raw_body FROM events ORDER BY 1"
+    return db.execute(query).fetchall()
 
 
 def dead_letters(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
-    return [
-        tuple(r)
-        for r in db.execute(
-            "SELECT event_id, delivery_id, type, reason FROM dead_letters ORDER BY id"
-        ).fetchall()
-    ]
+    query = "SELECT event_id, delivery_id, type, reason FROM dead_letters ORDER BY id"
+    return db.execute(query).fetchall()
 
 
 def hostile(event_id: str, event_type: str = "redemption.succeeded") -> str:
@@ -335,9 +344,8 @@ def test_a_body_nested_too_deep_for_pythons_json_is_a_dead_letter_not_a_crash(
 def test_an_id_too_long_for_a_btree_index_is_a_dead_letter_not_a_transient_fault(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    data = fixture("redemption.succeeded")
-    data["redemption"]["id"] = "".join(uuid.uuid4().hex for _ in range(200))  # incompressible
-    doc = envelope("redemption.succeeded", data, event_id="ev_long_key")
+    long_id = "".join(uuid.uuid4().hex for _ in range(200))  # incompressible
+    doc = redemption_succeeded("ev_long_key", id=long_id)
 
     outcome = process_delivery(pool, body_of(doc).decode(), "d_long_key", now())
 
@@ -352,17 +360,8 @@ def test_an_id_too_long_for_a_btree_index_is_a_dead_letter_not_a_transient_fault
 def test_the_reason_names_the_sqlstate_never_the_servers_text_or_the_payload(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    from workers.registry import Registry
-
-    routes = Registry()
-
-    def cast(event: Any, conn: psycopg.Connection[Any]) -> None:
-        conn.execute("SELECT %(v)s::integer", {"v": "card 4111 1111 1111 1111"})
-
-    routes.handles("redemption.succeeded", lambda *args: args)(cast)
-    body = hostile("ev_cast")
-
-    outcome = process_delivery(pool, body, "d_cast", now(), routes=routes)
+    routes = routes_running("SELECT %(v)s::integer", "card 4111 1111 1111 1111")
+    outcome = process_delivery(pool, hostile("ev_cast"), "d_cast", now(), routes=routes)
 
     reason = "rejected by the database: SQLSTATE 22P02 (class 22, data exception)"
     assert (outcome.status, outcome.reason) == ("dead", reason)
@@ -373,15 +372,7 @@ def test_the_reason_names_the_sqlstate_never_the_servers_text_or_the_payload(
 def test_a_lone_surrogate_a_handler_writes_is_a_dead_letter_named_for_it(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    from workers.registry import Registry
-
-    routes = Registry()
-
-    def write(event: Any, conn: psycopg.Connection[Any]) -> None:
-        conn.execute("SELECT %(v)s::text", {"v": "r_\udfff"})
-
-    routes.handles("redemption.succeeded", lambda *args: args)(write)
-
+    routes = routes_running("SELECT %(v)s::text", "r_\udfff")
     outcome = process_delivery(pool, hostile("ev_write"), "d_write", now(), routes=routes)
 
     assert (outcome.status, outcome.reason) == (
@@ -452,7 +443,7 @@ def test_recording_a_failure_of_a_malformed_body_never_raises(
 def test_recording_a_failure_of_a_final_event_is_a_duplicate_and_keeps_its_status(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    doc = envelope("redemption.succeeded", fixture("redemption.succeeded"), event_id="ev_done")
+    doc = redemption_succeeded("ev_done")
     assert deliver(pool, doc, "d_done") == "processed"
 
     assert record_failure(pool, body_of(doc).decode(), "d_late", now(), "boom") is True

@@ -59,6 +59,17 @@ def accepted(settings: Settings, body: str) -> Message:
     return message
 
 
+def at_the_last_retry(task: Task, settings: Settings, message: Message, error: str) -> str:
+    """``retry_or_give_up`` for a transient ``error`` with no retry left, on a pool of
+    ``settings``' database; the task's answer."""
+    pool = get_pool(settings.database_url)
+    task.push_request(retries=settings.event_max_retries)
+    try:
+        return retry_or_give_up(task, settings, pool, message, TransientError(error))
+    finally:
+        task.pop_request()
+
+
 def test_a_lone_surrogate_event_id_ends_dead_at_its_first_attempt_and_its_copy_is_forgotten(
     task: Task,
     settings: Settings,
@@ -112,13 +123,8 @@ def test_out_of_retries_a_hostile_body_is_recorded_failed_not_raised(
     task: Task, settings: Settings, db: psycopg.Connection[Any], redis_client: redis.Redis
 ) -> None:
     message = accepted(settings, hostile_body())
-    pool = get_pool(settings.database_url)
-    task.push_request(retries=settings.event_max_retries)
-    try:
-        exc = TransientError("OperationalError (SQLSTATE 57P01)")
-        status = retry_or_give_up(task, settings, pool, message, exc)
-    finally:
-        task.pop_request()
+
+    status = at_the_last_retry(task, settings, message, "OperationalError (SQLSTATE 57P01)")
 
     assert status == "failed"
     [(event_id, event_status, raw_body)] = db.execute(
@@ -155,13 +161,8 @@ def test_without_postgresql_a_hostile_body_is_parked_not_raised(
         settings, database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     )
     message = accepted(settings, deep_body())
-    pool = get_pool(gone.database_url)
-    task.push_request(retries=settings.event_max_retries)
-    try:
-        exc = TransientError("PoolTimeout: couldn't get a connection")
-        status = retry_or_give_up(task, gone, pool, message, exc)
-    finally:
-        task.pop_request()
+
+    status = at_the_last_retry(task, gone, message, "PoolTimeout: couldn't get a connection")
 
     assert status == "failed"
     assert redis_client.llen(PARKED_QUEUE) == 1
