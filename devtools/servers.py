@@ -94,7 +94,8 @@ def _pg_user(data_dir: Path) -> str | None:
     try:
         entry = pwd.getpwnam(PG_SYSTEM_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", PG_SYSTEM_USER], check=True, capture_output=True)
+        # Another session may create it at the same moment: only the lookup decides.
+        subprocess.run(["useradd", "--system", PG_SYSTEM_USER], check=False, capture_output=True)
         entry = pwd.getpwnam(PG_SYSTEM_USER)
     install_dir = Path(_pg_bin("initdb")).parent.parent
     for path in (data_dir, install_dir):
@@ -106,9 +107,11 @@ def _pg_user(data_dir: Path) -> str | None:
             | stat.S_IROTH
             | (stat.S_IXGRP | stat.S_IXOTH if path.is_dir() or os.access(path, os.X_OK) else 0)
         )
-    os.chown(data_dir, entry.pw_uid, entry.pw_gid)
-    for path in data_dir.rglob("*"):
-        os.chown(path, entry.pw_uid, entry.pw_gid)
+    for path in (data_dir, *data_dir.rglob("*")):
+        # A running server creates and deletes files meanwhile (a stop comes here too).
+        with contextlib.suppress(FileNotFoundError):
+            if path.lstat().st_uid != entry.pw_uid:
+                os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
     return PG_SYSTEM_USER
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import redis
 
+from workers import queue
+
 log = logging.getLogger(__name__)
 
 
@@ -82,7 +84,7 @@ def _text(value: Any) -> str:
 
 def report_broker_durability(redis_url: str, process: str) -> list[str]:
     """Check and log: one ERROR line per problem, or one INFO line when all is well."""
-    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = queue.connect(redis_url, timeout=5)
     try:
         problems = check_broker_durability(client)
     except redis.RedisError as exc:

@@ -59,4 +59,7 @@ class JobLock:
             if self.held and not self.release():
                 log.error("job.lock_lost", extra={"lock": self.key})
         except redis.RedisError as error:  # the expiry frees it
-            log.warning("job.lock_not_released", extra={"lock": self.key, "error": repr(error)})
+            log.warning(
+                "job.lock_not_released",
+                extra={"lock": self.key, "error": f"{type(error).__name__}: {error}"},
+            )

@@ -25,7 +25,9 @@ from psycopg_pool import ConnectionPool
 from config import logs
 from config.settings import Settings
 from schemas.vocabulary import JobOutcome
+from workers import queue
 from workers.db import get_pool
+from workers.faults import describe
 from workers.jobs import metrics
 from workers.jobs.drift import check_drift
 from workers.jobs.lock import JobLock
@@ -124,7 +126,7 @@ def run_job(name: str, settings: Settings) -> dict[str, Any]:
     if database_url is None or redis_url is None:
         raise ValueError("run_job needs settings with both URLs resolved")
     pool = get_pool(database_url, settings.db_pool_max_size)
-    client = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
+    client = queue.connect(redis_url, timeout=10)
 
     def work(deadline: float) -> dict[str, int]:
         return spec.run(settings, pool, client, deadline)
@@ -148,9 +150,10 @@ def run_locked(
             lock = JobLock(client, spec.name, spec.lock_ttl_seconds)
             acquired = lock.acquire()
         except redis.RedisError as exc:
-            log.error("job.lock_unavailable", extra={"error": repr(exc)})
+            error = f"{type(exc).__name__}: {exc}"  # redis-py 8's repr() drops the message
+            log.error("job.lock_unavailable", extra={"error": error})
             metrics.JOB_RUNS.labels(spec.name, JobOutcome.FAILED).inc()
-            return {"job": spec.name, "status": JobOutcome.FAILED, "result": {}, "error": repr(exc)}
+            return {"job": spec.name, "status": JobOutcome.FAILED, "result": {}, "error": error}
         if not acquired:
             log.info("job.skipped", extra={"reason": "another run holds the lock"})
             metrics.JOB_RUNS.labels(spec.name, JobOutcome.SKIPPED).inc()
@@ -199,4 +202,4 @@ def _record(pool: ConnectionPool, query: str, params: dict[str, Any]) -> None:
         with pool.connection(timeout=5) as conn:
             conn.execute(query, params)
     except psycopg.Error as exc:
-        log.warning("job.run_not_recorded", extra={"error": repr(exc)})
+        log.warning("job.run_not_recorded", extra={"error": describe(exc)})

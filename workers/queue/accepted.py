@@ -66,7 +66,7 @@ def forget(client: redis.Redis, delivery_ids: Sequence[str]) -> None:
         pipe.hdel(ACCEPTED_PUSHES, *delivery_ids)
         pipe.execute()
     except redis.RedisError as exc:
-        log.warning("delivery.forget_failed", extra={"error": repr(exc)})
+        log.warning("delivery.forget_failed", extra={"error": f"{type(exc).__name__}: {exc}"})
 
 
 @dataclass(frozen=True, slots=True)
