@@ -15,12 +15,16 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 T = TypeVar("T")
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 WEB_WORKER_CLASSES = ("gthread", "sync")
+DATABASE_POOLERS = ("none", "pgbouncer")
+"""``DATABASE_POOLER``: what ``DATABASE_URL`` points at (PostgreSQL itself, or PgBouncer)."""
+PSYCOPG_PREPARE_THRESHOLD = 5
+"""psycopg's own default: a statement run this many times on a connection is then prepared."""
 
 
 class SettingsError(ValueError):
@@ -65,6 +69,8 @@ class Settings:
     worker_concurrency: int = 2
     """Celery prefork processes of one ``worker`` (the Procfile passes it to celery)."""
     db_pool_max_size: int = 4
+    """Connections of the pool of one worker process (each prefork process; a job run outside
+    a worker), and the default of ``web_db_pool_max_size``."""
     event_max_retries: int = 12
     retry_backoff_max_seconds: int = 120
     broker_visibility_timeout_seconds: int = 300
@@ -72,6 +78,15 @@ class Settings:
     """Port of the worker's Prometheus endpoint (multi-process mode); 0: none."""
     worker_metrics_host: str = "127.0.0.1"
     """Address the worker's Prometheus endpoint listens on (loopback unless told)."""
+
+    # --- database connections (docs/deployment.md, "Connections and PgBouncer") --------
+    database_pooler: str = "none"
+    """What ``DATABASE_URL`` points at: ``none``, PostgreSQL itself; ``pgbouncer``, PgBouncer in
+    transaction mode, which hands a server connection to another client after each
+    transaction: then no connection of ours prepares statements (``db_prepare_threshold``)."""
+    web_db_pool_max_size: int = 4
+    """Connections of the ops pool of one gunicorn process (``/ops/``, the gauges of
+    ``/metrics``); its ``/readyz`` pool adds one. Unset: ``DB_POOL_MAX_SIZE``."""
 
     # --- reconciliation jobs -----------------------------------------------------------
     redrive_after_seconds: int = 600
@@ -104,6 +119,14 @@ class Settings:
         return f"Settings({', '.join(parts)})"
 
     @property
+    def db_prepare_threshold(self) -> int | None:
+        """psycopg's ``prepare_threshold`` for our connections: None (prepare nothing) behind
+        PgBouncer in transaction mode, where a statement prepared on one server connection
+        is missing on the next one, or already there under the same name for another
+        client; psycopg's default otherwise."""
+        return None if self.database_pooler == "pgbouncer" else PSYCOPG_PREPARE_THRESHOLD
+
+    @property
     def voucherify_api_enabled(self) -> bool:
         return bool(
             self.voucherify_api_url and self.voucherify_app_id and self.voucherify_app_token
@@ -122,14 +145,20 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         env = _Env(environ)
+        pool_max_size = env.get("DB_POOL_MAX_SIZE", _int_range(1, 100), 4)
         return cls(
             database_url=env.require(
                 "DATABASE_URL",
                 _postgres_url,
                 "a PostgreSQL DSN (postgresql://user:password@host:5432/db)",
             ),
-            redis_url=env.require(
-                "REDIS_URL", _redis_url, "a Redis DSN of the Celery broker (redis:// or rediss://)"
+            redis_url=with_cert_reqs(
+                env.require(
+                    "REDIS_URL",
+                    _redis_url,
+                    "a Redis DSN of the Celery broker (redis:// or rediss://)",
+                ),
+                env.get("REDIS_SSL_CERT_REQS", _choice(REDIS_CERT_REQS), None),
             ),
             webhook_secrets=env.get("VOUCHERIFY_WEBHOOK_SECRET", _secrets, ()),
             port=env.get("PORT", _int_range(1, 65535), 8000),
@@ -146,7 +175,7 @@ class Settings:
             forwarded_allow_ips=env.get("FORWARDED_ALLOW_IPS", _address_list, "127.0.0.1,::1"),
             metrics_token=env.get("METRICS_TOKEN", _long_token, None),
             worker_concurrency=env.get("WORKER_CONCURRENCY", _int_range(1, 64), 2),
-            db_pool_max_size=env.get("DB_POOL_MAX_SIZE", _int_range(1, 100), 4),
+            db_pool_max_size=pool_max_size,
             event_max_retries=env.get("EVENT_MAX_RETRIES", _int_range(0, 100), 12),
             retry_backoff_max_seconds=env.get(
                 "RETRY_BACKOFF_MAX_SECONDS", _int_range(1, 3600), 120
@@ -156,6 +185,9 @@ class Settings:
             ),
             worker_metrics_port=env.get("WORKER_METRICS_PORT", _int_range(0, 65535), 9808),
             worker_metrics_host=env.get("WORKER_METRICS_HOST", _host, "127.0.0.1"),
+            # database connections
+            database_pooler=env.get("DATABASE_POOLER", _database_pooler, "none"),
+            web_db_pool_max_size=env.get("WEB_DB_POOL_MAX_SIZE", _int_range(1, 100), pool_max_size),
             redrive_after_seconds=env.get("REDRIVE_AFTER_SECONDS", _int_range(1, 10**7), 600),
             redrive_max_attempts=env.get("REDRIVE_MAX_ATTEMPTS", _int_range(1, 1000), 5),
             redrive_interval_seconds=env.get("REDRIVE_INTERVAL_SECONDS", _int_range(1, 10**7), 300),
@@ -299,7 +331,76 @@ def _url(schemes: tuple[str, ...], what: str) -> Callable[[str], str]:
 
 
 _postgres_url = _url(("postgresql", "postgres"), "PostgreSQL")
-_redis_url = _url(("redis", "rediss", "unix"), "Redis")
+_redis_dsn = _url(("redis", "rediss", "unix"), "Redis")
+
+REDIS_TLS_PARAMS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_check_hostname")
+"""The TLS options a ``rediss://`` URL may carry in its query (Heroku: ``?ssl_cert_reqs=none``)."""
+REDIS_CERT_REQS = ("none", "optional", "required")
+
+
+def redis_tls_params(url: str) -> dict[str, str]:
+    """The TLS options in a Redis URL's query, checked, as given (``{}`` when none).
+
+    redis-py (every client of ``workers.queue.connect``, and those that read the URL
+    themselves) and kombu (the worker's and beat's broker connection) each parse the same
+    query their own way, so only what both read alike is accepted: ``ssl_cert_reqs``
+    (``none``, ``optional`` or ``required``, lower-case), ``ssl_ca_certs`` (the path of a CA
+    bundle), ``ssl_check_hostname`` (``true`` or ``false``), once each, and only with
+    ``rediss://`` (on ``redis://`` kombu would turn TLS on where redis-py fails). Anything
+    else ``ssl_…`` raises ``ValueError`` naming it; ``workers.queue.tls_options`` turns the
+    result into the libraries' options.
+    """
+    parts = urlsplit(url)
+    given = {k: v for k, v in parse_qs(parts.query).items() if k.startswith("ssl_")}
+    if not given:
+        return {}
+    if parts.scheme != "rediss":
+        raise ValueError(
+            f"{', '.join(sorted(given))}: TLS options need a rediss:// URL (TLS), not "
+            f"{parts.scheme}://"
+        )
+    params: dict[str, str] = {}
+    for name, values in sorted(given.items()):
+        if name not in REDIS_TLS_PARAMS:
+            raise ValueError(
+                f"unsupported TLS option {name!r} (supported: {', '.join(REDIS_TLS_PARAMS)})"
+            )
+        if len(values) > 1:
+            raise ValueError(f"TLS option {name!r} given {len(values)} times")
+        params[name] = values[0]
+    reqs = params.get("ssl_cert_reqs")
+    if reqs is not None and reqs not in REDIS_CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs must be one of {', '.join(REDIS_CERT_REQS)}, got {reqs!r}")
+    hostname = params.get("ssl_check_hostname")
+    if hostname is not None and hostname not in ("true", "false"):
+        raise ValueError(f"ssl_check_hostname must be true or false, got {hostname!r}")
+    return params
+
+
+def with_cert_reqs(url: str, cert_reqs: str | None) -> str:
+    """``REDIS_URL`` with ``REDIS_SSL_CERT_REQS`` applied: for a ``rediss://`` URL whose query
+    does not say ``ssl_cert_reqs`` itself (the URL wins), it is added to the query.
+
+    Heroku Redis owns ``REDIS_URL`` (it cannot be overwritten and is rewritten when the
+    credentials rotate), and its certificate is self-signed: ``REDIS_SSL_CERT_REQS=none``
+    says once what its URL cannot carry. Every process then sees the same URL.
+    """
+    parts = urlsplit(url)
+    if cert_reqs is None or parts.scheme != "rediss" or "ssl_cert_reqs" in redis_tls_params(url):
+        return url
+    query = (
+        f"{parts.query}&ssl_cert_reqs={cert_reqs}" if parts.query else f"ssl_cert_reqs={cert_reqs}"
+    )
+    return parts._replace(query=query).geturl()
+
+
+def _redis_url(raw: str) -> str:
+    """A Redis DSN; its TLS options (``redis_tls_params``) are checked here, at start-up."""
+    url = _redis_dsn(raw)
+    redis_tls_params(url)
+    return url
+
+
 _http_url = _url(("http", "https"), "HTTP")
 
 
@@ -351,6 +452,16 @@ def _token(raw: str) -> str:
     if any(ch.isspace() for ch in raw):
         raise ValueError("must not contain whitespace")
     return raw
+
+
+def _database_pooler(raw: str) -> str:
+    pooler = raw.lower()
+    if pooler not in DATABASE_POOLERS:
+        raise ValueError(
+            f"expected one of {', '.join(DATABASE_POOLERS)} (pgbouncer: PgBouncer in "
+            f"transaction mode), got {raw!r}"
+        )
+    return pooler
 
 
 def _log_level(raw: str) -> str:

@@ -1,9 +1,17 @@
 """Ordered SQL migrations, applied by the ``release`` process (``python -m migrations``).
 
-Each ``NNNN_name.sql`` file runs once, in its own transaction, in name order; applied
-versions are recorded in ``schema_migrations``. An advisory lock makes two release
+Each ``NNNN_name.sql`` file runs once, in name order, in a savepoint of one transaction;
+applied versions are recorded in ``schema_migrations``. An advisory lock makes two release
 processes started at once take turns, so a second run on an up-to-date database does
 nothing.
+
+The lock is the transaction's (``pg_advisory_xact_lock``), never the session's, and a
+migration file changes no session state (no ``SET`` without ``LOCAL``): behind PgBouncer in
+transaction mode the release step's server connection serves other clients between
+transactions, so a session lock would be held by -- or released from -- the wrong client,
+and a session setting would go on to whoever gets that connection next. Taken first in
+the one transaction that applies everything, the lock lives and ends with it, on the one
+server connection PgBouncer gives that transaction.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ def apply_migrations(conn: psycopg.Connection[Any]) -> list[str]:
     """Apply what is missing; return the versions applied now (empty when up to date)."""
     applied_now: list[str] = []
     with conn.transaction():
+        # Waits while another release holds it; released when this transaction ends.
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("

@@ -1,9 +1,12 @@
 """Where the ops tools get PostgreSQL and Redis from.
 
 The web process uses the process's pool (``workers.db.get_pool``: opened lazily on the first
-ops request or scrape, re-opened after a fork), never at import and never on the webhook
-path. The CLI, a short-lived process, opens one plain connection instead. Every ops
-transaction gets a ``statement_timeout`` so a slow query cannot hold a web thread for long.
+ops request or scrape, re-opened after a fork, ``WEB_DB_POOL_MAX_SIZE`` connections at most,
+statements prepared as ``DATABASE_POOLER`` allows), never at import and never on the webhook
+path. The CLI, a short-lived process, opens one plain connection per transaction instead.
+Every ops transaction gets a ``statement_timeout`` so a slow query cannot hold a web thread
+for long: set for that transaction only (``set_config(..., true)``), so behind PgBouncer in
+transaction mode it never stays on a server connection another client gets next.
 
 In the web process ``ops.install`` puts the context in ``app.extensions``; the views read it
 with ``current()`` (and the token with ``current_token()``).
@@ -42,7 +45,11 @@ class OpsContext:
     def _pooled(self, timeout: float) -> AbstractContextManager[psycopg.Connection[Any]]:
         from workers.db import get_pool
 
-        pool = get_pool(self.database_url, self.settings.db_pool_max_size)
+        pool = get_pool(
+            self.database_url,
+            self.settings.web_db_pool_max_size,
+            prepare_threshold=self.settings.db_prepare_threshold,
+        )
         return pool.connection(timeout=timeout)
 
     @contextlib.contextmanager
@@ -73,10 +80,16 @@ class OpsContext:
 
 
 def direct_connect(database_url: str) -> Connect:
-    """One new connection per transaction: for the CLI, which runs a few and exits."""
+    """One new connection per transaction: for the CLI, which runs a few and exits.
+
+    Nothing is prepared on it: a connection that lives for one transaction would gain
+    nothing, and behind PgBouncer the statement would outlive it on the server connection,
+    where the next client's statement of the same name clashes with it."""
 
     def connect(timeout: float) -> AbstractContextManager[psycopg.Connection[Any]]:
-        return psycopg.connect(database_url, connect_timeout=max(2, int(timeout)))
+        return psycopg.connect(
+            database_url, connect_timeout=max(2, int(timeout)), prepare_threshold=None
+        )
 
     return connect
 

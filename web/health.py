@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 log = logging.getLogger(__name__)
@@ -157,7 +156,6 @@ def readiness_pool(database_url: str) -> ConnectionPool:
             if _pool is not None and _pool_key is not None and _pool_key[0] == key[0]:
                 _pool.close()
             timeout_ms = str(int(CHECK_TIMEOUT_SECONDS * 1000))
-            given = conninfo_to_dict(database_url).get("options") or ""
             _pool = ConnectionPool(
                 database_url,
                 min_size=0,
@@ -171,12 +169,20 @@ def readiness_pool(database_url: str) -> ConnectionPool:
                 kwargs={
                     "autocommit": True,  # SELECT 1 is the one round trip: no COMMIT after
                     "connect_timeout": max(1, int(CHECK_TIMEOUT_SECONDS)),
-                    # Set at connect, in the startup packet: no extra round trip per check.
-                    "options": f"{given} -c statement_timeout={timeout_ms}".strip(),
+                    # No startup options of ours (there was ``-c statement_timeout``): they
+                    # are session state, which PgBouncer in transaction mode refuses
+                    # ("unsupported startup parameter: options") or, told to ignore them,
+                    # drops; and SELECT 1 waits on nothing a server-side timeout would end.
+                    # The connect, pool and TCP timeouts bound the check, and the probe's
+                    # OVERDUE answer bounds /readyz (docs/deployment.md, PgBouncer).
                     # Unacknowledged bytes this long (a peer gone silent) fail the check
                     # instead of hanging it until the kernel gives up, minutes later.
                     "tcp_user_timeout": timeout_ms,
                     "application_name": f"voucherify-readyz-{key[0]}",
+                    # The same SELECT 1 on and on would be prepared after psycopg's 5 runs:
+                    # behind PgBouncer that statement would be missing on, or clash with,
+                    # the next server connection. Never prepared, whatever the pooler.
+                    "prepare_threshold": None,
                 },
                 open=False,
                 name=f"readyz-{key[0]}",

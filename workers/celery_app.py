@@ -17,6 +17,10 @@ Reliability settings, each on purpose:
   worker.
 - ``task_time_limit`` 60 s hard / 50 s soft: one event is a few milliseconds of SQL; a
   task still running after a minute is stuck, and is killed and redelivered.
+- ``broker_use_ssl`` from ``workers.queue.tls_options``: a ``rediss://`` broker's certificate
+  is verified unless ``REDIS_URL`` says ``ssl_cert_reqs=none`` (or ``optional``), as for
+  every other Redis client. kombu, given a ``rediss://`` URL and no options, would skip the
+  verification with only a warning.
 - JSON only, in and out: the message carries text, never pickles.
 - No result backend: nobody reads task results; the outcome lives in PostgreSQL.
 - A pool process waits at most 2 s, not billiard's 30 s, for the main process to read its
@@ -38,6 +42,7 @@ from compat import billiard_pool, kombu_redis
 from config import logs
 from config.settings import Settings
 from workers.queue import DELIVERY_QUEUE, JOBS_QUEUE
+from workers.queue.client import tls_options
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.redis_url,
         "broker_transport_options": broker_transport_options(settings),
+        "broker_use_ssl": tls_options(settings.redis_url) or False,  # False: redis://
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # a worker waits for Redis, it does not exit
         "task_acks_late": True,

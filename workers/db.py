@@ -2,6 +2,14 @@
 
 ``get_pool()`` opens the pool lazily and re-opens it when the process id changed, so a
 pool is never shared across a fork (prefork workers, gunicorn) whatever the start order.
+
+Its connections prepare no statement unless the caller asks (``prepare_threshold``, from
+``Settings.db_prepare_threshold``): behind PgBouncer in transaction mode each transaction
+may run on another server connection, and a statement psycopg prepared on one is missing
+on the next, or already there under the same name for another client. Preparing nothing
+is right whatever ``DATABASE_URL`` points at; preparing is only an optimisation. Nothing
+else of a session is relied on: every setting is made per transaction (``SET LOCAL``,
+``set_config(..., true)``), every lock is a row lock or a transaction's advisory lock.
 """
 
 from __future__ import annotations
@@ -17,7 +25,11 @@ _pool_pid: int | None = None
 _pool_url: str | None = None
 
 
-def get_pool(database_url: str, max_size: int = 4) -> ConnectionPool:
+def get_pool(
+    database_url: str, max_size: int = 4, *, prepare_threshold: int | None = None
+) -> ConnectionPool:
+    """This process's pool (made on the first call; later calls get it, whatever they pass
+    but the URL), of at most ``max_size`` connections."""
     global _pool, _pool_pid, _pool_url
     pid = os.getpid()
     if _pool is not None and _pool_pid == pid and _pool_url == database_url:
@@ -37,7 +49,11 @@ def get_pool(database_url: str, max_size: int = 4) -> ConnectionPool:
                 # had been down (tests/fault/test_under_fire.py: 8-10 s after a 20 s
                 # outage); 10 s keeps the gap between attempts at 4 s at most.
                 reconnect_timeout=10.0,
-                kwargs={"connect_timeout": 3, "application_name": f"voucherify-pipeline-{pid}"},
+                kwargs={
+                    "connect_timeout": 3,
+                    "application_name": f"voucherify-pipeline-{pid}",
+                    "prepare_threshold": prepare_threshold,  # None: never prepare
+                },
                 open=False,
                 name=f"pool-{pid}",
             )

@@ -44,7 +44,11 @@ def process_delivery(task: Task, body: str, delivery_id: str, received_at: str) 
     retries = int(task.request.retries or 0)
     with logs.bind(delivery_id=delivery_id, attempt=retries + 1):
         started = time.perf_counter()
-        pool = get_pool(settings.database_url, settings.db_pool_max_size)
+        pool = get_pool(
+            settings.database_url,
+            settings.db_pool_max_size,
+            prepare_threshold=settings.db_prepare_threshold,
+        )
         try:
             outcome = processing.process_delivery(pool, body, delivery_id, received_at)
         except (TransientError, SoftTimeLimitExceeded) as exc:

@@ -272,3 +272,52 @@ def test_error_on_a_dsn_never_quotes_its_password(url: str) -> None:
     with pytest.raises(SettingsError, match=r"^DATABASE_URL: ") as caught:
         Settings.from_env({**URLS, "DATABASE_URL": url})
     assert "s3cr" not in str(caught.value)
+
+
+# --- database connections (DATABASE_POOLER, WEB_DB_POOL_MAX_SIZE) ----------------------
+
+
+def test_database_connections_default_to_postgresql_itself_and_one_pool_size() -> None:
+    settings = Settings.from_env(URLS)
+    assert settings.database_pooler == "none"
+    assert settings.db_prepare_threshold == 5  # psycopg's own default
+    assert settings.db_pool_max_size == settings.web_db_pool_max_size == 4
+
+
+def test_behind_pgbouncer_nothing_is_prepared() -> None:
+    for given in ("pgbouncer", " PgBouncer "):
+        settings = Settings.from_env({**URLS, "DATABASE_POOLER": given})
+        assert settings.database_pooler == "pgbouncer"
+        assert settings.db_prepare_threshold is None
+    assert Settings.from_env({**URLS, "DATABASE_POOLER": "none"}).db_prepare_threshold == 5
+
+
+def test_db_pool_max_size_is_the_default_of_the_web_pool_size() -> None:
+    shared = Settings.from_env({**URLS, "DB_POOL_MAX_SIZE": "2"})
+    assert (shared.db_pool_max_size, shared.web_db_pool_max_size) == (2, 2)
+    own = Settings.from_env({**URLS, "DB_POOL_MAX_SIZE": "2", "WEB_DB_POOL_MAX_SIZE": " 6 "})
+    assert (own.db_pool_max_size, own.web_db_pool_max_size) == (2, 6)
+    blank = Settings.from_env({**URLS, "DB_POOL_MAX_SIZE": "3", "WEB_DB_POOL_MAX_SIZE": ""})
+    assert blank.web_db_pool_max_size == 3
+
+
+@pytest.mark.parametrize(
+    ("environ", "problem"),
+    [
+        ({"DATABASE_POOLER": "pgpool"}, "expected one of none, pgbouncer"),
+        ({"DATABASE_POOLER": "pgbouncer-session"}, "expected one of none, pgbouncer"),
+        ({"WEB_DB_POOL_MAX_SIZE": "0"}, "expected an integer from 1 to 100"),
+        ({"WEB_DB_POOL_MAX_SIZE": "101"}, "expected an integer from 1 to 100"),
+        ({"WEB_DB_POOL_MAX_SIZE": "four"}, "expected an integer"),
+        ({"DB_POOL_MAX_SIZE": "0"}, "expected an integer from 1 to 100"),
+    ],
+)
+def test_malformed_database_connection_settings_are_named(
+    environ: dict[str, str], problem: str
+) -> None:
+    (variable,) = environ
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({**URLS, **environ})
+    assert caught.value.variable == variable
+    assert str(caught.value).startswith(f"{variable}: {problem}")
+    assert len(str(caught.value).splitlines()) == 1

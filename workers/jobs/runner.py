@@ -125,7 +125,9 @@ def run_job(name: str, settings: Settings) -> dict[str, Any]:
     database_url, redis_url = settings.database_url, settings.redis_url
     if database_url is None or redis_url is None:
         raise ValueError("run_job needs settings with both URLs resolved")
-    pool = get_pool(database_url, settings.db_pool_max_size)
+    pool = get_pool(
+        database_url, settings.db_pool_max_size, prepare_threshold=settings.db_prepare_threshold
+    )
     client = queue.connect(redis_url, timeout=10)
 
     def work(deadline: float) -> dict[str, int]:

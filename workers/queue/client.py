@@ -1,15 +1,26 @@
-"""The one Redis client factory of the queue contract, with its timeouts.
+"""The one Redis client factory of the queue contract, with its timeouts and TLS.
 
 Every process makes its Redis clients here, so the timeouts are chosen once: short enough
 that a dead Redis costs a request, a task or a scrape a few seconds at most, never a hang.
+
+TLS (``rediss://``) is read from the URL once, by ``tls_options``: the same options go to
+redis-py here and to kombu as Celery's ``broker_use_ssl`` (``workers.celery_app``). The
+server's certificate is verified unless the URL says ``ssl_cert_reqs=none`` (Heroku
+Redis: a self-signed certificate) or ``optional``; ``ssl_ca_certs=<path>`` names the CA
+that signed it.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 import threading
+from typing import Any
+from urllib.parse import urlsplit
 
 import redis
+
+from config.settings import redis_tls_params
 
 HEALTH_CHECK_SECONDS = 30
 """A connection idle this long is checked (PING) before use: a restarted Redis is noticed."""
@@ -19,9 +30,33 @@ class BrokerUnavailable(Exception):
     """Redis did not take the message within the time budget; nothing was stored."""
 
 
+CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def tls_options(url: str) -> dict[str, Any]:
+    """The TLS options of a Redis URL, as redis-py's keyword arguments, which are also what
+    kombu takes as Celery's ``broker_use_ssl``: ``{}`` for ``redis://`` and ``unix://``.
+
+    A ``rediss://`` URL always gets an explicit ``ssl_cert_reqs``, ``CERT_REQUIRED`` unless
+    its query says ``none`` or ``optional``: kombu, told nothing, would turn verification
+    off with only a warning. A malformed option raises ``ValueError`` (``Settings`` checks
+    the same at start-up: ``config.settings.redis_tls_params``).
+    """
+    params = redis_tls_params(url)
+    if urlsplit(url).scheme != "rediss":
+        return {}
+    options: dict[str, Any] = {"ssl_cert_reqs": CERT_REQS[params.get("ssl_cert_reqs", "required")]}
+    if "ssl_ca_certs" in params:
+        options["ssl_ca_certs"] = params["ssl_ca_certs"]
+    if "ssl_check_hostname" in params:
+        options["ssl_check_hostname"] = params["ssl_check_hostname"] == "true"
+    return options
+
+
 def connect(url: str, timeout: float = 5.0, *, retry: bool = True) -> redis.Redis:
     """A client of its own pool. ``timeout`` bounds each connect and each reply; with
-    ``retry`` off a failed command raises at once (callers with a budget of their own)."""
+    ``retry`` off a failed command raises at once (callers with a budget of their own).
+    TLS as the URL says (``tls_options``)."""
     options: dict[str, object] = {}
     if not retry:
         options["retry"] = None
@@ -30,6 +65,7 @@ def connect(url: str, timeout: float = 5.0, *, retry: bool = True) -> redis.Redi
         socket_timeout=timeout,
         socket_connect_timeout=min(timeout, 5.0),
         health_check_interval=HEALTH_CHECK_SECONDS,
+        **tls_options(url),
         **options,
     )
 

@@ -75,9 +75,12 @@ class DeliveryPublisher:
                 return
             except redis.RedisError as exc:
                 remaining = deadline - time.monotonic()
+                # Not repr(): redis-py 8 reduces it to "network:ConnectionError", hiding the
+                # reason (a refused TLS certificate, a wrong password). Never holds a secret.
+                error = f"{type(exc).__name__}: {exc}"
                 log.warning(
                     "delivery.enqueue_failed",
-                    extra={"delivery_id": delivery_id, "attempt": attempt, "error": repr(exc)},
+                    extra={"delivery_id": delivery_id, "attempt": attempt, "error": error},
                 )
                 if remaining <= delay:
                     raise BrokerUnavailable(str(exc)) from exc
