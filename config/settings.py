@@ -12,6 +12,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from config import parsers as parse
 from config.parsers import (
@@ -36,6 +37,7 @@ __all__ = [
 WEB_WORKER_CLASSES = ("gthread", "sync")
 """``DATABASE_POOLER``: what ``DATABASE_URL`` points at (PostgreSQL itself, or PgBouncer)."""
 PSYCOPG_PREPARE_THRESHOLD = 5
+NO_SECRETS: tuple[bytes, ...] = ()
 """psycopg's own default: a statement run this many times on a connection is then prepared."""
 
 
@@ -151,79 +153,10 @@ class Settings:
         env = Env(environ)
         pool_max_size = env.get("DB_POOL_MAX_SIZE", parse.int_range(1, 100), 4)
         return cls(
-            database_url=env.require(
-                "DATABASE_URL",
-                parse.postgres_url,
-                "a PostgreSQL DSN (postgresql://user:password@host:5432/db)",
-            ),
-            redis_url=with_cert_reqs(
-                env.require(
-                    "REDIS_URL",
-                    parse.redis_url,
-                    "a Redis DSN of the Celery broker (redis:// or rediss://)",
-                ),
-                env.get("REDIS_SSL_CERT_REQS", parse.choice(REDIS_CERT_REQS), None),
-            ),
-            webhook_secrets=env.get("VOUCHERIFY_WEBHOOK_SECRET", parse.secrets, ()),
-            port=env.get("PORT", parse.int_range(1, 65535), 8000),
-            ops_api_token=env.get("OPS_API_TOKEN", parse.long_token, None),
-            max_body_bytes=env.get("MAX_BODY_BYTES", parse.int_range(1, 1 << 30), 262_144),
-            log_level=env.get("LOG_LEVEL", parse.log_level, "INFO"),
-            enqueue_timeout_seconds=env.get(
-                "ENQUEUE_TIMEOUT_SECONDS", parse.seconds(0.1, 6.0), 5.0
-            ),
-            web_concurrency=env.get("WEB_CONCURRENCY", parse.int_range(1, 64), 2),
-            web_worker_class=env.get(
-                "WEB_WORKER_CLASS", parse.choice(WEB_WORKER_CLASSES), "gthread"
-            ),
-            web_threads=env.get("WEB_THREADS", parse.int_range(1, 256), 8),
-            web_request_timeout_seconds=env.get(
-                "WEB_REQUEST_TIMEOUT_SECONDS", parse.seconds(1.0, 60.0), 10.0
-            ),
-            forwarded_allow_ips=env.get("FORWARDED_ALLOW_IPS", parse.address_list, "127.0.0.1,::1"),
-            metrics_token=env.get("METRICS_TOKEN", parse.long_token, None),
-            worker_concurrency=env.get("WORKER_CONCURRENCY", parse.int_range(1, 64), 2),
-            db_pool_max_size=pool_max_size,
-            event_max_retries=env.get("EVENT_MAX_RETRIES", parse.int_range(0, 100), 12),
-            retry_backoff_max_seconds=env.get(
-                "RETRY_BACKOFF_MAX_SECONDS", parse.int_range(1, 3600), 120
-            ),
-            broker_visibility_timeout_seconds=env.get(
-                "BROKER_VISIBILITY_TIMEOUT_SECONDS", parse.int_range(10, 86400), 300
-            ),
-            worker_metrics_port=env.get("WORKER_METRICS_PORT", parse.int_range(0, 65535), 9808),
-            worker_metrics_host=env.get("WORKER_METRICS_HOST", parse.host, "127.0.0.1"),
-            # database connections
-            database_pooler=env.get("DATABASE_POOLER", parse.database_pooler, "none"),
-            web_db_pool_max_size=env.get(
-                "WEB_DB_POOL_MAX_SIZE", parse.int_range(1, 100), pool_max_size
-            ),
-            redrive_after_seconds=env.get("REDRIVE_AFTER_SECONDS", parse.int_range(1, 10**7), 600),
-            redrive_max_attempts=env.get("REDRIVE_MAX_ATTEMPTS", parse.int_range(1, 1000), 5),
-            redrive_interval_seconds=env.get(
-                "REDRIVE_INTERVAL_SECONDS", parse.int_range(1, 10**7), 300
-            ),
-            verify_interval_seconds=env.get(
-                "VERIFY_INTERVAL_SECONDS", parse.int_range(1, 10**7), 900
-            ),
-            verify_after_seconds=env.get("VERIFY_AFTER_SECONDS", parse.int_range(1, 10**7), 3600),
-            drift_interval_seconds=env.get(
-                "DRIFT_INTERVAL_SECONDS", parse.int_range(1, 10**7), 3600
-            ),
-            retention_interval_seconds=env.get(
-                "RETENTION_INTERVAL_SECONDS", parse.int_range(1, 10**7), 86400
-            ),
-            retention_days=env.get("RETENTION_DAYS", parse.int_range(7, 36500), 30),
-            retention_event_ids_days=env.get(
-                "RETENTION_EVENT_IDS_DAYS", parse.int_range(15, 36500), 90
-            ),
-            verify_batch_size=env.get("VERIFY_BATCH_SIZE", parse.int_range(1, 10_000), 100),
-            voucherify_api_url=env.get("VOUCHERIFY_API_URL", parse.http_url, None),
-            voucherify_app_id=env.get("VOUCHERIFY_APP_ID", parse.token, None),
-            voucherify_app_token=env.get("VOUCHERIFY_APP_TOKEN", parse.token, None),
-            voucherify_api_rate=env.get(
-                "VOUCHERIFY_API_RATE", parse.number(0.1, 100.0, "requests per second"), 5.0
-            ),
+            **_contract(env),
+            **_web(env, pool_max_size),
+            **_workers(env, pool_max_size),
+            **_jobs(env),
         ).checked()
 
     def checked(self) -> Settings:
@@ -239,6 +172,94 @@ class Settings:
                 f"({self.broker_visibility_timeout_seconds})",
             )
         return self
+
+
+def _contract(env: Env) -> dict[str, Any]:
+    """The variables of CONTRACT.md."""
+    return dict(
+        database_url=env.require(
+            "DATABASE_URL",
+            parse.postgres_url,
+            "a PostgreSQL DSN (postgresql://user:password@host:5432/db)",
+        ),
+        redis_url=with_cert_reqs(
+            env.require(
+                "REDIS_URL",
+                parse.redis_url,
+                "a Redis DSN of the Celery broker (redis:// or rediss://)",
+            ),
+            env.get("REDIS_SSL_CERT_REQS", parse.choice(REDIS_CERT_REQS), None),
+        ),
+        webhook_secrets=env.get("VOUCHERIFY_WEBHOOK_SECRET", parse.secrets, NO_SECRETS),
+        port=env.get("PORT", parse.int_range(1, 65535), 8000),
+        ops_api_token=env.get("OPS_API_TOKEN", parse.long_token, None),
+        max_body_bytes=env.get("MAX_BODY_BYTES", parse.int_range(1, 1 << 30), 262_144),
+        log_level=env.get("LOG_LEVEL", parse.log_level, "INFO"),
+    )
+
+
+def _web(env: Env, pool_max_size: int) -> dict[str, Any]:
+    """The web process."""
+    return dict(
+        enqueue_timeout_seconds=env.get("ENQUEUE_TIMEOUT_SECONDS", parse.seconds(0.1, 6.0), 5.0),
+        web_concurrency=env.get("WEB_CONCURRENCY", parse.int_range(1, 64), 2),
+        web_worker_class=env.get("WEB_WORKER_CLASS", parse.choice(WEB_WORKER_CLASSES), "gthread"),
+        web_threads=env.get("WEB_THREADS", parse.int_range(1, 256), 8),
+        web_request_timeout_seconds=env.get(
+            "WEB_REQUEST_TIMEOUT_SECONDS", parse.seconds(1.0, 60.0), 10.0
+        ),
+        forwarded_allow_ips=env.get("FORWARDED_ALLOW_IPS", parse.address_list, "127.0.0.1,::1"),
+        metrics_token=env.get("METRICS_TOKEN", parse.long_token, None),
+        web_db_pool_max_size=env.get(
+            "WEB_DB_POOL_MAX_SIZE", parse.int_range(1, 100), pool_max_size
+        ),
+    )
+
+
+def _workers(env: Env, pool_max_size: int) -> dict[str, Any]:
+    """The workers, and how every process connects to PostgreSQL."""
+    return dict(
+        worker_concurrency=env.get("WORKER_CONCURRENCY", parse.int_range(1, 64), 2),
+        db_pool_max_size=pool_max_size,
+        event_max_retries=env.get("EVENT_MAX_RETRIES", parse.int_range(0, 100), 12),
+        retry_backoff_max_seconds=env.get(
+            "RETRY_BACKOFF_MAX_SECONDS", parse.int_range(1, 3600), 120
+        ),
+        broker_visibility_timeout_seconds=env.get(
+            "BROKER_VISIBILITY_TIMEOUT_SECONDS", parse.int_range(10, 86400), 300
+        ),
+        worker_metrics_port=env.get("WORKER_METRICS_PORT", parse.int_range(0, 65535), 9808),
+        worker_metrics_host=env.get("WORKER_METRICS_HOST", parse.host, "127.0.0.1"),
+        database_pooler=env.get("DATABASE_POOLER", parse.database_pooler, "none"),
+    )
+
+
+def _jobs(env: Env) -> dict[str, Any]:
+    """The reconciliation jobs."""
+    return dict(
+        redrive_after_seconds=env.get("REDRIVE_AFTER_SECONDS", parse.int_range(1, 10**7), 600),
+        redrive_max_attempts=env.get("REDRIVE_MAX_ATTEMPTS", parse.int_range(1, 1000), 5),
+        redrive_interval_seconds=env.get(
+            "REDRIVE_INTERVAL_SECONDS", parse.int_range(1, 10**7), 300
+        ),
+        verify_interval_seconds=env.get("VERIFY_INTERVAL_SECONDS", parse.int_range(1, 10**7), 900),
+        verify_after_seconds=env.get("VERIFY_AFTER_SECONDS", parse.int_range(1, 10**7), 3600),
+        drift_interval_seconds=env.get("DRIFT_INTERVAL_SECONDS", parse.int_range(1, 10**7), 3600),
+        retention_interval_seconds=env.get(
+            "RETENTION_INTERVAL_SECONDS", parse.int_range(1, 10**7), 86400
+        ),
+        retention_days=env.get("RETENTION_DAYS", parse.int_range(7, 36500), 30),
+        retention_event_ids_days=env.get(
+            "RETENTION_EVENT_IDS_DAYS", parse.int_range(15, 36500), 90
+        ),
+        verify_batch_size=env.get("VERIFY_BATCH_SIZE", parse.int_range(1, 10_000), 100),
+        voucherify_api_url=env.get("VOUCHERIFY_API_URL", parse.http_url, None),
+        voucherify_app_id=env.get("VOUCHERIFY_APP_ID", parse.token, None),
+        voucherify_app_token=env.get("VOUCHERIFY_APP_TOKEN", parse.token, None),
+        voucherify_api_rate=env.get(
+            "VOUCHERIFY_API_RATE", parse.number(0.1, 100.0, "requests per second"), 5.0
+        ),
+    )
 
 
 def configure_logging_level(settings: Settings) -> int:
