@@ -18,6 +18,7 @@ T = TypeVar("T")
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 DATABASE_POOLERS = ("none", "pgbouncer")
+"""``DATABASE_POOLER``: what ``DATABASE_URL`` points at (PostgreSQL itself, or PgBouncer)."""
 
 
 class SettingsError(ValueError):

@@ -35,10 +35,9 @@ __all__ = [
 ]
 
 WEB_WORKER_CLASSES = ("gthread", "sync")
-"""``DATABASE_POOLER``: what ``DATABASE_URL`` points at (PostgreSQL itself, or PgBouncer)."""
 PSYCOPG_PREPARE_THRESHOLD = 5
-NO_SECRETS: tuple[bytes, ...] = ()
 """psycopg's own default: a statement run this many times on a connection is then prepared."""
+NO_SECRETS: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
