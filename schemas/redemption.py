@@ -56,6 +56,25 @@ def _opt_int() -> fields.Integer:
     return fields.Integer(strict=True, allow_none=True, load_default=None, validate=_INT64)
 
 
+class WholeBalance(fields.Float):
+    """A card balance in its smallest unit. Voucherify's schema types it ``number``: an
+    integral one (``1000`` or ``1000.0``) is that many units; a fractional one cannot be,
+    and is read as no report at all (the event is still applied; drift waits for the
+    next report). Not a string, not a boolean, not NaN or Infinity."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, bool | str):
+            raise ValidationError("Not a valid number.")
+        if isinstance(value, int):
+            whole = value
+        else:
+            number = super()._deserialize(value, attr, data, **kwargs)
+            if not number.is_integer():
+                return None
+            whole = int(number)
+        return whole if -(2**63) <= whole < 2**63 else None
+
+
 def _opt_datetime() -> fields.AwareDateTime:
     return fields.AwareDateTime(allow_none=True, load_default=None, default_timezone=None)
 
@@ -65,7 +84,8 @@ def _opt_datetime() -> fields.AwareDateTime:
 
 @dataclass(frozen=True, slots=True)
 class Order:
-    id: str
+    id: str | None
+    """The schema does not require it: an order without one is not recorded."""
     status: str | None
     amount: int | None
     total_amount: int | None
@@ -127,7 +147,7 @@ class RedemptionEvent:
 
 
 class _Balance(_Loose):
-    balance = _opt_int()
+    balance = WholeBalance(allow_none=True, load_default=None)
 
 
 class VoucherSchema(_Loose):
@@ -150,7 +170,7 @@ class VoucherSchema(_Loose):
 
 
 class OrderSchema(_Loose):
-    id = fields.String(required=True)
+    id = _opt_str()
     status = fields.String(
         allow_none=True, load_default=None, validate=validate.OneOf(ORDER_STATUSES)
     )

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import psycopg
+from psycopg.adapt import Dumper
+
 from schemas.envelope import Envelope, read_envelope
 from workers.queue.body import MAX_NESTING, nests_deeper_than
 
@@ -50,6 +53,9 @@ class Delivery:
     """Why the delivery cannot be stored as it came (an id, its nesting): dead at once."""
     jsonb: bool = True
     """Whether ``payload`` (jsonb) may be asked to take the body: a JSON object not too deep."""
+    strict: bool = True
+    """Whether the body is JSON as the standard has it (no NaN, no Infinity): only such a
+    body is applied with its text kept when jsonb refuses it (a ``\\u0000`` escape)."""
 
     def body_forms(self) -> Iterator[BodyForm]:
         """Where to try to keep the body, best first; the last one always fits."""
@@ -58,6 +64,11 @@ class Delivery:
         if self.body and UNSTORABLE.search(self.body) is None:
             yield "text"
         yield "none"
+
+    def kept_forms(self) -> list[BodyForm]:
+        """The forms an event is applied with: jsonb, then (strict JSON only) its text."""
+        forms: list[BodyForm] = [form for form in self.body_forms() if form != "none"]
+        return forms if self.strict else forms[:1]
 
     def inbox_params(self, form: BodyForm | None = None) -> dict[str, Any]:
         form = form or next(self.body_forms())
@@ -103,7 +114,23 @@ def read_delivery(body: str, delivery_id: str, received_at: str) -> Delivery:
         type=event_type,
         refused=f"not storable: {problem}" if problem else None,
         jsonb=document is not None and not too_deep,
+        strict=document is not None and _strict(body),
     )
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(name)
+
+
+def _strict(body: str) -> bool:
+    """No NaN, Infinity or -Infinity in it (the body already parsed once)."""
+    if "NaN" not in body and "Infinity" not in body:
+        return True  # the common case, without a second parse
+    try:
+        json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def storable(text: str, what: str) -> tuple[str, str | None]:
@@ -135,3 +162,22 @@ def parse_time(text: str | None) -> datetime | None:
         return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     except (ValueError, OverflowError):  # +25:00, year 0, or out of range once in UTC
         return None
+
+
+class StorableText(Dumper):
+    """Text parameters as PostgreSQL can store them: NUL and lone surrogates (which a JSON
+    string may carry, and no PostgreSQL text can) become U+FFFD. The typed columns of an
+    event's effects get that; the raw body is kept as it came (``body_forms``)."""
+
+    oid = 0  # unknown, as psycopg's own str dumper: the server infers the type
+
+    def dump(self, obj: str) -> bytes:
+        if not obj.isascii() or "\x00" in obj:
+            obj = UNSTORABLE.sub("\ufffd", obj)
+        return obj.encode()
+
+
+def storable_text(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+    """``conn`` with ``StorableText`` for every ``str`` parameter (1.5 µs; idempotent)."""
+    conn.adapters.register_dumper(str, StorableText)
+    return conn

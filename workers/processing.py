@@ -41,7 +41,7 @@ from psycopg_pool import ConnectionPool
 from schemas.envelope import LEGACY_FORMAT
 from schemas.vocabulary import FINAL_STATUSES, UNFINISHED_STATUSES, DeliveryOutcome, EventStatus
 from workers import handlers  # noqa: F401 - importing registers the handlers
-from workers.delivery import UNSTORABLE, Delivery, read_delivery
+from workers.delivery import UNSTORABLE, BodyForm, Delivery, read_delivery, storable_text
 from workers.faults import (
     STORAGE_ERRORS,
     TRANSIENT_ERRORS,
@@ -130,19 +130,23 @@ def process_delivery(
     delivery = read_delivery(body, delivery_id, received_at)
     try:
         reason = delivery.refused
-        if reason is None:
+        # Applied with the body as jsonb, else -- a \u0000 escape or a lone surrogate
+        # that jsonb refuses, valid JSON all the same -- as text: refused that way too,
+        # the event is a dead letter.
+        for form in delivery.kept_forms() if reason is None else []:
             try:
                 # Pipeline mode: statements go out without waiting for each answer; only
                 # the claim is waited for. One delivery costs two round trips, not ten.
                 with pool.connection() as conn, conn.pipeline(), conn.transaction():
-                    return _apply(conn, delivery, routes)
+                    return _apply(storable_text(conn), delivery, routes, form)
             except STORAGE_ERRORS as exc:
                 reason = refusal(exc)
                 if reason is None:
                     raise
+        assert reason is not None
         # Permanent: the failed transaction is gone; dead-letter in a fresh one.
         with pool.connection() as conn, conn.transaction():
-            return _dead_letter(conn, delivery, reason)
+            return _dead_letter(storable_text(conn), delivery, reason)
     except TRANSIENT_ERRORS as exc:
         raise TransientError(describe(exc)) from exc
 
@@ -161,8 +165,10 @@ def record_dead_letter(
         raise TransientError(describe(exc)) from exc
 
 
-def _apply(conn: psycopg.Connection[Any], delivery: Delivery, routes: Registry) -> Outcome:
-    params = delivery.inbox_params()
+def _apply(
+    conn: psycopg.Connection[Any], delivery: Delivery, routes: Registry, form: BodyForm
+) -> Outcome:
+    params = delivery.inbox_params(form)
     row = conn.cursor(row_factory=dict_row).execute(CLAIM_EVENT, params).fetchone()
     assert row is not None
     event_id, event_type = delivery.event_id, delivery.type

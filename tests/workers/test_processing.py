@@ -182,11 +182,17 @@ def test_the_legacy_format_is_dead_lettered_with_a_clear_reason(
     assert "v2018-08-01" in dead_letter_reason(db)
 
 
-def test_values_postgresql_refuses_are_dead_lettered_not_retried(
+def test_a_nul_in_a_string_is_applied_as_a_replacement_character_with_the_body_kept(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    assert deliver(pool, redemption_succeeded("ev_nul", id="r_\u0000nul")) == "dead"
-    assert "rejected by the database" in dead_letter_reason(db)
+    """Valid JSON that jsonb refuses (a \\u0000 escape): the event is applied, its typed
+    columns get U+FFFD for the NUL, and its body is kept byte for byte as text."""
+    document = redemption_succeeded("ev_nul", id="r_\u0000nul")
+    assert deliver(pool, document) == "processed"
+    assert db.execute("SELECT redemption_id FROM redemptions").fetchall() == [("r_\ufffdnul",)]
+    kept = db.execute("SELECT payload IS NULL, raw_body FROM events").fetchone()
+    assert kept == (True, body_of(document).decode())
+    assert db.execute("SELECT count(*) FROM dead_letters").fetchone() == (0,)
 
 
 def test_an_unreachable_database_is_a_transient_error() -> None:
@@ -369,17 +375,15 @@ def test_the_reason_names_the_sqlstate_never_the_servers_text_or_the_payload(
     assert [r[3] for r in dead_letters(db)] == [reason]
 
 
-def test_a_lone_surrogate_a_handler_writes_is_a_dead_letter_named_for_it(
+def test_a_lone_surrogate_a_handler_writes_is_stored_as_a_replacement_character(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    routes = routes_running("SELECT %(v)s::text", "r_\udfff")
+    routes = routes_running("INSERT INTO orders (order_id) VALUES (%(v)s)", "r_\udfff")
     outcome = process_delivery(pool, hostile("ev_write"), "d_write", now(), routes=routes)
 
-    assert (outcome.status, outcome.reason) == (
-        "dead",
-        "not storable: lone surrogate in a string (UnicodeEncodeError)",
-    )
-    assert [r[:2] for r in dead_letters(db)] == [("ev_write", "d_write")]
+    assert outcome.status == "processed"
+    assert db.execute("SELECT order_id FROM orders").fetchall() == [("r_\ufffd",)]
+    assert dead_letters(db) == []
 
 
 @pytest.mark.parametrize("final", ["processed", "ignored", "dead"])

@@ -32,8 +32,8 @@ def record_order(
     event: RedemptionEvent, conn: psycopg.Connection[Any], at: datetime | None
 ) -> None:
     order = event.order
-    if order is None:
-        return
+    if order is None or not order.id:
+        return  # an order without an id cannot be recorded (the schema allows one)
     conn.execute(
         sql.UPSERT_ORDER,
         {
