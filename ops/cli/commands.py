@@ -17,7 +17,7 @@ from ops.context import OpsContext
 from ops.params import ParamError, Query, parse_id
 from ops.service import ReplayAction, ReplayStep
 from ops.stats import pipeline_stats
-from schemas.vocabulary import EventStatus
+from schemas.vocabulary import EventStatus, JobOutcome
 
 Command = Callable[[argparse.Namespace, OpsContext, Output], int]
 
@@ -284,3 +284,26 @@ def report_replay(out: Output, steps: Iterable[ReplayStep], dry_run: bool, by_id
     else:
         out.line(f"{requeued} event(s) re-queued, {skipped} skipped")
     return 1 if failed else 0
+
+
+# --- jobs -------------------------------------------------------------------------------
+
+DID_NOT_RUN = 3
+"""Exit status of ``jobs run`` when the job was skipped (lock held) or disabled."""
+
+
+def jobs_run(args: argparse.Namespace, ctx: OpsContext, out: Output) -> int:
+    """One run of a job, now: the same ``run_job`` the scheduled tasks call."""
+    from workers.jobs import run_job  # the jobs' imports only for this command
+
+    answer = run_job(args.job, ctx.settings)
+    if not show(out, answer):
+        out.line(f"{answer['job']} {answer['status']}")
+        for name, value in answer.get("result", {}).items():
+            out.line(f"  {name:<24} {value}")
+        if answer.get("error"):
+            out.line(f"  error {answer['error']}")
+    status = answer["status"]
+    if status == JobOutcome.SUCCEEDED:
+        return 0
+    return 1 if status == JobOutcome.FAILED else DID_NOT_RUN

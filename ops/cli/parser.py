@@ -11,6 +11,7 @@ from ops.cli.output import PROG
 from ops.params import ANY, DEFAULT_LIMIT, MAX_LIMIT, one_of
 from ops.service import ATTENTION_STATUSES, MAX_REPLAY_EVENTS
 from schemas.vocabulary import EventStatus, FlagCategory, FlagStatus, values
+from workers.jobs import JOB_NAMES
 
 TIME_HELP = "ISO 8601 time (naive = UTC), 'today', 'yesterday', or an age such as 90m, 24h, 7d"
 EVENT_STATUS_HELP = f"{', '.join(values(EventStatus))} (repeat or comma-separate)"
@@ -70,7 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     tree.command(
         tree.groups, "stats", c.stats, "queue, lag, failures, flags and dead letters right now"
     )
+    add_jobs(tree)
     return parser
+
+
+def add_jobs(tree: Tree) -> None:
+    jobs = tree.group("jobs", "reconciliation jobs: run one now")
+    p = tree.command(
+        jobs,
+        "run",
+        c.jobs_run,
+        "run a job now, as beat would (under its lock, recorded in job_runs), and print its "
+        "result; exit 0 when it succeeded, 1 when it failed, 3 when it did not run "
+        "(another run holds its lock, or verify has no API settings)",
+    )
+    p.add_argument("job", choices=JOB_NAMES, metavar="JOB", help=", ".join(JOB_NAMES))
 
 
 def add_events(tree: Tree) -> None:

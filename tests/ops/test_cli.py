@@ -37,6 +37,8 @@ COMMANDS = [
     ["dead-letters", "list"],
     ["dead-letters", "replay"],
     ["stats"],
+    ["jobs"],
+    ["jobs", "run"],
 ]
 
 
@@ -234,3 +236,32 @@ def test_stats(cli: Cli, state: State, redis_client: redis.Redis) -> None:
     document = cli.json("stats")
     assert document["queue_depth"]["deliveries"] == 1
     assert document["dead_letters_pending"] == 1
+
+
+# --- jobs run -----------------------------------------------------------------------------
+
+
+def test_jobs_run_runs_a_job_now_and_records_it(cli: Cli, database_url: str) -> None:
+    answer = cli.json("jobs", "run", "redrive")
+    assert (answer["job"], answer["status"]) == ("redrive", "succeeded")
+    assert set(answer["result"]) >= {"redriven", "dead_lettered", "accepted_repushed"}
+    with psycopg.connect(database_url) as conn:
+        runs = conn.execute("SELECT job, outcome FROM job_runs").fetchall()
+    assert runs == [("redrive", "succeeded")]
+
+    code, out, _ = cli("jobs", "run", "retention")
+    assert code == 0
+    assert out.startswith("retention succeeded\n")
+
+
+def test_jobs_run_says_so_when_a_job_did_not_run(cli: Cli) -> None:
+    code, out, _ = cli("jobs", "run", "verify", "--json")  # no VOUCHERIFY_API_* settings
+    assert code == 3
+    assert json.loads(out)["status"] == "disabled"
+
+
+def test_jobs_run_refuses_an_unknown_job(cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli("jobs", "run", "vacuum")
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'vacuum'" in capsys.readouterr().err

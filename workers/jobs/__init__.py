@@ -7,7 +7,8 @@
 - ``retention`` old deliveries, bodies and event ids deleted in bounded batches
 
 Each runs on a schedule under the ``beat`` process (``workers.celery_app.beat_schedule``)
-and once from the CLI through ``run_job(name, settings)``. See the README, "Reconciliation jobs".
+and once from the CLI (``vfy-pipeline jobs run <job>``) through ``run_job(name, settings)``.
+See docs/reconciliation.md.
 """
 
 from workers.jobs.durability import check_broker_durability
