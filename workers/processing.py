@@ -41,7 +41,7 @@ from psycopg_pool import ConnectionPool
 from schemas.envelope import LEGACY_FORMAT
 from schemas.vocabulary import FINAL_STATUSES, UNFINISHED_STATUSES, DeliveryOutcome, EventStatus
 from workers import handlers  # noqa: F401 - importing registers the handlers
-from workers.delivery import UNSTORABLE, BodyForm, Delivery, read_delivery, storable_text
+from workers.delivery import BodyForm, Delivery, read_delivery, storable_text
 from workers.faults import (
     STORAGE_ERRORS,
     TRANSIENT_ERRORS,
@@ -283,14 +283,14 @@ def record_failure(
     try:
         delivery = read_delivery(body, delivery_id, received_at)
         words = {
-            "error": UNSTORABLE.sub("\ufffd", error)[:2000],
+            "error": error[:2000],  # NUL and lone surrogates: storable_text below
             "status": EventStatus.FAILED,
             "outcome": DeliveryOutcome.FAILED,
             "duplicate": DeliveryOutcome.DUPLICATE,
             "unfinished": list(UNFINISHED_STATUSES),
         }
         with pool.connection(timeout=2) as conn, conn.transaction():
-            _execute_with_body(conn, delivery, RECORD_FAILURE, words)
+            _execute_with_body(storable_text(conn), delivery, RECORD_FAILURE, words)
     except Exception as exc:  # noqa: BLE001 - the edge of recording: the caller parks
         log.warning("event.failure_not_recorded", extra={"error": describe(exc)})
         return False
