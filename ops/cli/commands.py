@@ -293,16 +293,12 @@ DID_NOT_RUN = 3
 
 
 def jobs_run(args: argparse.Namespace, ctx: OpsContext, out: Output) -> int:
-    """One run of a job, now: the same ``run_job`` the scheduled tasks call."""
+    """One run of a job, now: the same ``run_job`` the scheduled tasks call. Its result is
+    printed as JSON, ``--json`` or not (CONTRACT.md, "Command line")."""
     from workers.jobs import run_job  # the jobs' imports only for this command
 
     answer = run_job(args.job, ctx.settings)
-    if not show(out, answer):
-        out.line(f"{answer['job']} {answer['status']}")
-        for name, value in answer.get("result", {}).items():
-            out.line(f"  {name:<24} {value}")
-        if answer.get("error"):
-            out.line(f"  error {answer['error']}")
+    out.json(answer)
     status = answer["status"]
     if status == JobOutcome.SUCCEEDED:
         return 0

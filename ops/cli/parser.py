@@ -82,7 +82,7 @@ def add_jobs(tree: Tree) -> None:
         "run",
         c.jobs_run,
         "run a job now, as beat would (under its lock, recorded in job_runs), and print its "
-        "result; exit 0 when it succeeded, 1 when it failed, 3 when it did not run "
+        "result as JSON; exit 0 when it succeeded, 1 when it failed, 3 when it did not run "
         "(another run holds its lock, or verify has no API settings)",
     )
     p.add_argument("job", choices=JOB_NAMES, metavar="JOB", help=", ".join(JOB_NAMES))
