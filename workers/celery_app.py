@@ -41,6 +41,7 @@ from celery import Celery, signals
 from compat import billiard_pool, kombu_redis
 from config import logs
 from config.settings import Settings
+from workers.jobs.runner import JOBS, tick_seconds
 from workers.queue import DELIVERY_QUEUE, JOBS_QUEUE
 from workers.queue.client import tls_options
 
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 
 SETTINGS_KEY = "pipeline_settings"
+JOB_TASK_PREFIX = "voucherify.jobs."
+"""The jobs' tasks are ``voucherify.jobs.<job>`` (registered in ``workers.jobs.schedule``)."""
 
 
 def settings_of(app: Celery) -> Settings:
@@ -132,24 +135,17 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Reconciliation jobs and their intervals (see docs/reconciliation.md)."""
-    schedule: dict[str, dict[str, Any]] = {
-        "redrive": {
-            "task": "voucherify.jobs.redrive",
-            "schedule": timedelta(seconds=settings.redrive_interval_seconds),
-        },
-        "retention": {
-            "task": "voucherify.jobs.retention",
-            "schedule": timedelta(seconds=settings.retention_interval_seconds),
-        },
-        "drift": {
-            "task": "voucherify.jobs.drift",
-            "schedule": timedelta(seconds=settings.drift_interval_seconds),
-        },
-    }
-    if settings.voucherify_api_enabled:  # off without VOUCHERIFY_API_URL / _APP_ID / _APP_TOKEN
-        schedule["verify"] = {
-            "task": "voucherify.jobs.verify",
-            "schedule": timedelta(seconds=settings.verify_interval_seconds),
+    """Each job's task, sent every ``tick_seconds``; the job decides whether it is due.
+
+    See ``workers.jobs.runner`` (why due-ness lives in ``job_runs``, not in ``beat``'s
+    schedule file) and docs/reconciliation.md.
+    """
+    return {
+        name: {
+            "task": JOB_TASK_PREFIX + name,
+            "schedule": timedelta(seconds=tick_seconds(spec, settings)),
         }
-    return schedule
+        for name, spec in JOBS.items()
+        # verify is off without VOUCHERIFY_API_URL / _APP_ID / _APP_TOKEN
+        if name != "verify" or settings.voucherify_api_enabled
+    }

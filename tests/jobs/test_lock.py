@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -12,9 +14,10 @@ from psycopg_pool import ConnectionPool
 from config.settings import Settings
 from devtools.webhooks import wait_until
 from tests.jobs.conftest import rows
+from workers.celery_app import beat_schedule
 from workers.jobs import JOBS, run_job
 from workers.jobs.lock import LOCK_PREFIX, JobLock
-from workers.jobs.runner import run_locked
+from workers.jobs.runner import TICK_SECONDS, run_locked
 
 
 def test_a_second_holder_is_refused_until_the_first_releases(redis_client: redis.Redis) -> None:
@@ -109,3 +112,38 @@ def test_a_failing_job_is_recorded_and_releases_its_lock(
 def test_verify_is_off_without_api_settings(settings: Settings) -> None:
     assert not settings.voucherify_api_enabled
     assert run_job("verify", settings) == {"job": "verify", "status": "disabled", "result": {}}
+
+
+def test_a_scheduled_run_waits_for_the_interval_whatever_beats_own_clock_says(
+    settings: Settings, db: psycopg.Connection[Any]
+) -> None:
+    # beat's schedule file resets when its process restarts (daily, on Heroku); the record
+    # in job_runs does not: a scheduled run of a job that just succeeded does not run.
+    daily = dataclasses.replace(settings, retention_interval_seconds=86400)
+    assert run_job("retention", daily, when_due=True)["status"] == "succeeded"  # never ran
+    assert run_job("retention", daily, when_due=True) == {
+        "job": "retention",
+        "status": "not_due",
+        "result": {},
+    }
+    assert run_job("retention", daily)["status"] == "succeeded"  # the CLI always runs
+    # A day later (less half a tick of beat's jitter), it is due again.
+    db.execute("UPDATE job_runs SET started_at = started_at - interval '86100 seconds'")
+    assert run_job("retention", daily, when_due=True)["status"] == "succeeded"
+    assert rows(db, "SELECT outcome FROM job_runs ORDER BY id") == [("succeeded",)] * 3
+
+
+def test_a_failed_run_does_not_count_as_done(
+    settings: Settings, db: psycopg.Connection[Any]
+) -> None:
+    db.execute("INSERT INTO job_runs (job, outcome, finished_at) VALUES ('drift', 'failed', now())")
+    assert run_job("drift", settings, when_due=True)["status"] == "succeeded"
+
+
+def test_beat_asks_every_job_at_least_every_ten_minutes(settings: Settings) -> None:
+    daily = dataclasses.replace(settings, retention_interval_seconds=86400)
+    schedule = beat_schedule(daily)
+    assert schedule["retention"]["schedule"] == timedelta(seconds=TICK_SECONDS)
+    assert schedule["redrive"]["schedule"] == timedelta(seconds=settings.redrive_interval_seconds)
+    assert schedule["retention"]["task"] == "voucherify.jobs.retention"
+    assert "verify" not in schedule  # no API settings

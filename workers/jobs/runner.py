@@ -4,6 +4,14 @@
 call. The lock is taken here, in the job's own call, so a run from the CLI and a run from
 the schedule -- or the runs of two ``beat`` processes started by mistake -- never overlap:
 the second one is skipped and says so.
+
+When a job is due is decided here too, from ``job_runs``, not by ``beat``'s own schedule
+file: ``beat`` keeps that file on local disk, and a platform that restarts its processes
+daily (Heroku's dynos, every 24 h) would reset a daily job's clock every day, so it would
+never run. ``beat`` asks at most every ``TICK_SECONDS``; a scheduled run
+(``when_due=True``) goes ahead when the job's last successful run, on the database clock,
+is older than its interval (less half a tick, so that a tick's jitter does not skip a
+whole interval). The CLI always runs.
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ class JobSpec:
     budget_seconds: int
     """How long one run may work; it stops between batches once this is spent."""
     run: Callable[[Settings, ConnectionPool, redis.Redis, float], dict[str, int]]
+    interval: Callable[[Settings], int]
+    """How often it should run (from the settings)."""
 
     @property
     def soft_time_limit(self) -> int:
@@ -85,10 +95,10 @@ def _retention(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline:
 JOBS: dict[str, JobSpec] = {
     spec.name: spec
     for spec in (
-        JobSpec("redrive", 60, _redrive),
-        JobSpec("verify", 180, _verify),
-        JobSpec("drift", 120, _drift),
-        JobSpec("retention", 180, _retention),
+        JobSpec("redrive", 60, _redrive, lambda s: s.redrive_interval_seconds),
+        JobSpec("verify", 180, _verify, lambda s: s.verify_interval_seconds),
+        JobSpec("drift", 120, _drift, lambda s: s.drift_interval_seconds),
+        JobSpec("retention", 180, _retention, lambda s: s.retention_interval_seconds),
     )
 }
 JOB_NAMES = tuple(JOBS)
@@ -104,15 +114,33 @@ INSERT INTO job_runs (job, outcome, finished_at, runner)
 VALUES (%(job)s, %(outcome)s, clock_timestamp(), %(runner)s)
 """
 
+LAST_SUCCEEDED_WITHIN = """
+SELECT EXISTS (
+    SELECT 1 FROM job_runs
+    WHERE job = %(job)s AND outcome = %(succeeded)s
+      AND started_at > clock_timestamp() - make_interval(secs => %(seconds)s))
+"""
+
 DISABLED = "disabled"
 """``run_job``'s answer for a job its settings turn off: nothing ran, nothing is recorded."""
+NOT_DUE = "not_due"
+"""``run_job``'s answer to a scheduled run of a job that ran recently: nothing is recorded."""
+
+TICK_SECONDS = 600
+"""``beat`` asks every job at least this often whether it is due."""
 
 
-def run_job(name: str, settings: Settings) -> dict[str, Any]:
+def tick_seconds(spec: JobSpec, settings: Settings) -> int:
+    """How often ``beat`` sends the job's task."""
+    return min(spec.interval(settings), TICK_SECONDS)
+
+
+def run_job(name: str, settings: Settings, *, when_due: bool = False) -> dict[str, Any]:
     """Run job ``name`` once; the answer says whether it ran, was skipped or failed.
 
-    ``{"job", "status": "succeeded" | "failed" | "skipped" | "disabled", "result": {...}}``
-    (a ``JobOutcome``, or ``DISABLED``),
+    ``{"job", "status": "succeeded" | "failed" | "skipped" | "disabled" | "not_due",
+    "result": {...}}`` (a ``JobOutcome``, ``DISABLED`` or ``NOT_DUE``: with ``when_due``,
+    a job whose last successful run is more recent than its interval does not run),
     plus ``"error"`` when it failed. Never raises for a failing job: the error is logged
     and recorded in ``job_runs``, and the next scheduled run tries again.
     """
@@ -133,8 +161,9 @@ def run_job(name: str, settings: Settings) -> dict[str, Any]:
     def work(deadline: float) -> dict[str, int]:
         return spec.run(settings, pool, client, deadline)
 
+    due_within = spec.interval(settings) - tick_seconds(spec, settings) / 2 if when_due else None
     try:
-        return run_locked(spec, work, pool, client)
+        return run_locked(spec, work, pool, client, due_within)
     finally:
         client.close()
 
@@ -144,8 +173,12 @@ def run_locked(
     work: Callable[[float], dict[str, int]],
     pool: ConnectionPool,
     client: redis.Redis,
+    due_within: float | None = None,
 ) -> dict[str, Any]:
-    """``work(deadline)`` under the job's lock, recorded; the edge where errors stop."""
+    """``work(deadline)`` under the job's lock, recorded; the edge where errors stop.
+
+    With ``due_within`` (seconds), a job that succeeded that recently does not run.
+    """
     runner = f"{socket.gethostname()}:{os.getpid()}"
     with logs.bind(job=spec.name):
         try:
@@ -163,9 +196,24 @@ def run_locked(
             _record(pool, RECORD_SKIP, skipped)
             return {"job": spec.name, "status": JobOutcome.SKIPPED, "result": {}}
         try:
+            if due_within is not None and _ran_within(pool, spec.name, due_within):
+                log.debug("job.not_due")
+                return {"job": spec.name, "status": NOT_DUE, "result": {}}
             return _run(spec, work, pool, runner)
         finally:
             lock.release_quietly()
+
+
+def _ran_within(pool: ConnectionPool, job: str, seconds: float) -> bool:
+    """Whether ``job`` succeeded in the last ``seconds``; when unsure, it is due."""
+    try:
+        with pool.connection(timeout=5) as conn:
+            params = {"job": job, "succeeded": JobOutcome.SUCCEEDED, "seconds": seconds}
+            row = conn.execute(LAST_SUCCEEDED_WITHIN, params).fetchone()
+    except psycopg.Error as exc:  # the run itself will meet the same fault and record it
+        log.warning("job.due_unknown", extra={"error": describe(exc)})
+        return False
+    return bool(row and row[0])
 
 
 def _run(

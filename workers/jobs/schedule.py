@@ -3,8 +3,10 @@ broker durability check at worker and beat start-up.
 
 Each task is registered at import, by name, and is a thin shell around ``run_job`` with
 the settings of the app it runs in: the lock, the record and the error handling are
-there, so a run from the CLI behaves the same. Each job has its own time limits (its
-budget plus a margin), above the delivery task's one minute.
+there, so a run from the CLI behaves the same, except that a scheduled run only goes ahead
+when the job is due (``run_job``'s ``when_due``: ``beat``'s own clock resets with its
+process). Each job has its own time limits (its budget plus a margin), above the delivery
+task's one minute.
 """
 
 from __future__ import annotations
@@ -13,23 +15,21 @@ from typing import Any
 
 from celery import Task, shared_task, signals
 
-from workers.celery_app import settings_of
+from workers.celery_app import JOB_TASK_PREFIX, settings_of
 from workers.jobs.durability import report_broker_durability
 from workers.jobs.runner import JOBS, JobSpec, run_job
-
-TASK_PREFIX = "voucherify.jobs."
 
 
 def _job_task(spec: JobSpec) -> Any:
     @shared_task(
-        name=TASK_PREFIX + spec.name,
+        name=JOB_TASK_PREFIX + spec.name,
         bind=True,
         soft_time_limit=spec.soft_time_limit,
         time_limit=spec.time_limit,
         ignore_result=True,
     )
     def job(task: Task) -> dict[str, Any]:
-        return run_job(spec.name, settings_of(task.app))
+        return run_job(spec.name, settings_of(task.app), when_due=True)
 
     return job
 
