@@ -27,7 +27,7 @@ While it runs:
 
 Then, once the pipeline has settled: every delivery was answered 202 and recorded, every
 event applied exactly once (one event row, one ledger entry per redemption and rollback,
-ledger totals to the unit, one ``event.processed`` line in all the logs together, every
+ledger totals to the unit, at most one ``event.processed`` line in all the logs, every
 other delivery of it a duplicate), nothing left in the queue, the parked list, kombu's
 unacked hash or the accepted set, no event unfinished; per job, no two runs' intervals
 in ``job_runs`` overlap, skipped runs are recorded, no run failed; and every process
@@ -80,8 +80,8 @@ WORKERS = ("worker-1@many", "worker-2@many", "worker-3@many")
 SCHEDULED_JOBS = ("redrive", "drift", "retention")  # verify is off: no Voucherify API here
 SLOW_JOBS = ("drift", "retention")
 SLOW_RUN_SECONDS = 0.7
-SENT_BY_SECOND_BEAT = 3
-"""Tasks of each slow job the second beat sends before it is stopped."""
+SENT_BY_SECOND_BEAT = 4
+"""Tasks of each job the second beat sends before it is stopped."""
 SENDING = re.compile(r"Sending due task (\w+)")
 
 
@@ -186,45 +186,39 @@ class Formation:
         self._note(sender, f"SIGKILL {name}, started again", start)
 
     def second_beat(self, sender: Sender) -> None:
-        """Two beats until the second has sent each slow job a few times, runs slowed."""
+        """Two beats until the second has sent every job a few times, the slow jobs' runs
+        slowed meanwhile; then the runs skipped since it started, per job."""
         start = sender.elapsed()
         (since,) = query(self.url, "SELECT coalesce(max(id), 0) FROM job_runs")[0]
         slow_job_runs(self.url, SLOW_JOBS, SLOW_RUN_SECONDS)
         try:
             beat = self.processes.beat(self.env, self.tmp_path / "beat-2-schedule")
             log = self.processes.log_of(beat)
-            skipped: dict[str, int] = {}
 
-            def enough() -> bool:
+            def sent_enough() -> bool:
                 self.second_beat_sent = Counter(SENDING.findall(log.read_text(errors="replace")))
-                skipped.clear()
-                skipped.update(
-                    query(
-                        self.url,
-                        "SELECT job, count(*) FROM job_runs"
-                        " WHERE outcome = 'skipped' AND id > %(since)s GROUP BY job",
-                        {"since": since},
-                    )
-                )
-                return all(
-                    self.second_beat_sent[job] >= SENT_BY_SECOND_BEAT and skipped.get(job, 0)
-                    for job in SLOW_JOBS
-                )
+                return all(self.second_beat_sent[j] >= SENT_BY_SECOND_BEAT for j in SCHEDULED_JOBS)
 
             wait_until(
-                enough,
+                sent_enough,
                 timeout=60,
                 interval=0.2,
                 what=lambda: (
-                    f"the second beat to send each of {SLOW_JOBS} {SENT_BY_SECOND_BEAT} times"
-                    f" and a run of each to be skipped: sent {dict(self.second_beat_sent)},"
-                    f" skipped {skipped}\n" + self.processes.logs()
+                    f"the second beat to send each job {SENT_BY_SECOND_BEAT} times: sent "
+                    f"{dict(self.second_beat_sent)}\n" + self.processes.logs()
                 ),
             )
-            self.skipped_while_two = dict(skipped)
             self.exit_codes["beat-2"] = self._terminate(beat)
         finally:
-            normal_job_runs(self.url)
+            normal_job_runs(self.url)  # once the runs sleeping in it are done
+        self.skipped_while_two = dict(
+            query(
+                self.url,
+                "SELECT job, count(*) FROM job_runs"
+                " WHERE outcome = 'skipped' AND id > %(since)s GROUP BY job",
+                {"since": since},
+            )
+        )
         self._note(sender, "a second beat, drift and retention runs slowed", start)
 
     def restart_web(self, sender: Sender, which: int) -> None:
@@ -283,7 +277,11 @@ def overlaps(runs: list[Any]) -> list[str]:
             seconds=JOBS[before["job"]].lock_ttl_seconds
         )
         if end > after["started_at"]:
-            found.append(f"{before} and {after}")
+            found.append(
+                f"{before['job']}: the run of {before['runner']} from {before['started_at']:%T.%f}"
+                f" to {end:%T.%f} overlaps the run of {after['runner']} from"
+                f" {after['started_at']:%T.%f}"
+            )
     return found
 
 
@@ -335,7 +333,7 @@ def test_two_webs_three_workers_and_a_second_beat_apply_every_delivery_exactly_o
     settled_at = sender.elapsed()
     alive = formation.alive()
 
-    # --- what the database and the logs say, before the processes stop ----------------
+    # --- what the database and the logs say -------------------------------------------
     events = dict(query(url, "SELECT event_id, status FROM events"))
     recorded = {
         r[0]
@@ -359,6 +357,17 @@ def test_two_webs_three_workers_and_a_second_beat_apply_every_delivery_exactly_o
     }
     flags = dict(query(url, "SELECT event_id, count(*) FROM flags GROUP BY 1"))
     dead_letters = query(url, "SELECT event_id, reason FROM dead_letters")
+    logged, _ = read_logs(processes.log_dir)
+    applied_by = {
+        name: sum(
+            1
+            for line in path.read_text(errors="replace").splitlines()
+            if '"event.processed"' in line
+        )
+        for path, name in formation.log_names.items()
+    }
+    formation.stop()
+    # The jobs' record once no run can be in progress: a warm shutdown finishes them.
     runs = [
         {
             "job": job,
@@ -371,16 +380,6 @@ def test_two_webs_three_workers_and_a_second_beat_apply_every_delivery_exactly_o
             url, "SELECT job, outcome, started_at, finished_at, runner FROM job_runs ORDER BY id"
         )
     ]
-    logged, _ = read_logs(processes.log_dir)
-    applied_by = {
-        name: sum(
-            1
-            for line in path.read_text(errors="replace").splitlines()
-            if '"event.processed"' in line
-        )
-        for path, name in formation.log_names.items()
-    }
-    formation.stop()
 
     # --- the report -------------------------------------------------------------------
     webs_of: defaultdict[str, set[int | None]] = defaultdict(set)
@@ -416,8 +415,10 @@ def test_two_webs_three_workers_and_a_second_beat_apply_every_delivery_exactly_o
     assert set(events) == stream.event_ids
     assert set(events.values()) == {"processed"}, Counter(events.values())
     assert not dead_letters, dead_letters[:5]
-    twice = {e: n for e, n in logged.items() if n != 1}
-    assert set(logged) == stream.event_ids
+    # Not every event is logged: a worker SIGKILLed between its commit and its log line
+    # applied one silently. None is logged twice.
+    assert set(logged) <= stream.event_ids
+    twice = {e: n for e, n in logged.items() if n > 1}
     assert not twice, twice
     # One delivery of each event applied it; every other one was recorded as a duplicate.
     assert {e for e, c in per_event.items() if c["processed"] == 1} == stream.event_ids
@@ -440,11 +441,14 @@ def test_two_webs_three_workers_and_a_second_beat_apply_every_delivery_exactly_o
         done = [r for r in runs if r["job"] == job and r["outcome"] != "skipped"]
         assert any(r["outcome"] == "succeeded" for r in done), f"{job} never ran"
         assert not overlaps(done), overlaps(done)
-    assert all(outcomes[(job, "skipped")] for job in SLOW_JOBS), outcomes
+    # Slowed, the runs of the two beats could not all fit: some found the lock taken.
+    assert all(formation.skipped_while_two.get(job) for job in SLOW_JOBS), outcomes
     assert not [r for r in runs if r["outcome"] == "failed"]
     # A run still 'running' can only be one killed with its worker.
     unfinished = [r for r in runs if r["outcome"] == "running"]
-    assert all(int(r["runner"].rsplit(":", 1)[1]) in formation.killed_pids for r in unfinished)
+    killed = formation.killed_pids
+    stray = [r for r in unfinished if int(r["runner"].rsplit(":", 1)[1]) not in killed]
+    assert not stray, stray
 
     # --- every process up to the end, and out cleanly on SIGTERM ----------------------
     assert all(alive.values()), alive
