@@ -15,7 +15,6 @@ from psycopg import sql
 from devtools.servers import EmbeddedPostgres, EmbeddedRedis
 from migrations import apply_migrations
 from workers.jobs.lock import LOCK_PREFIX
-from workers.jobs.schedule import TASK_PREFIX as JOB_TASK_PREFIX
 
 
 class Servers:
@@ -68,6 +67,10 @@ def kill_groups(procs: list[subprocess.Popen[bytes]]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
+
+
+JOB_TASK_PREFIX = "voucherify.jobs."
+"""The jobs' Celery task names begin so: ``voucherify.jobs.<job>`` (workers/jobs/schedule.py)."""
 
 
 def job_in_hand(redis_url: str) -> bool:
