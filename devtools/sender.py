@@ -6,6 +6,12 @@ ack latency, delivery id). A delivery answered 503, 5xx or not answered at all
 (connection refused or dropped) is sent again after a short pause, as Voucherify
 retries; a 202 is never sent again; a 4xx is final (every body here is signed and valid,
 so a 4xx is a failure of the run).
+
+Given several web processes (``set_ports``), the sender spreads the requests over them as
+a round-robin load balancer does: the first attempt of delivery ``i`` goes to port
+``i mod n``, each retry to the next one, so a delivery a web did not answer (it was
+stopping) is sent again to another, and a duplicate may reach a different web than the
+first copy.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from devtools.stream import Delivery
@@ -37,6 +44,8 @@ class Attempt:
     """HTTP status, or ``CONNECTION_ERROR`` (0) when no answer came."""
     delivery_id: str | None = None
     error: str | None = None
+    port: int | None = None
+    """The web process it was sent to."""
 
 
 @dataclass
@@ -52,7 +61,8 @@ class Sender:
 
     ``rate`` (deliveries per second) paces the first attempts; None sends as fast as the
     threads go (a closed loop: ``threads`` requests in flight). ``set_port`` moves the
-    sender to another web process, as a load balancer would.
+    sender to another web process, as a load balancer would; ``set_ports`` spreads it over
+    several (see the module's docstring).
     """
 
     def __init__(
@@ -68,7 +78,7 @@ class Sender:
     ) -> None:
         self.deliveries = deliveries
         self.host = host
-        self._port = port
+        self._ports: tuple[int, ...] = (port,)
         self.threads = threads
         self.rate = rate
         self.retry_pause = retry_pause
@@ -91,10 +101,24 @@ class Sender:
 
     @property
     def port(self) -> int:
-        return self._port
+        return self._ports[0]
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return self._ports
 
     def set_port(self, port: int) -> None:
-        self._port = port
+        self._ports = (port,)
+
+    def set_ports(self, ports: Sequence[int]) -> None:
+        if not ports:
+            raise ValueError("the sender needs at least one port")
+        self._ports = tuple(ports)
+
+    def route(self, delivery: Delivery, attempt: int) -> int:
+        """The port of ``delivery``'s ``attempt`` (1, 2, ...): round robin over the ports."""
+        ports = self._ports
+        return ports[(delivery.index + attempt - 1) % len(ports)]
 
     @property
     def taken(self) -> int:
@@ -141,8 +165,7 @@ class Sender:
             return index
 
     def _run(self) -> None:
-        conn: http.client.HTTPConnection | None = None
-        conn_port = None
+        conns: dict[int, http.client.HTTPConnection] = {}  # one keep-alive per web
         while not self._stop.is_set():
             index = self._take()
             if index is None:
@@ -155,15 +178,14 @@ class Sender:
             delivery = self.deliveries[index]
             final: Attempt | None = None
             for number in range(1, self.max_attempts + 1):
-                if conn is None or conn_port != self._port:
-                    if conn is not None:
-                        conn.close()
-                    conn_port = self._port
-                    conn = http.client.HTTPConnection(self.host, conn_port, timeout=self.timeout)
-                attempt, keep = self._post(conn, delivery, number)
+                port = self.route(delivery, number)
+                conn = conns.get(port)
+                if conn is None:
+                    conn = http.client.HTTPConnection(self.host, port, timeout=self.timeout)
+                    conns[port] = conn
+                attempt, keep = self._post(conn, port, delivery, number)
                 if not keep:
-                    conn.close()
-                    conn = None
+                    conns.pop(port).close()
                 with self._lock:
                     self.attempts.append(attempt)
                 if attempt.status == 202 or 400 <= attempt.status < 500:
@@ -182,11 +204,13 @@ class Sender:
                 self._done += 1
                 if self._done == len(self.deliveries):
                     self.finished_at = self.elapsed()
-        if conn is not None:
+            for gone in set(conns) - set(self._ports):  # a web the sender no longer uses
+                conns.pop(gone).close()
+        for conn in conns.values():
             conn.close()
 
     def _post(
-        self, conn: http.client.HTTPConnection, delivery: Delivery, number: int
+        self, conn: http.client.HTTPConnection, port: int, delivery: Delivery, number: int
     ) -> tuple[Attempt, bool]:
         headers = {
             "Content-Type": "application/json",
@@ -206,6 +230,7 @@ class Sender:
                 ack_ms,
                 CONNECTION_ERROR,
                 error=type(exc).__name__,
+                port=port,
             )
             return attempt, False
         ack_ms = (time.monotonic() - sent) * 1000
@@ -213,7 +238,13 @@ class Sender:
         if response.status == 202:
             delivery_id = str(json.loads(payload)["delivery_id"])
         attempt = Attempt(
-            delivery.index, number, sent - self.started_at, ack_ms, response.status, delivery_id
+            delivery.index,
+            number,
+            sent - self.started_at,
+            ack_ms,
+            response.status,
+            delivery_id,
+            port=port,
         )
         return attempt, not response.will_close
 

@@ -211,9 +211,11 @@ class Processes:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.running: list[subprocess.Popen[bytes]] = []
+        self.log_paths: dict[int, Path] = {}
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with (self.log_dir / f"{name}-{len(self.running)}.log").open("wb") as log:
+        path = self.log_dir / f"{name}-{len(self.running)}.log"
+        with path.open("wb") as log:
             # The child keeps its own copy of the descriptor; ours is closed at once.
             proc = subprocess.Popen(
                 args,
@@ -224,7 +226,12 @@ class Processes:
                 start_new_session=True,
             )
         self.running.append(proc)
+        self.log_paths[proc.pid] = path
         return proc
+
+    def log_of(self, proc: subprocess.Popen[bytes]) -> Path:
+        """The file a process started here writes its output to."""
+        return self.log_paths[proc.pid]
 
     def _celery(
         self, command: str, options: list[str], env: dict[str, str]
@@ -244,7 +251,11 @@ class Processes:
         ]
         return self._spawn(command, args, env)
 
-    def worker(self, env: dict[str, str], concurrency: int = 2) -> subprocess.Popen[bytes]:
+    def worker(
+        self, env: dict[str, str], concurrency: int = 2, hostname: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A ``worker`` as in the Procfile; ``hostname`` (``--hostname``) tells several apart,
+        as the platform's dyno names do."""
         options = [
             "--queues",
             "deliveries,jobs",
@@ -254,6 +265,8 @@ class Processes:
             "--without-mingle",
             "--without-heartbeat",
         ]
+        if hostname is not None:
+            options += ["--hostname", hostname]
         return self._celery("worker", options, env)
 
     def beat(self, env: dict[str, str], schedule_file: Path) -> subprocess.Popen[bytes]:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import psycopg
 import redis
+from psycopg import sql
 
 from devtools.servers import EmbeddedPostgres, EmbeddedRedis
 from migrations import apply_migrations
+from workers.jobs.lock import LOCK_PREFIX
 
 
 class Servers:
@@ -35,3 +41,81 @@ def unacked(redis_url: str) -> int:
         return int(client.hlen("unacked"))
     finally:
         client.close()
+
+
+# --- many processes at once (test_many_instances.py) ----------------------------------
+
+
+def group_pids(pgid: int) -> set[int]:
+    """The processes of a process group (a worker's main process and its pool), from /proc."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    pids.add(int(entry.name))
+            except ProcessLookupError:
+                continue  # it exited meanwhile
+    return pids
+
+
+def kill_groups(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGKILL what is left of each process's group: children a main process left behind
+    (a pool process, a gunicorn worker) keep its group and would keep running."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+
+JOB_TASK_PREFIX = "voucherify.jobs."
+"""The jobs' Celery task names begin so: ``voucherify.jobs.<job>`` (workers/jobs/schedule.py)."""
+
+
+def job_in_hand(redis_url: str) -> bool:
+    """Whether a job's lock is held or a worker holds a job task (kombu's ``unacked``)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        if any(True for _ in client.scan_iter(match=LOCK_PREFIX + "*", count=100)):
+            return True
+        return any(JOB_TASK_PREFIX.encode() in raw for raw in client.hvals("unacked"))
+    finally:
+        client.close()
+
+
+SLOW_RUN_FUNCTION = "test_slow_job_run"
+
+
+def slow_job_runs(url: str, jobs: tuple[str, ...], seconds: float) -> None:
+    """Make every run of ``jobs`` last at least ``seconds`` longer: a trigger sleeps in the
+    insert of its ``job_runs`` row, which happens under the job's lock (the row's
+    ``started_at`` is taken before the sleep). Skipped runs are not slowed."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$"
+            ).format(name=sql.Identifier(SLOW_RUN_FUNCTION), seconds=sql.Literal(seconds))
+        )
+        conn.execute(
+            sql.SQL(
+                "CREATE TRIGGER {name} BEFORE INSERT ON job_runs FOR EACH ROW"
+                " WHEN (NEW.outcome = 'running' AND NEW.job = ANY({jobs}))"
+                " EXECUTE FUNCTION {name}()"
+            ).format(name=sql.Identifier(SLOW_RUN_FUNCTION), jobs=sql.Literal(list(jobs)))
+        )
+
+
+def normal_job_runs(url: str) -> None:
+    """Undo ``slow_job_runs`` (waits for the runs sleeping in it: the drop locks the table)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET lock_timeout = '30s'")
+        conn.execute(
+            sql.SQL("DROP TRIGGER {name} ON job_runs").format(
+                name=sql.Identifier(SLOW_RUN_FUNCTION)
+            )
+        )
+        conn.execute(
+            sql.SQL("DROP FUNCTION {name}()").format(name=sql.Identifier(SLOW_RUN_FUNCTION))
+        )
