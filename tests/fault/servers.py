@@ -14,6 +14,7 @@ from psycopg import sql
 
 from devtools.servers import EmbeddedPostgres, EmbeddedRedis
 from migrations import apply_migrations
+from workers.celery_app import JOB_TASK_PREFIX
 from workers.jobs.lock import LOCK_PREFIX
 
 
@@ -67,10 +68,6 @@ def kill_groups(procs: list[subprocess.Popen[bytes]]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
-
-
-JOB_TASK_PREFIX = "voucherify.jobs."
-"""The jobs' Celery task names begin so: ``voucherify.jobs.<job>`` (workers/jobs/schedule.py)."""
 
 
 def job_in_hand(redis_url: str) -> bool:
