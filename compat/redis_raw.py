@@ -5,7 +5,8 @@ on the receiver's hot path (a pool check-out that polls the socket, observabilit
 and a 7 KB message sent in three writes), which the receiver benchmark showed as a third
 of its throughput. This uses three methods of redis-py's connection class that are not
 part of its documented client API: ``send_packed_command``, ``read_response`` and
-``disconnect``, and the pool's ``connection_class`` / ``connection_kwargs`` to make a
+``disconnect`` (and ``connect``, called before each command: a no-op once connected),
+and the pool's ``connection_class`` / ``connection_kwargs`` to make a
 connection with the pool's settings (URL, timeouts, TLS).
 
 Any error drops the connection, so a reply is never left half-read for the next call.
@@ -36,6 +37,10 @@ def new_connection(pool: redis.ConnectionPool) -> AbstractConnection:
 def round_trip(connection: AbstractConnection, command: bytes) -> Any:
     """Send one packed command, read its reply; on any error the connection is dropped."""
     try:
+        # Connect first, through the connection's own ``connect``: a Sentinel-managed
+        # connection asks the Sentinels for the primary there. ``send_packed_command``
+        # alone would connect to the connection's default address (localhost:6379).
+        connection.connect()
         # redis-py sends bytes as they are (what we want); it leaves this call untyped.
         connection.send_packed_command([command])  # type: ignore[no-untyped-call]
         return connection.read_response()
