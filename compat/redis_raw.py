@@ -40,7 +40,7 @@ def round_trip(connection: AbstractConnection, command: bytes) -> Any:
         # Connect first, through the connection's own ``connect``: a Sentinel-managed
         # connection asks the Sentinels for the primary there. ``send_packed_command``
         # alone would connect to the connection's default address (localhost:6379).
-        connection.connect()
+        connection.connect()  # type: ignore[no-untyped-call]
         # redis-py sends bytes as they are (what we want); it leaves this call untyped.
         connection.send_packed_command([command])  # type: ignore[no-untyped-call]
         return connection.read_response()
