@@ -39,6 +39,7 @@ class Node:
     port: int
     process: subprocess.Popen[bytes]
     log: Path
+    args: list[str] = field(default_factory=list)
 
     def client(self, timeout: float = 2.0) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout)
@@ -76,7 +77,7 @@ class SentinelGroup:
 
     def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.root / f"{name}.log"
-        with log.open("wb") as out:
+        with log.open("ab") as out:
             proc = subprocess.Popen(
                 [self.binary, *args], stdout=out, stderr=subprocess.STDOUT, cwd=self.root
             )
@@ -100,7 +101,7 @@ class SentinelGroup:
         if primary_port is not None:
             args += ["--replicaof", "127.0.0.1", str(primary_port)]
         proc, log = self._spawn(name, args)
-        node = Node(name, port, proc, log)
+        node = Node(name, port, proc, log, args)
         self.nodes.append(node)
         return node
 
@@ -196,6 +197,10 @@ class SentinelGroup:
 
     def stop_node(self, node: Node) -> None:
         _stop(node.process)
+
+    def restart_node(self, node: Node) -> None:
+        """Start a stopped data node again: same port, folder and settings."""
+        node.process, _ = self._spawn(node.name, node.args)
 
     def describe(self) -> str:
         lines = [f"{n.name} :{n.port} alive={n.alive()}" for n in self.nodes + self.watchers]
