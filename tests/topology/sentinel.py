@@ -41,8 +41,12 @@ class Node:
     log: Path
     args: list[str] = field(default_factory=list)
 
+    password: str | None = None
+
     def client(self, timeout: float = 2.0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout)
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=timeout
+        )
 
     @property
     def address(self) -> str:
@@ -58,6 +62,10 @@ class SentinelGroup:
     binary: str
     replicas: int = 2
     sentinels: int = 3
+    password: str | None = None
+    """``requirepass`` (and ``masterauth``) of the data nodes."""
+    sentinel_password: str | None = None
+    """``requirepass`` of the Sentinels."""
     nodes: list[Node] = field(default_factory=list)
     """The data nodes, the first started as the primary."""
     watchers: list[Node] = field(default_factory=list)
@@ -100,8 +108,10 @@ class SentinelGroup:
         ]  # fmt: skip
         if primary_port is not None:
             args += ["--replicaof", "127.0.0.1", str(primary_port)]
+        if self.password:
+            args += ["--requirepass", self.password, "--masterauth", self.password]
         proc, log = self._spawn(name, args)
-        node = Node(name, port, proc, log, args)
+        node = Node(name, port, proc, log, args, self.password)
         self.nodes.append(node)
         return node
 
@@ -120,12 +130,15 @@ class SentinelGroup:
                     f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}",
                     f"sentinel failover-timeout {MASTER} {FAILOVER_TIMEOUT_MS}",
                     f"sentinel parallel-syncs {MASTER} 1",
+                    *([f"sentinel auth-pass {MASTER} {self.password}"] if self.password else []),
+                    # Also what a Sentinel uses to reach the other Sentinels.
+                    *([f"requirepass {self.sentinel_password}"] if self.sentinel_password else []),
                     "",
                 ]
             )
         )
         proc, log = self._spawn(name, [str(conf), "--sentinel"])
-        node = Node(name, port, proc, log)
+        node = Node(name, port, proc, log, password=self.sentinel_password)
         self.watchers.append(node)
         return node
 
@@ -159,9 +172,10 @@ class SentinelGroup:
         return ",".join(w.address for w in self.watchers)
 
     def url(self) -> str:
-        """A ``REDIS_URL`` for Sentinel mode: only its database number is used (no password
-        here); its host is the first primary's, which no client reads."""
-        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+        """A ``REDIS_URL`` for Sentinel mode: only its password and database number are
+        used; its host is the first primary's, which no client reads."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.nodes[0].port}/0"
 
     def primary(self) -> Node:
         """The data node the Sentinels name as primary now (asked of a live Sentinel)."""

@@ -52,15 +52,17 @@ KILL_AT = 0.4
 INTAKE_BOUND_SECONDS = 15.0
 """The longest a failover may stop intake (measured: see docs/deployment.md)."""
 OPS_TOKEN = "sentinel-ops-token-0123456789abcdef"
+PRIMARY_PASSWORD = "primary-pass-1"
+SENTINEL_PASSWORD = "sentinel-pass-2"
 
 
-def make_group(replicas: int) -> Iterator[SentinelGroup]:
+def make_group(replicas: int, **passwords: str) -> Iterator[SentinelGroup]:
     binary = redis_server()
     if binary is None:
         pytest.skip("no redis-server on this machine (scripts/setup installs Debian's as root)")
     # Outside pytest's tmp_path, as the fault suite's servers (tests/fault/test_under_fire.py).
     root = Path(tempfile.mkdtemp(prefix="vfy-sentinel-"))
-    group = SentinelGroup(root, binary, replicas=replicas)
+    group = SentinelGroup(root, binary, replicas=replicas, **passwords)
     try:
         group.start()
         yield group
@@ -77,6 +79,13 @@ def group() -> Iterator[SentinelGroup]:
 @pytest.fixture
 def small_group() -> Iterator[SentinelGroup]:
     yield from make_group(replicas=1)
+
+
+@pytest.fixture
+def guarded_group() -> Iterator[SentinelGroup]:
+    yield from make_group(
+        replicas=1, password=PRIMARY_PASSWORD, sentinel_password=SENTINEL_PASSWORD
+    )
 
 
 def sentinel_env(database_url: str, group: SentinelGroup, **more: str) -> dict[str, str]:
@@ -323,3 +332,43 @@ def test_fewer_replicas_than_required_answer_503_and_the_retry_is_a_duplicate(
         ("r_wait_1", -100),
         ("r_wait_2", -200),
     ]
+
+
+def test_the_primarys_and_the_sentinels_passwords_reach_every_process(
+    guarded_group: SentinelGroup, processes: Processes, database_url: str, tmp_path: Path
+) -> None:
+    group = guarded_group
+    env = sentinel_env(
+        database_url, group, REDIS_SENTINEL_PASSWORD=SENTINEL_PASSWORD, REDRIVE_INTERVAL_SECONDS="1"
+    )
+    _, port = processes.web(env)
+    processes.worker(env)
+    processes.beat(env, tmp_path / "beat-schedule")
+    data = card_redemption("gift", "r_guarded", amount=700, balance_after=9300)
+    status, payload, _ = post(
+        port, body_of(envelope("redemption.succeeded", data, event_id="ev_g"))
+    )
+    assert status == 202, payload  # through the Sentinels, confirmed by the replica
+
+    def applied() -> bool:
+        return bool(query(database_url, "SELECT 1 FROM events WHERE status = 'processed'"))
+
+    wait_until(applied, timeout=60, what=lambda: "the event applied\n" + processes.logs())
+    wait_until(
+        lambda: query(database_url, "SELECT count(*) FROM job_runs WHERE job = 'redrive'")[0][0],
+        timeout=60,
+        what=lambda: "beat's re-drive through the Sentinels\n" + processes.logs(),
+    )
+    assert readyz(port)["redis_primary"] == group.primary().address
+    assert cli_stats(env)["queue_depth"]["deliveries"] == 0
+
+    # A wrong Sentinel password is refused with a clear reason, and nothing is stored.
+    wrong = {**env, "REDIS_SENTINEL_PASSWORD": "wrong", "ENQUEUE_TIMEOUT_SECONDS": "1"}
+    _, wrong_port = processes.web(wrong)
+    status, payload, retry_after = post(wrong_port, body_of(envelope("redemption.failed", {})))
+    assert status == 503, payload
+    assert retry_after is not None
+    logged = "".join(p.read_text() for p in processes.log_dir.glob("web-*.log"))
+    assert "MasterNotFoundError: No master found for 'mymaster' : Sentinel 127.0.0.1:" in logged
+    assert "- auth:AuthenticationError" in logged  # the reason, per Sentinel
+    assert "wrong" not in logged

@@ -21,6 +21,7 @@ get the same TLS options and their own password (``REDIS_SENTINEL_PASSWORD``).
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import threading
 from typing import Any
@@ -120,6 +121,21 @@ def _sentinel_client(
         master, health_check_interval=HEALTH_CHECK_SECONDS, **timeouts, **tls, **primary
     )
     return client
+
+
+# redis-py's MasterNotFoundError names each Sentinel by the whole repr of its client (about
+# 1 KB each, every connection setting); the address says which one it was.
+_SENTINEL_REPR = re.compile(r"<redis\.client\.Redis\(<.*?,host=([^,]+),port=(\d+),.*?\)>\)>\)>")
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` of a Redis error for a log line, each Sentinel named by its address.
+
+    Not ``repr()``: redis-py 8 reduces it to "network:ConnectionError", hiding the reason (a
+    refused TLS certificate, a wrong password). Never holds a secret (redis-py redacts them).
+    """
+    message = _SENTINEL_REPR.sub(r"Sentinel \1:\2", str(exc))
+    return f"{type(exc).__name__}: {message}"
 
 
 def primary_address(client: redis.Redis) -> str | None:

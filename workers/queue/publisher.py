@@ -34,7 +34,7 @@ import redis
 from redis.connection import AbstractConnection
 
 from compat.redis_raw import drop, new_connection, pack_command, round_trip
-from workers.queue.client import BrokerUnavailable, connect, primary_address
+from workers.queue.client import BrokerUnavailable, connect, error_text, primary_address
 from workers.queue.keys import ACCEPTED_HASH, ACCEPTED_INDEX, DELIVERY_QUEUE
 from workers.queue.message import Message
 
@@ -102,9 +102,7 @@ class DeliveryPublisher:
                 self._push(command)
             except redis.RedisError as exc:
                 remaining = deadline - time.monotonic()
-                # Not repr(): redis-py 8 reduces it to "network:ConnectionError", hiding the
-                # reason (a refused TLS certificate, a wrong password). Never holds a secret.
-                error = f"{type(exc).__name__}: {exc}"
+                error = error_text(exc)
                 log.warning(
                     "delivery.enqueue_failed",
                     extra={"delivery_id": delivery_id, "attempt": attempt, "error": error},
@@ -125,7 +123,7 @@ class DeliveryPublisher:
         try:
             confirmed = round_trip(connection, self._wait)
         except redis.RedisError as exc:
-            raise ReplicasUnconfirmed(f"WAIT failed: {type(exc).__name__}: {exc}") from exc
+            raise ReplicasUnconfirmed(f"WAIT failed: {error_text(exc)}") from exc
         if not isinstance(confirmed, int) or confirmed < self.min_replicas:
             log.warning(
                 "delivery.replicas_unconfirmed",
