@@ -42,10 +42,17 @@ class Node:
     args: list[str] = field(default_factory=list)
 
     password: str | None = None
+    ca: Path | None = None
+    """The certificate to trust, when the node speaks TLS."""
 
     def client(self, timeout: float = 2.0) -> redis.Redis:
+        tls: dict[str, object] = {"ssl": True, "ssl_ca_certs": str(self.ca)} if self.ca else {}
         return redis.Redis(
-            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=timeout
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            socket_timeout=timeout,
+            **tls,  # type: ignore[arg-type]
         )
 
     @property
@@ -66,6 +73,9 @@ class SentinelGroup:
     """``requirepass`` (and ``masterauth``) of the data nodes."""
     sentinel_password: str | None = None
     """``requirepass`` of the Sentinels."""
+    tls: tuple[Path, Path] | None = None
+    """(certificate, key): every server speaks only TLS with this self-signed certificate,
+    replication and Sentinel traffic included."""
     nodes: list[Node] = field(default_factory=list)
     """The data nodes, the first started as the primary."""
     watchers: list[Node] = field(default_factory=list)
@@ -91,13 +101,28 @@ class SentinelGroup:
             )
         return proc, log
 
+    def _tls_args(self, port: int) -> list[str]:
+        """Listen on ``port`` for TLS only; replicate and reach the primary over TLS."""
+        if self.tls is None:
+            return ["--port", str(port)]
+        cert, key = self.tls
+        return [
+            "--port", "0",
+            "--tls-port", str(port),
+            "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(cert),
+            "--tls-auth-clients", "no",
+            "--tls-replication", "yes",
+        ]  # fmt: skip
+
     def _data_node(self, name: str, primary_port: int | None) -> Node:
         port = free_port()
         folder = self.root / name
         folder.mkdir()
         args = [
             "--bind", "127.0.0.1",
-            "--port", str(port),
+            *self._tls_args(port),
             "--dir", str(folder),
             "--save", "",
             # The README's broker settings: AOF on, fsync every second, no eviction.
@@ -111,7 +136,7 @@ class SentinelGroup:
         if self.password:
             args += ["--requirepass", self.password, "--masterauth", self.password]
         proc, log = self._spawn(name, args)
-        node = Node(name, port, proc, log, args, self.password)
+        node = Node(name, port, proc, log, args, self.password, self._ca)
         self.nodes.append(node)
         return node
 
@@ -120,11 +145,14 @@ class SentinelGroup:
         folder = self.root / name
         folder.mkdir()
         conf = folder / "sentinel.conf"  # a Sentinel rewrites its own file: one each
+        # sentinel.conf takes the same options as the command line, without the dashes.
+        tls = self._tls_args(port)
+        options = [f"{k[2:]} {v}" for k, v in zip(tls[::2], tls[1::2], strict=True)]
         conf.write_text(
             "\n".join(
                 [
                     "bind 127.0.0.1",
-                    f"port {port}",
+                    *options,
                     f"dir {folder}",
                     f"sentinel monitor {MASTER} 127.0.0.1 {primary_port} 2",
                     f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}",
@@ -138,7 +166,7 @@ class SentinelGroup:
             )
         )
         proc, log = self._spawn(name, [str(conf), "--sentinel"])
-        node = Node(name, port, proc, log, password=self.sentinel_password)
+        node = Node(name, port, proc, log, password=self.sentinel_password, ca=self._ca)
         self.watchers.append(node)
         return node
 
@@ -164,6 +192,10 @@ class SentinelGroup:
                 return False
         return True
 
+    @property
+    def _ca(self) -> Path | None:
+        return self.tls[0] if self.tls else None
+
     # -- what the tests use ----------------------------------------------------------
 
     @property
@@ -175,6 +207,8 @@ class SentinelGroup:
         """A ``REDIS_URL`` for Sentinel mode: only its password and database number are
         used; its host is the first primary's, which no client reads."""
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.nodes[0].port}/0?ssl_ca_certs={self.tls[0]}"
         return f"redis://{auth}127.0.0.1:{self.nodes[0].port}/0"
 
     def primary(self) -> Node:

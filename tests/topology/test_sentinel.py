@@ -41,6 +41,7 @@ from devtools.stream import build_stream
 from devtools.webhooks import SECRET, body_of, card_redemption, envelope, sign, wait_until
 from tests.conftest import ROOT, Processes, http_call, process_env
 from tests.fault.test_under_fire import UNRECORDED, pipeline_state, where_are
+from tests.topology.conftest import Certificate
 from tests.topology.sentinel import MASTER, SentinelGroup, redis_server
 from workers.queue import ACCEPTED_HASH, DELIVERY_QUEUE
 
@@ -56,13 +57,13 @@ PRIMARY_PASSWORD = "primary-pass-1"
 SENTINEL_PASSWORD = "sentinel-pass-2"
 
 
-def make_group(replicas: int, **passwords: str) -> Iterator[SentinelGroup]:
+def make_group(replicas: int, **options: Any) -> Iterator[SentinelGroup]:
     binary = redis_server()
     if binary is None:
         pytest.skip("no redis-server on this machine (scripts/setup installs Debian's as root)")
     # Outside pytest's tmp_path, as the fault suite's servers (tests/fault/test_under_fire.py).
     root = Path(tempfile.mkdtemp(prefix="vfy-sentinel-"))
-    group = SentinelGroup(root, binary, replicas=replicas, **passwords)
+    group = SentinelGroup(root, binary, replicas=replicas, **options)
     try:
         group.start()
         yield group
@@ -372,3 +373,28 @@ def test_the_primarys_and_the_sentinels_passwords_reach_every_process(
     assert "MasterNotFoundError: No master found for 'mymaster' : Sentinel 127.0.0.1:" in logged
     assert "- auth:AuthenticationError" in logged  # the reason, per Sentinel
     assert "wrong" not in logged
+
+
+@pytest.fixture
+def tls_group(certificate: Certificate) -> Iterator[SentinelGroup]:
+    yield from make_group(replicas=1, tls=(certificate.cert, certificate.key))
+
+
+def test_over_tls_every_process_reaches_the_primary_through_the_sentinels(
+    tls_group: SentinelGroup, processes: Processes, database_url: str
+) -> None:
+    group = tls_group
+    env = sentinel_env(database_url, group)  # rediss://…?ssl_ca_certs=<the certificate>
+    _, port = processes.web(env)
+    processes.worker(env)
+    data = card_redemption("gift", "r_tls_sentinel", amount=300, balance_after=9700)
+    doc = envelope("redemption.succeeded", data, event_id="ev_tls_sentinel")
+    status, payload, _ = post(port, body_of(doc))
+    assert status == 202, payload  # the Sentinels and the primary over TLS, WAIT 1
+
+    def applied() -> bool:
+        return bool(query(database_url, "SELECT 1 FROM events WHERE status = 'processed'"))
+
+    wait_until(applied, timeout=60, what=lambda: "the event applied\n" + processes.logs())
+    assert readyz(port)["redis_primary"] == group.primary().address
+    assert cli_stats(env)["queue_depth"]["deliveries"] == 0
