@@ -41,7 +41,7 @@ from devtools.stream import build_stream
 from devtools.webhooks import SECRET, body_of, card_redemption, envelope, sign, wait_until
 from tests.conftest import ROOT, Processes, http_call, process_env
 from tests.fault.test_under_fire import UNRECORDED, pipeline_state, where_are
-from tests.topology.conftest import Certificate
+from tests.topology.conftest import TlsRedis
 from tests.topology.sentinel import MASTER, SentinelGroup, redis_server
 from workers.queue import ACCEPTED_HASH, DELIVERY_QUEUE
 
@@ -376,7 +376,10 @@ def test_the_primarys_and_the_sentinels_passwords_reach_every_process(
 
 
 @pytest.fixture
-def tls_group(certificate: Certificate) -> Iterator[SentinelGroup]:
+def tls_group(tls_redis_server: TlsRedis) -> Iterator[SentinelGroup]:
+    """Through ``tls_redis_server``, which skips, saying why, where ``redis-server`` cannot
+    serve TLS."""
+    certificate = tls_redis_server.certificate
     yield from make_group(replicas=1, tls=(certificate.cert, certificate.key))
 
 
