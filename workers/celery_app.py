@@ -49,7 +49,7 @@ from compat import billiard_pool, kombu_redis
 from config import logs
 from config.settings import Settings
 from workers.queue import DELIVERY_QUEUE, JOBS_QUEUE
-from workers.queue.client import tls_options
+from workers.queue.client import sentinel_options, tls_options
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +149,11 @@ def _sentinel_options(settings: Settings) -> dict[str, Any]:
     target = settings.redis_sentinel
     if target is None:
         return {}
-    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 5}
-    if target.password:
-        sentinel_kwargs["password"] = target.password
-    if urlsplit(target.url).scheme == "rediss":
-        sentinel_kwargs.update(ssl=True, **tls_options(target.url))
-    return {"master_name": target.master, "sentinel_kwargs": sentinel_kwargs}
+    timeouts = {"socket_connect_timeout": 5, "socket_timeout": 5}
+    return {
+        "master_name": target.master,
+        "sentinel_kwargs": sentinel_options(target.url, target.password, timeouts),
+    }
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:

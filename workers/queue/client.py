@@ -111,16 +111,23 @@ def _sentinel_client(
         k: params[k] for k in ("db", "username", "password") if params.get(k) is not None
     }
     primary["connection_class"] = SentinelManagedSSLConnection if tls else SentinelManagedConnection
-    sentinel_kwargs: dict[str, Any] = {**timeouts, **({"ssl": True, **tls} if tls else {})}
-    if password:
-        sentinel_kwargs["password"] = password
     manager = Sentinel(  # type: ignore[no-untyped-call]
-        list(sentinels), sentinel_kwargs=sentinel_kwargs
+        list(sentinels), sentinel_kwargs=sentinel_options(url, password, timeouts)
     )
     client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
         master, health_check_interval=HEALTH_CHECK_SECONDS, **timeouts, **tls, **primary
     )
     return client
+
+
+def sentinel_options(url: str, password: str | None, timeouts: dict[str, Any]) -> dict[str, Any]:
+    """How to talk to the Sentinels themselves (redis-py's ``sentinel_kwargs``, also kombu's
+    transport option of that name): the timeouts, ``REDIS_URL``'s TLS, their password."""
+    tls = tls_options(url)
+    options: dict[str, Any] = {**timeouts, **({"ssl": True, **tls} if tls else {})}
+    if password:
+        options["password"] = password
+    return options
 
 
 # redis-py's MasterNotFoundError names each Sentinel by the whole repr of its client (about
