@@ -16,7 +16,9 @@ stays in kombu's ``unacked`` hash and is delivered again after the visibility ti
 the task then finds its event already applied and records a duplicate.
 
 ``use_for_redis_urls()`` (called by ``make_celery``) makes the ``redis://`` and
-``rediss://`` schemes name this transport instead of kombu's own. Everything else is
+``rediss://`` schemes name this transport instead of kombu's own, and ``sentinel://``
+(kombu's Sentinel transport: every new connection asks the Sentinels for the primary,
+see ``workers.celery_app``) the same fix on kombu's ``SentinelChannel``. Everything else is
 kombu's: the URL is parsed as before, ``rediss://`` still turns TLS on (kombu decides that
 by the scheme's name, which is why this is not done with Celery's ``broker_transport``),
 and the transport options apply unchanged.
@@ -31,7 +33,7 @@ import kombu.transport
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
-SCHEMES = ("redis", "rediss")
+SCHEMES = {"redis": "Transport", "rediss": "Transport", "sentinel": "SentinelTransport"}
 
 
 class QoS(kombu_redis.QoS):
@@ -58,10 +60,19 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(kombu_redis.SentinelChannel):
+    QoS = QoS
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 def use_for_redis_urls() -> None:
-    """Make broker URLs with a Redis scheme use ``Transport`` (idempotent, per process)."""
-    for scheme in SCHEMES:
-        kombu.transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+    """Make broker URLs with a Redis scheme use ``Transport`` (``sentinel://``:
+    ``SentinelTransport``), idempotent, per process."""
+    for scheme, transport in SCHEMES.items():
+        kombu.transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:{transport}"
         # kombu caches the class it resolved for a name; none is resolved before the app
         # connects, but a stale entry would silently keep kombu's own class.
         getattr(kombu.transport, "_transport_cache", {}).pop(scheme, None)

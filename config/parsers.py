@@ -11,8 +11,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 T = TypeVar("T")
 
@@ -29,8 +30,9 @@ class SettingsError(ValueError):
         self.variable = variable
 
 
-# libpq and redis-py both also take the password as a query parameter.
-_PASSWORD_PARAM = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
+# libpq and redis-py both also take the password as a query parameter; the Redis target
+# carries the Sentinels' own password as one (``with_sentinels``).
+_PASSWORD_PARAM = re.compile(r"((?:^|&)(?:sentinel_)?password=)[^&]*", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:
@@ -204,7 +206,114 @@ def redis_url(raw: str) -> str:
     """A Redis DSN; its TLS options (``redis_tls_params``) are checked here, at start-up."""
     url = redis_dsn(raw)
     redis_tls_params(url)
+    given = sorted({k for k, _ in parse_qsl(urlsplit(url).query)} & set(SENTINEL_PARAMS))
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: name the Sentinels with REDIS_SENTINELS and "
+            "REDIS_SENTINEL_MASTER (REDIS_SENTINEL_PASSWORD), not in the URL"
+        )
     return url
+
+
+# --- Redis Sentinel (docs/deployment.md, "Redis Sentinel") ------------------------------
+
+DEFAULT_SENTINEL_PORT = 26379
+SENTINEL_PARAMS = ("sentinels", "sentinel_master", "sentinel_password")
+"""The query parameters of the Redis target that name the Sentinels (``with_sentinels``)."""
+
+Address = tuple[str, int]
+
+
+def sentinel_addresses(raw: str) -> tuple[Address, ...]:
+    """``REDIS_SENTINELS``: ``host:port`` (or ``host``: port 26379; ``[v6]:port``), by commas."""
+    addresses: list[Address] = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        try:
+            parts = urlsplit(f"//{part}")
+            port = parts.port or DEFAULT_SENTINEL_PORT
+        except ValueError:
+            raise ValueError(f"not a host:port: {part!r}") from None
+        if not parts.hostname or parts.path or parts.query or "@" in part:
+            raise ValueError(f"not a host:port: {part!r}")
+        address = (parts.hostname, port)
+        if address in addresses:
+            raise ValueError(f"{part!r} given twice")
+        addresses.append(address)
+    if not addresses:
+        raise ValueError("expected comma-separated host:port of the Sentinels")
+    return tuple(addresses)
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """Where the Sentinels are, which primary to ask them for, and how to talk to it."""
+
+    sentinels: tuple[Address, ...]
+    master: str
+    password: str | None
+    """The Sentinels' own password (``requirepass`` of sentinel.conf), if they have one."""
+    url: str
+    """``REDIS_URL`` as given: the primary's user, password, database number and TLS."""
+
+
+def with_sentinels(
+    url: str, sentinels: tuple[Address, ...], master: str, password: str | None
+) -> str:
+    """The Redis target: ``REDIS_URL``, and when Sentinels are named, them in its query.
+
+    Every Redis client of every process is made from this one string
+    (``workers.queue.connect``, and the Celery broker in ``workers.celery_app``), so the
+    Sentinel settings reach the receiver, the workers, beat, the jobs and the CLI with the
+    URL they already pass around; ``sentinel_target`` reads them back.
+    """
+    if not sentinels:
+        return url
+    if urlsplit(url).scheme == "unix":
+        raise ValueError("a unix:// REDIS_URL cannot be combined with Sentinels")
+    params = [
+        ("sentinels", ",".join(_address_text(a) for a in sentinels)),
+        ("sentinel_master", master),
+    ]
+    if password:
+        params.append(("sentinel_password", password))
+    parts = urlsplit(url)
+    extra = urlencode(params, safe=",:[]")
+    return parts._replace(query=f"{parts.query}&{extra}" if parts.query else extra).geturl()
+
+
+def sentinel_target(target: str) -> SentinelTarget | None:
+    """The Sentinels a Redis target names (``with_sentinels``), or None: a plain URL."""
+    parts = urlsplit(target)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    named = dict(p for p in pairs if p[0] in SENTINEL_PARAMS)
+    if "sentinels" not in named:
+        return None
+    rest = urlencode([p for p in pairs if p[0] not in SENTINEL_PARAMS])
+    return SentinelTarget(
+        sentinels=sentinel_addresses(named["sentinels"]),
+        master=named.get("sentinel_master", "mymaster"),
+        password=named.get("sentinel_password") or None,
+        url=parts._replace(query=rest).geturl(),
+    )
+
+
+_MASTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def sentinel_master(raw: str) -> str:
+    """``REDIS_SENTINEL_MASTER``: the name under which the Sentinels monitor the primary."""
+    if not _MASTER_NAME.fullmatch(raw):
+        raise ValueError(
+            f"expected the primary's name in Sentinel (letters, digits, '.', '_', '-'), got {raw!r}"
+        )
+    return raw
+
+
+def _address_text(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 http_url = url(("http", "https"), "HTTP")

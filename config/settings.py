@@ -22,7 +22,9 @@ from config.parsers import (
     SettingsError,
     redact_url,
     redis_tls_params,
+    sentinel_target,
     with_cert_reqs,
+    with_sentinels,
 )
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "configure_logging_level",
     "redact_url",
     "redis_tls_params",
+    "sentinel_target",
 ]
 
 WEB_WORKER_CLASSES = ("gthread", "sync")
@@ -46,7 +49,9 @@ class Settings:
     database_url: str
     """Required; ``scripts/dev`` supplies an embedded local one for local runs."""
     redis_url: str
-    """Required; ``scripts/dev`` supplies an embedded local one for local runs."""
+    """Required; ``scripts/dev`` supplies an embedded local one for local runs. With
+    ``REDIS_SENTINELS`` the Sentinels ride in its query (``config.parsers.with_sentinels``):
+    this one string is what every Redis client of every process is made from."""
     webhook_secrets: tuple[bytes, ...] = ()
     port: int = 8000
     ops_api_token: str | None = None
@@ -58,6 +63,11 @@ class Settings:
     # --- receiver --------------------------------------------------------------------
     enqueue_timeout_seconds: float = 5.0
     """Total time the receiver spends retrying a failing broker before answering 503."""
+    enqueue_min_replicas: int = 0
+    """Replicas that must confirm each accepted delivery (``WAIT``) before the 202; fewer
+    within ``enqueue_replica_timeout_ms``: 503 with ``Retry-After``. 0: no ``WAIT``."""
+    enqueue_replica_timeout_ms: int = 500
+    """How long the receiver's ``WAIT`` waits for the replicas' confirmation."""
     web_concurrency: int = 2
     """gunicorn worker processes of one ``web``."""
     web_worker_class: str = "gthread"
@@ -158,7 +168,21 @@ class Settings:
             **_jobs(env),
         ).checked()
 
+    @property
+    def redis_sentinel(self) -> parse.SentinelTarget | None:
+        """The Sentinels ``redis_url`` names, or None: one Redis at the URL's address."""
+        return sentinel_target(self.redis_url)
+
     def checked(self) -> Settings:
+        if (
+            self.enqueue_min_replicas
+            and self.enqueue_replica_timeout_ms >= self.enqueue_timeout_seconds * 1000
+        ):
+            raise SettingsError(
+                "ENQUEUE_REPLICA_TIMEOUT_MS",
+                f"must be below ENQUEUE_TIMEOUT_SECONDS ({self.enqueue_timeout_seconds:g} s): "
+                "the WAIT is part of the time a 202 may take",
+            )
         if self.web_worker_class == "sync" and self.web_threads != 1:
             # gunicorn silently runs gthread when a sync worker is given threads.
             return dataclasses.replace(self, web_threads=1).checked()
@@ -181,14 +205,7 @@ def _contract(env: Env) -> dict[str, Any]:
             parse.postgres_url,
             "a PostgreSQL DSN (postgresql://user:password@host:5432/db)",
         ),
-        redis_url=with_cert_reqs(
-            env.require(
-                "REDIS_URL",
-                parse.redis_url,
-                "a Redis DSN of the Celery broker (redis:// or rediss://)",
-            ),
-            env.get("REDIS_SSL_CERT_REQS", parse.choice(REDIS_CERT_REQS), None),
-        ),
+        redis_url=_redis_target(env),
         webhook_secrets=env.get("VOUCHERIFY_WEBHOOK_SECRET", parse.secrets, NO_SECRETS),
         port=env.get("PORT", parse.int_range(1, 65535), 8000),
         ops_api_token=env.get("OPS_API_TOKEN", parse.long_token, None),
@@ -197,10 +214,37 @@ def _contract(env: Env) -> dict[str, Any]:
     )
 
 
+def _redis_target(env: Env) -> str:
+    """``REDIS_URL``, with ``REDIS_SSL_CERT_REQS`` applied and the Sentinels, if named, in its
+    query (``with_sentinels``)."""
+    url = with_cert_reqs(
+        env.require(
+            "REDIS_URL",
+            parse.redis_url,
+            "a Redis DSN of the Celery broker (redis:// or rediss://)",
+        ),
+        env.get("REDIS_SSL_CERT_REQS", parse.choice(REDIS_CERT_REQS), None),
+    )
+    no_sentinels: tuple[parse.Address, ...] = ()
+    sentinels = env.get("REDIS_SENTINELS", parse.sentinel_addresses, no_sentinels)
+    master = env.get("REDIS_SENTINEL_MASTER", parse.sentinel_master, "mymaster")
+    password = env.get("REDIS_SENTINEL_PASSWORD", parse.token, None)
+    if not sentinels and password:
+        raise SettingsError("REDIS_SENTINEL_PASSWORD", "given without REDIS_SENTINELS")
+    try:
+        return with_sentinels(url, sentinels, master, password)
+    except ValueError as exc:
+        raise SettingsError("REDIS_SENTINELS", str(exc)) from None
+
+
 def _web(env: Env, pool_max_size: int) -> dict[str, Any]:
     """The web process."""
     return dict(
         enqueue_timeout_seconds=env.get("ENQUEUE_TIMEOUT_SECONDS", parse.seconds(0.1, 6.0), 5.0),
+        enqueue_min_replicas=env.get("ENQUEUE_MIN_REPLICAS", parse.int_range(0, 16), 0),
+        enqueue_replica_timeout_ms=env.get(
+            "ENQUEUE_REPLICA_TIMEOUT_MS", parse.int_range(1, 5000), 500
+        ),
         web_concurrency=env.get("WEB_CONCURRENCY", parse.int_range(1, 64), 2),
         web_worker_class=env.get("WEB_WORKER_CLASS", parse.choice(WEB_WORKER_CLASSES), "gthread"),
         web_threads=env.get("WEB_THREADS", parse.int_range(1, 256), 8),

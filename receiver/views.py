@@ -57,7 +57,12 @@ def install(app: Flask, settings: Settings, publisher: DeliveryPublisher | None 
         secrets=settings.require_webhook_secrets(),
         max_body_bytes=settings.max_body_bytes,
         publisher=publisher
-        or DeliveryPublisher(settings.redis_url, settings.enqueue_timeout_seconds),
+        or DeliveryPublisher(
+            settings.redis_url,
+            settings.enqueue_timeout_seconds,
+            settings.enqueue_min_replicas,
+            settings.enqueue_replica_timeout_ms,
+        ),
     )
     # A declared Content-Length over the limit is answered 413 before anything is read.
     # A chunked body has no length: Werkzeug stops reading it at MAX_CONTENT_LENGTH, but

@@ -49,9 +49,11 @@ def create_app(
     @app.get("/readyz")
     def readyz() -> Response:
         failed = readiness.failures()
+        primary = intake.publisher.primary()  # no I/O: the address last reached
         if failed:
-            return receiver.views.json_response(503, {"status": "unavailable", "failed": failed})
-        return receiver.views.json_response(200, {"status": "ready"})
+            body = {"status": "unavailable", "failed": failed, "redis_primary": primary}
+            return receiver.views.json_response(503, body)
+        return receiver.views.json_response(200, {"status": "ready", "redis_primary": primary})
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:

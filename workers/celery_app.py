@@ -17,6 +17,12 @@ Reliability settings, each on purpose:
   worker.
 - ``task_time_limit`` 60 s hard / 50 s soft: one event is a few milliseconds of SQL; a
   task still running after a minute is stuck, and is killed and redelivered.
+- Sentinel (``REDIS_SENTINELS``): the broker URL is kombu's ``sentinel://h1:p1/db;
+  sentinel://h2:p2/db`` with the primary's user and password (``broker_url``), and the
+  transport options name the primary (``master_name``) and how to talk to the Sentinels
+  (``sentinel_kwargs``: their password, TLS and timeouts). kombu asks the Sentinels for
+  the primary at each (re)connection: after a failover the worker's and beat's reconnect
+  reaches the new one.
 - ``broker_use_ssl`` from ``workers.queue.tls_options``: a ``rediss://`` broker's certificate
   is verified unless ``REDIS_URL`` says ``ssl_cert_reqs=none`` (or ``optional``), as for
   every other Redis client. kombu, given a ``rediss://`` URL and no options, would skip the
@@ -35,6 +41,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery, signals
 
@@ -43,7 +50,7 @@ from config import logs
 from config.settings import Settings
 from workers.jobs.runner import JOBS, tick_seconds
 from workers.queue import DELIVERY_QUEUE, JOBS_QUEUE
-from workers.queue.client import tls_options
+from workers.queue.client import sentinel_options, tls_options
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +97,9 @@ def make_celery(settings: Settings) -> Celery:
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery's settings (each explained in the module's docstring)."""
     return {
-        "broker_url": settings.redis_url,
+        "broker_url": broker_url(settings),
         "broker_transport_options": broker_transport_options(settings),
-        "broker_use_ssl": tls_options(settings.redis_url) or False,  # False: redis://
+        "broker_use_ssl": tls_options(_primary_url(settings)) or False,  # False: redis://
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # a worker waits for Redis, it does not exit
         "task_acks_late": True,
@@ -119,8 +126,42 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _primary_url(settings: Settings) -> str:
+    """``REDIS_URL`` without the Sentinels: the primary's user, password, db and TLS."""
+    target = settings.redis_sentinel
+    return settings.redis_url if target is None else target.url
+
+
+def broker_url(settings: Settings) -> str:
+    """``REDIS_URL``, or with Sentinels kombu's form: one ``sentinel://`` URL per Sentinel,
+    joined by ``;``, each with the primary's user, password and database number (kombu
+    reads them from the first)."""
+    target = settings.redis_sentinel
+    if target is None:
+        return settings.redis_url
+    parts = urlsplit(target.url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    prefix = f"{userinfo}@" if userinfo else ""
+    path = parts.path or "/0"
+    return ";".join(
+        f"sentinel://{prefix}{f'[{h}]' if ':' in h else h}:{p}{path}" for h, p in target.sentinels
+    )
+
+
+def _sentinel_options(settings: Settings) -> dict[str, Any]:
+    target = settings.redis_sentinel
+    if target is None:
+        return {}
+    timeouts = {"socket_connect_timeout": 5, "socket_timeout": 5}
+    return {
+        "master_name": target.master,
+        "sentinel_kwargs": sentinel_options(target.url, target.password, timeouts),
+    }
+
+
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     return {
+        **_sentinel_options(settings),
         "visibility_timeout": settings.broker_visibility_timeout_seconds,
         # Sweep for messages of vanished workers every few seconds (kombu's default sweep
         # runs every 10 x 10 s), so redelivery takes the visibility timeout plus at most

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -67,8 +68,17 @@ def pings(redis_client: redis.Redis) -> int:
 
 
 def status_of(client: Any) -> tuple[int, dict[str, Any]]:
+    """The answer, without the primary's address it also names (tested on its own)."""
     response = client.get("/readyz")
-    return response.status_code, response.get_json()
+    body = response.get_json()
+    body.pop("redis_primary")
+    return response.status_code, body
+
+
+def test_readyz_names_the_redis_primary_it_reached(settings: Settings) -> None:
+    client = create_app(settings).test_client()
+    parts = urlsplit(settings.redis_url)
+    assert client.get("/readyz").get_json()["redis_primary"] == f"{parts.hostname}:{parts.port}"
 
 
 def test_a_flood_of_readyz_from_many_threads_asks_each_server_once_per_window(

@@ -49,7 +49,12 @@ from workers.queue.keys import (
 )
 from workers.queue.lists import depths, park, requeue, unpark
 from workers.queue.message import Message, celery_message, safe_kwargsrepr
-from workers.queue.publisher import ACCEPT_SCRIPT, DeliveryPublisher, accept_command
+from workers.queue.publisher import (
+    ACCEPT_SCRIPT,
+    DeliveryPublisher,
+    ReplicasUnconfirmed,
+    accept_command,
+)
 
 __all__ = [
     "ACCEPTED_HASH",
@@ -67,6 +72,7 @@ __all__ = [
     "GiveUp",
     "Message",
     "Recorded",
+    "ReplicasUnconfirmed",
     "SweepResult",
     "Unrecorded",
     "accept_command",

@@ -9,7 +9,17 @@ stored.
 
 The push is one write and one read on a connection kept per thread
 (``compat.redis_raw``): redis-py's client calls cost several times more CPU per call on
-this path. Any error drops the connection; the next attempt connects again.
+this path. Any error drops the connection; the next attempt connects again (through
+Sentinel, when it names the primary: to the primary it names then, see ``client``).
+
+With a minimum of replicas (``ENQUEUE_MIN_REPLICAS``), the push is followed by ``WAIT n
+timeout`` on the same connection: Redis answers how many replicas have confirmed every
+write of this connection so far. Fewer than ``n`` raises ``ReplicasUnconfirmed`` (503 with
+``Retry-After``) *without* pushing again: the delivery is in the primary, not yet known to
+be on a replica. If that primary survives, the delivery is processed and Voucherify's retry
+of it is recorded as a duplicate of the same event id; if it is lost in a failover, the
+retry brings it back. Either way the event is applied once, and no 202 was given for a
+delivery only one server had.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import redis
 from redis.connection import AbstractConnection
 
 from compat.redis_raw import drop, new_connection, pack_command, round_trip
-from workers.queue.client import BrokerUnavailable, connect
+from workers.queue.client import BrokerUnavailable, connect, error_text, primary_address
 from workers.queue.keys import ACCEPTED_HASH, ACCEPTED_INDEX, DELIVERY_QUEUE
 from workers.queue.message import Message
 
@@ -38,6 +48,10 @@ local length = redis.call('LPUSH', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return length"""
+
+
+class ReplicasUnconfirmed(BrokerUnavailable):
+    """The delivery is in the primary, but fewer replicas than required confirmed it."""
 
 
 def accept_command(delivery_id: str, accepted_at: float, message: bytes) -> bytes:
@@ -55,11 +69,25 @@ def accept_command(delivery_id: str, accepted_at: float, message: bytes) -> byte
     )
 
 
+def wait_command(replicas: int, timeout_ms: int) -> bytes:
+    return pack_command(b"WAIT", b"%d" % replicas, b"%d" % timeout_ms)
+
+
 class DeliveryPublisher:
-    def __init__(self, redis_url: str, budget_seconds: float) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        budget_seconds: float,
+        min_replicas: int = 0,
+        replica_timeout_ms: int = 500,
+    ) -> None:
         self.budget_seconds = budget_seconds
-        # Short socket timeouts so one hung attempt cannot eat the whole budget.
-        self._client = connect(redis_url, timeout=min(2.0, budget_seconds), retry=False)
+        self.min_replicas = min_replicas
+        self._wait = wait_command(min_replicas, replica_timeout_ms) if min_replicas else None
+        # Short socket timeouts so one hung attempt cannot eat the whole budget (a WAIT
+        # may take its own timeout on top).
+        timeout = min(2.0, budget_seconds) + (replica_timeout_ms / 1000 if min_replicas else 0)
+        self._client = connect(redis_url, timeout=timeout, retry=False)
         self._local = threading.local()
 
     def publish(self, body: str, delivery_id: str, received_at: str) -> None:
@@ -72,12 +100,9 @@ class DeliveryPublisher:
             attempt += 1
             try:
                 self._push(command)
-                return
             except redis.RedisError as exc:
                 remaining = deadline - time.monotonic()
-                # Not repr(): redis-py 8 reduces it to "network:ConnectionError", hiding the
-                # reason (a refused TLS certificate, a wrong password). Never holds a secret.
-                error = f"{type(exc).__name__}: {exc}"
+                error = error_text(exc)
                 log.warning(
                     "delivery.enqueue_failed",
                     extra={"delivery_id": delivery_id, "attempt": attempt, "error": error},
@@ -86,6 +111,31 @@ class DeliveryPublisher:
                     raise BrokerUnavailable(str(exc)) from exc
                 time.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not crypto
                 delay = min(delay * 2, 1.0, remaining / 2)
+                continue
+            self._confirm(delivery_id)
+            return
+
+    def _confirm(self, delivery_id: str) -> None:
+        """``WAIT`` for the replicas, when a minimum is set; never a second push."""
+        if self._wait is None:
+            return
+        connection = self._connection()
+        try:
+            confirmed = round_trip(connection, self._wait)
+        except redis.RedisError as exc:
+            raise ReplicasUnconfirmed(f"WAIT failed: {error_text(exc)}") from exc
+        if not isinstance(confirmed, int) or confirmed < self.min_replicas:
+            log.warning(
+                "delivery.replicas_unconfirmed",
+                extra={
+                    "delivery_id": delivery_id,
+                    "confirmed": confirmed,
+                    "required": self.min_replicas,
+                },
+            )
+            raise ReplicasUnconfirmed(
+                f"{confirmed} of {self.min_replicas} replicas confirmed the delivery"
+            )
 
     def _push(self, command: bytes) -> None:
         connection = self._connection()
@@ -105,6 +155,10 @@ class DeliveryPublisher:
 
     def ping(self) -> bool:
         return bool(self._client.ping())
+
+    def primary(self) -> str | None:
+        """``host:port`` of the Redis primary last reached (with Sentinel: the one it named)."""
+        return primary_address(self._client)
 
     def close(self) -> None:
         connection = getattr(self._local, "connection", None)
