@@ -133,10 +133,11 @@ def loyalty_voucher(balance: int) -> dict[str, Any]:
     return dict(voucher)
 
 
-def _card(kind: str, balance: int, voucher_id: str | None) -> dict[str, Any]:
+def _card(kind: str, balance: int, voucher_id: str | None, holder_id: str | None) -> dict[str, Any]:
     voucher = gift_voucher(balance) if kind == "gift" else loyalty_voucher(balance)
     if voucher_id:
         voucher.update({"id": voucher_id, "code": f"CODE-{voucher_id}"})
+    voucher["holder_id"] = holder_id
     return voucher
 
 
@@ -149,10 +150,12 @@ def card_redemption(
     customer_id: str = "cust_card_test",
     date: str = "2024-02-01T08:45:32.014Z",
     voucher_id: str | None = None,
+    holder_id: str | None = "",
 ) -> dict[str, Any]:
-    """``data`` of a redemption.succeeded spending ``amount`` of a gift or loyalty card."""
+    """``data`` of a redemption.succeeded spending ``amount`` of a gift or loyalty card.
+    The card's holder is the redeeming customer unless ``holder_id`` says otherwise."""
     data = copy.deepcopy(fixture("redemption.succeeded"))
-    voucher = _card(kind, balance_after, voucher_id)
+    voucher = _card(kind, balance_after, voucher_id, customer_id if holder_id == "" else holder_id)
     data["voucher"] = voucher
     data["customer"]["id"] = customer_id
     data["order"].update({"id": order_id, "customer_id": customer_id, "status": "PAID"})
@@ -180,10 +183,11 @@ def card_rollback(
     date: str = "2024-02-01T10:23:52.499Z",
     include_amount: bool = True,
     voucher_id: str | None = None,
+    holder_id: str | None = "",
 ) -> dict[str, Any]:
     """``data`` of a redemption.rollback.succeeded giving ``amount`` back to the card."""
     data = copy.deepcopy(fixture("redemption.rollback.succeeded"))
-    voucher = _card(kind, balance_after, voucher_id)
+    voucher = _card(kind, balance_after, voucher_id, customer_id if holder_id == "" else holder_id)
     data["voucher"] = voucher
     data["customer"]["id"] = customer_id
     data["order"].update({"id": order_id, "customer_id": customer_id, "status": "CANCELED"})
