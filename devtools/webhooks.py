@@ -219,3 +219,104 @@ def card_rollback_failed(
         }
     )
     return data
+
+
+# --- card movements built from the published payloads ---------------------------------
+# ``voucher.{gift,loyalty_card}.transaction.created`` and the balance events describe one
+# movement each: ``transaction.details.balance`` holds its signed amount (``amount`` for
+# gift credit, ``points`` for loyalty points) and the balance after it.
+
+CARD_IDS = {"gift": gift_voucher(0)["id"], "loyalty": "v_loyalty_test"}
+"""The card of each kind that ``card_redemption`` / ``card_rollback`` use by default."""
+
+BALANCE_EVENT = {
+    "CREDITS_ADDITION": "voucher.gift.balance_added",
+    "POINTS_ADDITION": "voucher.loyalty_card.points_added",
+    "POINTS_EXPIRATION": "voucher.loyalty_card.points_expired",
+    "PENDING_POINTS_ACTIVATION": "voucher.loyalty_card.pending_points.activated",
+}
+"""The balance event that describes the same movement as a transaction of this type."""
+
+
+def card_transaction(
+    kind: str,
+    transaction_id: str,
+    transaction_type: str,
+    amount: int,
+    balance_after: int,
+    created_at: str,
+    voucher_id: str | None = None,
+    redemption_id: str | None = None,
+    rollback_id: str | None = None,
+) -> dict[str, Any]:
+    """The ``transaction`` object of a card movement, in the published examples' shape."""
+    gift = kind == "gift"
+    published = fixture(f"voucher.{'gift' if gift else 'loyalty_card'}.transaction.created")
+    transaction = copy.deepcopy(published["transaction"])
+    card = voucher_id or CARD_IDS[kind]
+    balance = transaction["details"]["balance"]
+    balance.update({"balance": balance_after, "total": max(balance_after, 0)})
+    balance["amount" if gift else "points"] = amount
+    balance["related_object"]["id"] = card
+    details: dict[str, Any] = {"balance": balance}
+    if redemption_id:
+        details["order"] = {"id": f"ord_{redemption_id}", "source_id": None}
+        details["redemption"] = {"id": redemption_id}
+    if rollback_id:
+        details["rollback"] = {"id": rollback_id}
+    transaction.update(
+        {
+            "id": transaction_id,
+            "voucher_id": card,
+            "type": transaction_type,
+            "details": details,
+            "created_at": created_at,
+        }
+    )
+    return dict(transaction)
+
+
+def card_transaction_event(
+    kind: str, transaction: dict[str, Any], holder_id: str | None = "cust_card_test"
+) -> tuple[str, dict[str, Any]]:
+    """(type, data) of the ``transaction.created`` event of ``transaction``."""
+    event_type = f"voucher.{'gift' if kind == 'gift' else 'loyalty_card'}.transaction.created"
+    data = copy.deepcopy(fixture(event_type))
+    balance = transaction["details"]["balance"]
+    voucher = _card(kind, balance["balance"], transaction["voucher_id"], holder_id)
+    data.update(
+        {
+            "transaction": copy.deepcopy(transaction),
+            "voucher": voucher,
+            "balance": copy.deepcopy(balance),
+            "holder": {**data["holder"], "id": holder_id} if holder_id else None,
+            "order": None,
+            "redemption": None,
+            "rollback": None,
+        }
+    )
+    return event_type, data
+
+
+def card_balance_event(
+    kind: str, transaction: dict[str, Any], holder_id: str | None = "cust_card_test"
+) -> tuple[str, dict[str, Any]] | None:
+    """(type, data) of the balance event that describes ``transaction``, if its type has one.
+    As published, its ``transaction.details`` is null: the figures are in ``balance``
+    (an expiry's in ``points``) and the card in ``voucher``."""
+    event_type = BALANCE_EVENT.get(transaction["type"])
+    if event_type is None:
+        return None
+    data = copy.deepcopy(fixture(event_type))
+    balance = transaction["details"]["balance"]
+    voucher = _card(kind, balance["balance"], transaction["voucher_id"], holder_id)
+    data["voucher"] = voucher
+    data["transaction"] = {**copy.deepcopy(transaction), "details": None}
+    if transaction["type"] == "POINTS_EXPIRATION":
+        data["points"] = abs(balance["points"])
+        data.pop("balance", None)
+    else:
+        data["balance"] = copy.deepcopy(balance)
+    if "customer" in data and holder_id:
+        data["customer"] = {**data["customer"], "id": holder_id}
+    return event_type, data
