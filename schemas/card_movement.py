@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields
 
 from schemas.redemption import WholeBalance
 from schemas.vocabulary import LedgerKind
@@ -72,7 +72,7 @@ class _Details(_Loose):
 
 
 class _Transaction(_Loose):
-    id = fields.String(required=True, validate=validate.Length(min=1))
+    id = _opt_str()  # the schema does not require it: without one, no movement is keyed
     type = _opt_str()
     voucher_id = _opt_str()
     reason = _opt_str()
@@ -110,9 +110,10 @@ class CardMovementEvent:
     type: str
     kind: LedgerKind
     transaction_id: str | None
-    """None only for ``customer.voucher.loyalty_card.pending_points.activated``, which
-    names no transaction: its movement is the entry of its ``voucher.*`` twin or of the
-    transaction event; alone it is only a report of the card's balance."""
+    """None when the payload names no transaction (the published
+    ``customer.voucher.loyalty_card.pending_points.activated`` does not; the schemas do not
+    require one): its movement is the entry of a twin event that names it; alone the
+    event is only a report of the card's balance and holder."""
     transaction_type: str | None
     voucher_id: str | None
     voucher_code: str | None
@@ -166,7 +167,7 @@ def load_card_movement(
         event_id=event_id,
         type=event_type,
         kind=kind,
-        transaction_id=transaction["id"],
+        transaction_id=transaction["id"] or None,
         transaction_type=(transaction["type"] or "").upper() or None,
         voucher_id=_first(transaction["voucher_id"], voucher.get("id")),
         voucher_code=voucher.get("code"),
