@@ -276,6 +276,12 @@ def card_transaction(
     return dict(transaction)
 
 
+def _other_card(kind: str, transaction: dict[str, Any]) -> str | None:
+    """The transaction's card when it is not the default one of its kind."""
+    voucher_id = transaction["voucher_id"]
+    return None if voucher_id == CARD_IDS[kind] else str(voucher_id)
+
+
 def card_transaction_event(
     kind: str, transaction: dict[str, Any], holder_id: str | None = "cust_card_test"
 ) -> tuple[str, dict[str, Any]]:
@@ -283,7 +289,7 @@ def card_transaction_event(
     event_type = f"voucher.{'gift' if kind == 'gift' else 'loyalty_card'}.transaction.created"
     data = copy.deepcopy(fixture(event_type))
     balance = transaction["details"]["balance"]
-    voucher = _card(kind, balance["balance"], transaction["voucher_id"], holder_id)
+    voucher = _card(kind, balance["balance"], _other_card(kind, transaction), holder_id)
     data.update(
         {
             "transaction": copy.deepcopy(transaction),
@@ -309,7 +315,7 @@ def card_balance_event(
         return None
     data = copy.deepcopy(fixture(event_type))
     balance = transaction["details"]["balance"]
-    voucher = _card(kind, balance["balance"], transaction["voucher_id"], holder_id)
+    voucher = _card(kind, balance["balance"], _other_card(kind, transaction), holder_id)
     data["voucher"] = voucher
     data["transaction"] = {**copy.deepcopy(transaction), "details": None}
     if transaction["type"] == "POINTS_EXPIRATION":

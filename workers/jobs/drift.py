@@ -48,7 +48,10 @@ from psycopg_pool import ConnectionPool
 
 from schemas.vocabulary import FlagCategory, FlagStatus, LedgerKind
 from workers.jobs import metrics
+from workers.jobs.drift_heal import Card as HealCard
+from workers.jobs.drift_heal import TransactionLister, heal_card
 from workers.jobs.result import JobResult
+from workers.jobs.voucherify_api import VoucherifyApiError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ LEFT JOIN LATERAL (
     WHERE e.voucher_id = c.voucher_id AND e.balance_after IS NOT NULL
     ORDER BY e.moved_at DESC, e.id DESC LIMIT 1) l ON true
 WHERE c.voucher_id > %(after)s
+  AND (%(only)s::text[] IS NULL OR c.voucher_id = ANY(%(only)s::text[]))
 ORDER BY c.voucher_id
 LIMIT %(batch)s
 """
@@ -131,6 +135,8 @@ class DriftResult(JobResult):
     """Cards whose gap a person accepted (resolved their drift flag) since the last run."""
     waiting: int = 0
     """Cards heard of within ``quiet_seconds``: checked on a later run."""
+    healed: int = 0
+    """Transactions listed from Voucherify's API and applied to close a gap."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +182,7 @@ class _Tally:
     flags_resolved: int = 0
     rebased: int = 0
     waiting: int = 0
+    healed: int = 0
     by_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LedgerKind, 0))
 
 
@@ -184,17 +191,30 @@ def check_drift(
     deadline: float,
     batch_size: int = BATCH_SIZE,
     quiet_seconds: float = QUIET_SECONDS,
+    api: TransactionLister | None = None,
 ) -> DriftResult:
+    """Check every quiet card; with ``api``, heal a drifting card from its transactions
+    (``workers.jobs.drift_heal``) before flagging what is still missing."""
     tally = _Tally()
     after = ""
     complete = False
-    params = {**WORDS, "auto_note": AUTO_NOTE + "%", "quiet": quiet_seconds, "batch": batch_size}
+    params = {
+        **WORDS,
+        "auto_note": AUTO_NOTE + "%",
+        "quiet": quiet_seconds,
+        "batch": batch_size,
+        "only": None,
+    }
     while time.monotonic() < deadline:
+        deferred: list[CardDrift] = []
         with pool.connection() as conn, conn.transaction():
             cursor = conn.cursor(row_factory=class_row(CardDrift))
             cards = cursor.execute(CARD_DRIFTS, {**params, "after": after}).fetchall()
             for card in cards:
-                _check_card(conn, card, tally)
+                if _check_card(conn, card, tally, heal=api is not None):
+                    deferred.append(card)
+        if api is not None and deferred:
+            _heal_and_recheck(pool, api, deferred, deadline, tally, params)
         if len(cards) < batch_size:
             complete = True
             break
@@ -209,21 +229,61 @@ def check_drift(
         flags_resolved=tally.flags_resolved,
         rebased=tally.rebased,
         waiting=tally.waiting,
+        healed=tally.healed,
     )
 
 
-def _check_card(conn: psycopg.Connection[Any], card: CardDrift, tally: _Tally) -> None:
-    """Resolve the card's drift flag when its gap is closed; raise or refresh it when not."""
+def _heal_and_recheck(
+    pool: ConnectionPool,
+    api: TransactionLister,
+    cards: list[CardDrift],
+    deadline: float,
+    tally: _Tally,
+    params: dict[str, Any],
+) -> None:
+    """Apply what Voucherify lists and the ledger lacks, then measure those cards again
+    (just healed from the API: no quiet period) and flag what is still missing."""
+    for card in cards:
+        assert card.first_at is not None
+        holder = card.customer_id
+        target = HealCard(card.voucher_id, card.voucher_code, card.kind, holder, card.first_at)
+        try:
+            tally.healed += heal_card(pool, api, target, deadline)
+        except VoucherifyApiError as exc:
+            log.warning(
+                "drift.heal_failed", extra={"voucher_id": card.voucher_id, "error": str(exc)}
+            )
+    only = [card.voucher_id for card in cards]
+    recheck = {**params, "quiet": 0, "only": only, "after": "", "batch": len(only)}
+    with pool.connection() as conn, conn.transaction():
+        cursor = conn.cursor(row_factory=class_row(CardDrift))
+        for card in cursor.execute(CARD_DRIFTS, recheck).fetchall():
+            _check_card(conn, card, tally, heal=False, counted=True)
+
+
+def _check_card(
+    conn: psycopg.Connection[Any],
+    card: CardDrift,
+    tally: _Tally,
+    heal: bool = False,
+    counted: bool = False,
+) -> bool:
+    """Resolve the card's drift flag when its gap is closed; raise or refresh it when not.
+    With ``heal``, a drifting card is not flagged yet: True says it is to be healed first
+    (and checked again, ``counted`` already)."""
     if not card.measured:
-        return  # no movement reported its balance yet: nothing to measure
+        return False  # no movement reported its balance yet: nothing to measure
     if not card.quiet:
         tally.waiting += 1  # a webhook may still be on its way: check it when quiet
-        return
-    tally.cards += 1
+        return False
+    if not counted:
+        tally.cards += 1
     if card.accepted_by_person:
         conn.execute(ACCEPT_GAP, {"voucher_id": card.voucher_id, "gap": card.gap})
         tally.rebased += 1
-        return
+        return False
+    if heal and card.drift != 0:
+        return True
     assert card.first_at is not None
     assert card.last_at is not None
     if card.drift == 0:
@@ -233,7 +293,7 @@ def _check_card(conn: psycopg.Connection[Any], card: CardDrift, tally: _Tally) -
         )
         params = {**WORDS, "voucher_id": card.voucher_id, "note": note}
         tally.flags_resolved += conn.execute(RESOLVE_GONE, params).rowcount
-        return
+        return False
     tally.drifting += 1
     tally.by_kind[card.kind] = tally.by_kind.get(card.kind, 0) + 1
     accepted = f", less {card.accepted_drift:+d} accepted" if card.accepted_drift else ""
@@ -258,3 +318,4 @@ def _check_card(conn: psycopg.Connection[Any], card: CardDrift, tally: _Tally) -
                 "drift": card.drift,
             },
         )
+    return False
