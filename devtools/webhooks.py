@@ -305,14 +305,20 @@ def card_transaction_event(
 
 
 def card_balance_event(
-    kind: str, transaction: dict[str, Any], holder_id: str | None = "cust_card_test"
+    kind: str,
+    transaction: dict[str, Any],
+    holder_id: str | None = "cust_card_test",
+    customer_twin: bool = False,
 ) -> tuple[str, dict[str, Any]] | None:
-    """(type, data) of the balance event that describes ``transaction``, if its type has one.
-    As published, its ``transaction.details`` is null: the figures are in ``balance``
-    (an expiry's in ``points``) and the card in ``voucher``."""
+    """(type, data) of the balance event that describes ``transaction``, if its type has one
+    (its ``customer.*`` twin with ``customer_twin``). As published, its
+    ``transaction.details`` is null: the figures are in ``balance`` (an expiry's in
+    ``points``) and the card in ``voucher``."""
     event_type = BALANCE_EVENT.get(transaction["type"])
     if event_type is None:
         return None
+    if customer_twin:
+        event_type = f"customer.{event_type}"
     data = copy.deepcopy(fixture(event_type))
     balance = transaction["details"]["balance"]
     voucher = _card(kind, balance["balance"], _other_card(kind, transaction), holder_id)

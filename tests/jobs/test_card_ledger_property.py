@@ -5,9 +5,10 @@ its gap, and its late arrival lets the drift job resolve it.
 Random histories of one gift card and one loyalty card (top-ups, accruals, additions,
 activations, expiries, manual removals, redemptions and their rollbacks), each movement
 sent as Voucherify would: its transaction event, its balance event where its type has
-one, and for a redemption or rollback also the redemption or rollback webhook (a few
-milliseconds off its transaction). Delivered through ``process_delivery`` in a random
-interleaving with random duplicates, against the migrated PostgreSQL.
+one (``voucher.*`` or its ``customer.*`` twin), and for a redemption or rollback also the
+redemption or rollback webhook (a few milliseconds off its transaction). Delivered
+through ``process_delivery`` in a random interleaving with random duplicates, against the
+migrated PostgreSQL.
 
 Histories are generated first and applied after (hypothesis would count the random calls
 of a pool's threads against the strategy); each example starts from empty tables.
@@ -120,7 +121,9 @@ def card_history(draw: st.DrawFn, kind: str) -> Card:
         movement = Movement(amount)
         event_type, data = card_transaction_event(kind, transaction, holder_id=HOLDER)
         movement.webhooks.append((next(ids), event_type, data))
-        twin = card_balance_event(kind, transaction, holder_id=HOLDER)
+        twin = card_balance_event(
+            kind, transaction, holder_id=HOLDER, customer_twin=draw(st.booleans())
+        )
         if twin is not None and draw(st.booleans()):
             movement.webhooks.append((next(ids), *twin))
         who = {"customer_id": REDEEMER, "holder_id": HOLDER, "order_id": f"ord_{kind}_{i}"}
