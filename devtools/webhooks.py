@@ -133,10 +133,11 @@ def loyalty_voucher(balance: int) -> dict[str, Any]:
     return dict(voucher)
 
 
-def _card(kind: str, balance: int, voucher_id: str | None) -> dict[str, Any]:
+def _card(kind: str, balance: int, voucher_id: str | None, holder_id: str | None) -> dict[str, Any]:
     voucher = gift_voucher(balance) if kind == "gift" else loyalty_voucher(balance)
     if voucher_id:
         voucher.update({"id": voucher_id, "code": f"CODE-{voucher_id}"})
+    voucher["holder_id"] = holder_id
     return voucher
 
 
@@ -149,10 +150,12 @@ def card_redemption(
     customer_id: str = "cust_card_test",
     date: str = "2024-02-01T08:45:32.014Z",
     voucher_id: str | None = None,
+    holder_id: str | None = "",
 ) -> dict[str, Any]:
-    """``data`` of a redemption.succeeded spending ``amount`` of a gift or loyalty card."""
+    """``data`` of a redemption.succeeded spending ``amount`` of a gift or loyalty card.
+    The card's holder is the redeeming customer unless ``holder_id`` says otherwise."""
     data = copy.deepcopy(fixture("redemption.succeeded"))
-    voucher = _card(kind, balance_after, voucher_id)
+    voucher = _card(kind, balance_after, voucher_id, customer_id if holder_id == "" else holder_id)
     data["voucher"] = voucher
     data["customer"]["id"] = customer_id
     data["order"].update({"id": order_id, "customer_id": customer_id, "status": "PAID"})
@@ -180,10 +183,11 @@ def card_rollback(
     date: str = "2024-02-01T10:23:52.499Z",
     include_amount: bool = True,
     voucher_id: str | None = None,
+    holder_id: str | None = "",
 ) -> dict[str, Any]:
     """``data`` of a redemption.rollback.succeeded giving ``amount`` back to the card."""
     data = copy.deepcopy(fixture("redemption.rollback.succeeded"))
-    voucher = _card(kind, balance_after, voucher_id)
+    voucher = _card(kind, balance_after, voucher_id, customer_id if holder_id == "" else holder_id)
     data["voucher"] = voucher
     data["customer"]["id"] = customer_id
     data["order"].update({"id": order_id, "customer_id": customer_id, "status": "CANCELED"})
@@ -215,3 +219,116 @@ def card_rollback_failed(
         }
     )
     return data
+
+
+# --- card movements built from the published payloads ---------------------------------
+# ``voucher.{gift,loyalty_card}.transaction.created`` and the balance events describe one
+# movement each: ``transaction.details.balance`` holds its signed amount (``amount`` for
+# gift credit, ``points`` for loyalty points) and the balance after it.
+
+CARD_IDS = {"gift": gift_voucher(0)["id"], "loyalty": "v_loyalty_test"}
+"""The card of each kind that ``card_redemption`` / ``card_rollback`` use by default."""
+
+BALANCE_EVENT = {
+    "CREDITS_ADDITION": "voucher.gift.balance_added",
+    "POINTS_ADDITION": "voucher.loyalty_card.points_added",
+    "POINTS_EXPIRATION": "voucher.loyalty_card.points_expired",
+    "PENDING_POINTS_ACTIVATION": "voucher.loyalty_card.pending_points.activated",
+}
+"""The balance event that describes the same movement as a transaction of this type."""
+
+
+def card_transaction(
+    kind: str,
+    transaction_id: str,
+    transaction_type: str,
+    amount: int,
+    balance_after: int,
+    created_at: str,
+    voucher_id: str | None = None,
+    redemption_id: str | None = None,
+    rollback_id: str | None = None,
+) -> dict[str, Any]:
+    """The ``transaction`` object of a card movement, in the published examples' shape."""
+    gift = kind == "gift"
+    published = fixture(f"voucher.{'gift' if gift else 'loyalty_card'}.transaction.created")
+    transaction = copy.deepcopy(published["transaction"])
+    card = voucher_id or CARD_IDS[kind]
+    balance = transaction["details"]["balance"]
+    balance.update({"balance": balance_after, "total": max(balance_after, 0)})
+    balance["amount" if gift else "points"] = amount
+    balance["related_object"]["id"] = card
+    details: dict[str, Any] = {"balance": balance}
+    if redemption_id:
+        details["order"] = {"id": f"ord_{redemption_id}", "source_id": None}
+        details["redemption"] = {"id": redemption_id}
+    if rollback_id:
+        details["rollback"] = {"id": rollback_id}
+    transaction.update(
+        {
+            "id": transaction_id,
+            "voucher_id": card,
+            "type": transaction_type,
+            "details": details,
+            "created_at": created_at,
+        }
+    )
+    return dict(transaction)
+
+
+def _other_card(kind: str, transaction: dict[str, Any]) -> str | None:
+    """The transaction's card when it is not the default one of its kind."""
+    voucher_id = transaction["voucher_id"]
+    return None if voucher_id == CARD_IDS[kind] else str(voucher_id)
+
+
+def card_transaction_event(
+    kind: str, transaction: dict[str, Any], holder_id: str | None = "cust_card_test"
+) -> tuple[str, dict[str, Any]]:
+    """(type, data) of the ``transaction.created`` event of ``transaction``."""
+    event_type = f"voucher.{'gift' if kind == 'gift' else 'loyalty_card'}.transaction.created"
+    data = copy.deepcopy(fixture(event_type))
+    balance = transaction["details"]["balance"]
+    voucher = _card(kind, balance["balance"], _other_card(kind, transaction), holder_id)
+    data.update(
+        {
+            "transaction": copy.deepcopy(transaction),
+            "voucher": voucher,
+            "balance": copy.deepcopy(balance),
+            "holder": {**data["holder"], "id": holder_id} if holder_id else None,
+            "order": None,
+            "redemption": None,
+            "rollback": None,
+        }
+    )
+    return event_type, data
+
+
+def card_balance_event(
+    kind: str,
+    transaction: dict[str, Any],
+    holder_id: str | None = "cust_card_test",
+    customer_twin: bool = False,
+) -> tuple[str, dict[str, Any]] | None:
+    """(type, data) of the balance event that describes ``transaction``, if its type has one
+    (its ``customer.*`` twin with ``customer_twin``). As published, its
+    ``transaction.details`` is null: the figures are in ``balance`` (an expiry's in
+    ``points``) and the card in ``voucher``."""
+    event_type = BALANCE_EVENT.get(transaction["type"])
+    if event_type is None:
+        return None
+    if customer_twin:
+        event_type = f"customer.{event_type}"
+    data = copy.deepcopy(fixture(event_type))
+    balance = transaction["details"]["balance"]
+    voucher = _card(kind, balance["balance"], _other_card(kind, transaction), holder_id)
+    data["voucher"] = voucher
+    data["transaction"] = {**copy.deepcopy(transaction), "details": None}
+    if transaction["type"] == "POINTS_EXPIRATION":
+        data["points"] = abs(balance["points"])
+        data.pop("balance", None)
+    else:
+        data["balance"] = copy.deepcopy(balance)
+    if "customer" in data and holder_id:
+        data["customer"] = {**data["customer"], "id": holder_id}
+    return event_type, data

@@ -191,9 +191,11 @@ ORDER BY source_updated_at DESC NULLS LAST, order_id
 LIMIT 200
 """
 
+# The ledger belongs to the card: customer_id is the card's holder (the handlers keep every
+# entry of a card on its holder as last reported), redeemer_id who redeemed.
 LEDGER_ENTRIES = """
-SELECT id, customer_id, voucher_id, voucher_code, kind, amount, redemption_id, effect, reason,
-       event_id, created_at
+SELECT id, customer_id, redeemer_id, voucher_id, voucher_code, kind, amount, redemption_id,
+       transaction_id, effect, reason, moved_at, balance_after, event_id, created_at
 FROM ledger_entries
 WHERE customer_id = %(customer_id)s
   AND (%(cursor)s::bigint IS NULL OR id > %(cursor)s::bigint)
@@ -202,8 +204,8 @@ LIMIT %(limit)s
 """
 
 LEDGER_OF_REDEMPTION = """
-SELECT id, customer_id, voucher_id, voucher_code, kind, amount, redemption_id, effect, reason,
-       event_id, created_at
+SELECT id, customer_id, redeemer_id, voucher_id, voucher_code, kind, amount, redemption_id,
+       transaction_id, effect, reason, moved_at, balance_after, event_id, created_at
 FROM ledger_entries
 WHERE redemption_id = %(redemption_id)s
 ORDER BY id
@@ -218,6 +220,7 @@ GROUP BY kind
 
 CUSTOMER_KNOWN = """
 SELECT EXISTS (SELECT 1 FROM ledger_entries WHERE customer_id = %(customer_id)s)
+    OR EXISTS (SELECT 1 FROM card_balances WHERE customer_id = %(customer_id)s)
     OR EXISTS (SELECT 1 FROM orders WHERE customer_id = %(customer_id)s)
     OR EXISTS (SELECT 1 FROM redemptions WHERE customer_id = %(customer_id)s) AS known
 """

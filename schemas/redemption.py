@@ -100,6 +100,16 @@ class Voucher:
     type: str | None
     gift_balance: int | None
     loyalty_balance: int | None
+    holder_id: str | None = None
+    """The card's holder (``voucher.holder_id``): whom its ledger belongs to."""
+
+    @property
+    def balance(self) -> int | None:
+        """The card's balance after the operation, in its own unit (None for non-cards)."""
+        kind = self.ledger_kind
+        if kind is None:
+            return None
+        return self.gift_balance if kind == LedgerKind.GIFT_CREDIT else self.loyalty_balance
 
     @property
     def ledger_kind(self) -> LedgerKind | None:
@@ -134,6 +144,7 @@ class RedemptionEvent:
     order: Order | None
     voucher: Voucher | None
     customer_id: str | None
+    """The customer who redeemed (``data.customer``), not necessarily the card's holder."""
 
     @property
     def card(self) -> Voucher | None:
@@ -141,6 +152,14 @@ class RedemptionEvent:
         if self.voucher is not None and self.voucher.type:
             return self.voucher
         return self.redemption.voucher
+
+    @property
+    def holder_id(self) -> str | None:
+        """The card's holder, from whichever snapshot of the card names one."""
+        for card in (self.voucher, self.redemption.voucher):
+            if card is not None and card.holder_id:
+                return card.holder_id
+        return None
 
 
 # --- schemas -------------------------------------------------------------------------
@@ -154,6 +173,7 @@ class VoucherSchema(_Loose):
     id = _opt_str()
     code = _opt_str()
     type = _opt_str()
+    holder_id = _opt_str()
     gift = fields.Nested(_Balance, allow_none=True, load_default=None)
     loyalty_card = fields.Nested(_Balance, allow_none=True, load_default=None)
 
@@ -166,6 +186,7 @@ class VoucherSchema(_Loose):
             type=(data["type"] or "").upper() or None,
             gift_balance=gift["balance"] if gift else None,
             loyalty_balance=loyalty["balance"] if loyalty else None,
+            holder_id=data["holder_id"],
         )
 
 

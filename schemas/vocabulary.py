@@ -72,10 +72,31 @@ LEDGER_KIND_OF_VOUCHER = {
 
 
 class LedgerEffect(StrEnum):
-    """``ledger_entries.effect``: at most one of each per redemption."""
+    """``ledger_entries.effect``: a redemption's debit and its rollback's restore (at most one
+    of each per redemption), or a movement of no redemption (a top-up, an accrual, an
+    expiry, a manual change: one per transaction id)."""
 
     DEBIT = "debit"
     RESTORE = "restore"
+    MOVEMENT = "movement"
+
+
+class TransactionType(StrEnum):
+    """Voucherify's card transaction types that belong to a redemption or its rollback: the
+    same ledger entry as the redemption or rollback webhook's (``details.redemption.id``)."""
+
+    CREDITS_REDEMPTION = "CREDITS_REDEMPTION"
+    CREDITS_REFUND = "CREDITS_REFUND"
+    POINTS_REDEMPTION = "POINTS_REDEMPTION"
+    POINTS_REFUND = "POINTS_REFUND"
+
+
+EFFECT_OF_TRANSACTION: dict[str, LedgerEffect] = {
+    TransactionType.CREDITS_REDEMPTION: LedgerEffect.DEBIT,
+    TransactionType.POINTS_REDEMPTION: LedgerEffect.DEBIT,
+    TransactionType.CREDITS_REFUND: LedgerEffect.RESTORE,
+    TransactionType.POINTS_REFUND: LedgerEffect.RESTORE,
+}
 
 
 class FlagCategory(StrEnum):

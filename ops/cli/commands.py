@@ -138,7 +138,8 @@ def customer_ledger(args: argparse.Namespace, ctx: OpsContext, out: Output) -> i
     out.line("  totals  " + "  ".join(f"{k} {v}" for k, v in row["totals"].items()))
     out.line()
     out.table(
-        row["entries"], ["id", "kind", "amount", "effect", "redemption_id", "reason", "created_at"]
+        row["entries"],
+        ["id", "kind", "amount", "effect", "redemption_id", "redeemer_id", "reason", "moved_at"],
     )
     out.more(row["next_cursor"])
     return 0

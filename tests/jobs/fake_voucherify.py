@@ -1,4 +1,5 @@
-"""A fake of Voucherify's REST API on loopback: ``GET /v1/redemptions/<id>``.
+"""A fake of Voucherify's REST API on loopback: ``GET /v1/redemptions/<id>`` and
+``GET /v1/vouchers/<code>/transactions``.
 
 Serves redemptions and rollbacks built from the published fixtures (the REST rollback
 responses and the redemption-family payloads), checks the ``X-App-Id`` / ``X-App-Token``
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from devtools.webhooks import VOUCHERIFY, fixture, gift_voucher, loyalty_voucher
 
@@ -34,6 +36,8 @@ class FakeVoucherify:
     redemptions: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: dict[str, list[Failure]] = field(default_factory=dict)
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    transactions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Card code (or id) -> its transactions, oldest first, as ``VoucherTransaction``."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fail_first(self, redemption_id: str, *failures: Failure) -> None:
@@ -49,6 +53,8 @@ class FakeVoucherify:
             self.requests.append((path, headers))
             if headers.get("x-app-id") != APP_ID or headers.get("x-app-token") != APP_TOKEN:
                 return 401, {}, {"code": 401, "key": "unauthorized", "message": "Unauthorized"}
+            if path.startswith("/v1/vouchers/") and "/transactions" in path:
+                return _transactions_page(self, path)
             prefix = "/v1/redemptions/"
             if not path.startswith(prefix):
                 return 404, {}, {"code": 404, "key": "not_found"}
@@ -61,6 +67,37 @@ class FakeVoucherify:
             if found is None:
                 return 404, {}, {"code": 404, "key": "not_found", "message": "Not found"}
             return 200, {}, found
+
+
+def _transactions_page(fake: FakeVoucherify, path: str) -> tuple[int, dict[str, str], Any]:
+    """``GET /v1/vouchers/{code}/transactions``: the published list shape (``object``,
+    ``data_ref``, ``data``, ``has_more``, ``more_starting_after``), ``order=-id`` or ``id``,
+    ``limit`` (10 by default), cursor ``starting_after_id``."""
+    parts = urlsplit(path)
+    code = unquote(parts.path.split("/")[3])
+    query = dict(parse_qsl(parts.query))
+    if code not in fake.transactions:
+        return 404, {}, {"code": 404, "key": "not_found", "message": "Resource not found"}
+    listed = list(fake.transactions[code])
+    if query.get("order", "-id") == "-id":
+        listed.reverse()
+    after = query.get("starting_after_id")
+    if after:
+        ids = [t["id"] for t in listed]
+        listed = listed[ids.index(after) + 1 :] if after in ids else []
+    limit = int(query.get("limit", "10"))
+    page, more = listed[:limit], len(listed) > limit
+    return (
+        200,
+        {},
+        {
+            "object": "list",
+            "data_ref": "data",
+            "data": page,
+            "has_more": more,
+            "more_starting_after": page[-1]["id"] if more else None,
+        },
+    )
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Balance drift: reported card balances against what the ledger implies."""
+"""Balance drift: a card's ledger movements against the balance Voucherify reports."""
 
 from __future__ import annotations
 
@@ -9,17 +9,23 @@ import psycopg
 from prometheus_client import REGISTRY
 from psycopg_pool import ConnectionPool
 
-from devtools.webhooks import card_redemption, card_rollback
+from devtools.webhooks import (
+    CARD_IDS,
+    card_balance_event,
+    card_redemption,
+    card_rollback,
+    card_transaction,
+    card_transaction_event,
+)
 from tests.conftest import deliver
 from tests.jobs.conftest import rows, scalar
 from workers.jobs.drift import RAISE_DRIFT, WORDS, DriftResult, check_drift
 
-GIFT = "v_UFAc7FTVO0HtJV2hWZls4O7eqHMyn62g"  # the gift card of devtools.webhooks.gift_voucher
-LOYALTY = "v_loyalty_test"
+GIFT, LOYALTY = CARD_IDS["gift"], CARD_IDS["loyalty"]
 
 
-def run(pool: ConnectionPool) -> DriftResult:
-    return check_drift(pool, deadline=time.monotonic() + 60)
+def run(pool: ConnectionPool, quiet_seconds: float = 0) -> DriftResult:
+    return check_drift(pool, deadline=time.monotonic() + 60, quiet_seconds=quiet_seconds)
 
 
 def redeem(pool: ConnectionPool, kind: str, rid: str, amount: int, after: int, at: str) -> None:
@@ -27,14 +33,21 @@ def redeem(pool: ConnectionPool, kind: str, rid: str, amount: int, after: int, a
     assert deliver(pool, "redemption.succeeded", data) == "processed"
 
 
+def move(pool: ConnectionPool, kind: str, tx: str, ttype: str, amount: int, after: int, at: str):
+    """A movement of no redemption, by its transaction event."""
+    transaction = card_transaction(kind, tx, ttype, amount, after, at)
+    event_type, data = card_transaction_event(kind, transaction)
+    assert deliver(pool, event_type, data) == "processed"
+
+
 def drift_flags(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
     return rows(db, "SELECT voucher_id, status FROM flags WHERE category = 'drift' ORDER BY id")
 
 
-def test_a_card_whose_reports_match_the_ledger_raises_nothing(
+def test_a_card_whose_movements_all_arrived_raises_nothing(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    redeem(pool, "gift", "r_g1", 2000, 8000, "2024-02-01T08:00:00Z")  # baseline 8000
+    redeem(pool, "gift", "r_g1", 2000, 8000, "2024-02-01T08:00:00Z")
     redeem(pool, "gift", "r_g2", 1000, 7000, "2024-02-01T09:00:00Z")
     rollback = card_rollback("gift", "r_g2", "rr_g2", 1000, 8000, order_id="ord_r_g2")
     rollback["redemption_rollback"]["date"] = "2024-02-01T10:00:00Z"
@@ -44,11 +57,24 @@ def test_a_card_whose_reports_match_the_ledger_raises_nothing(
     assert drift_flags(db) == []
 
 
-def test_a_card_whose_balance_moved_without_our_ledger_raises_one_flag(
+def test_top_ups_accruals_and_expiries_are_movements_not_drift(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    redeem(pool, "loyalty", "r_l1", 100, 900, "2024-02-01T08:00:00Z")  # baseline 900
-    # Voucherify reports 800 after spending 50: 50 points went somewhere our ledger missed.
+    move(pool, "loyalty", "vtx_1", "POINTS_ACCRUAL", 100, 100, "2024-02-01T08:00:00Z")
+    redeem(pool, "loyalty", "r_l1", 30, 70, "2024-02-01T09:00:00Z")
+    move(pool, "loyalty", "vtx_2", "POINTS_EXPIRATION", -20, 50, "2024-02-01T10:00:00Z")
+    move(pool, "gift", "vtx_3", "CREDITS_ADDITION", 5000, 5000, "2024-02-01T08:00:00Z")
+    redeem(pool, "gift", "r_g1", 1500, 3500, "2024-02-01T09:00:00Z")
+
+    assert run(pool) == DriftResult(cards=2)
+    assert drift_flags(db) == []
+
+
+def test_a_card_that_missed_a_movement_gets_one_flag_naming_the_gap(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    redeem(pool, "loyalty", "r_l1", 100, 900, "2024-02-01T08:00:00Z")
+    # Missed: 50 points spent at 08:30 (balance 850). Voucherify then reports 800.
     redeem(pool, "loyalty", "r_l2", 50, 800, "2024-02-01T09:00:00Z")
     redeem(pool, "gift", "r_g1", 2000, 8000, "2024-02-01T08:00:00Z")  # a matching card
 
@@ -57,6 +83,7 @@ def test_a_card_whose_balance_moved_without_our_ledger_raises_one_flag(
     assert (result.cards, result.drifting, result.flags_raised) == (2, 1, 1)
     assert drift_flags(db) == [(LOYALTY, "open")]
     message = scalar(db, "SELECT failure_message FROM flags")
+    assert "card LOYALTY-TEST-1 (v_loyalty_test)" in message
     assert "Voucherify reports 800" in message
     assert "the ledger implies 850" in message
     assert "difference -50" in message
@@ -68,14 +95,24 @@ def test_a_card_whose_balance_moved_without_our_ledger_raises_one_flag(
     assert drift_flags(db) == [(LOYALTY, "open")]
 
 
-def test_a_late_webhook_that_explains_the_drift_resolves_the_flag(
+def test_the_missing_webhook_arriving_closes_the_gap_and_the_job_resolves_the_flag(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
     redeem(pool, "loyalty", "r_l1", 100, 900, "2024-02-01T08:00:00Z")
     redeem(pool, "loyalty", "r_l2", 50, 800, "2024-02-01T09:00:00Z")
     assert run(pool).flags_raised == 1
-    # The missing redemption's webhook arrives (re-driven, or verified from the API).
-    redeem(pool, "loyalty", "r_l_late", 50, 850, "2024-02-01T08:30:00Z")
+    # The missing movement arrives: here its transaction, not its redemption webhook.
+    transaction = card_transaction(
+        "loyalty",
+        "vtx_late",
+        "POINTS_REDEMPTION",
+        -50,
+        850,
+        "2024-02-01T08:30:00Z",
+        redemption_id="r_l_late",
+    )
+    event_type, data = card_transaction_event("loyalty", transaction)
+    assert deliver(pool, event_type, data) == "processed"
 
     assert run(pool).flags_resolved == 1
 
@@ -87,11 +124,24 @@ def test_a_late_webhook_that_explains_the_drift_resolves_the_flag(
     )
 
 
-def test_a_flag_resolved_by_a_person_measures_the_card_from_its_current_report(
+def test_a_card_heard_of_within_the_quiet_period_waits_for_a_later_run(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    # A gap while the card is still moving may be a webhook on its way: no flag yet.
+    redeem(pool, "loyalty", "r_l1", 100, 900, "2024-02-01T08:00:00Z")
+    redeem(pool, "loyalty", "r_l2", 50, 800, "2024-02-01T09:00:00Z")
+
+    assert run(pool, quiet_seconds=3600) == DriftResult(waiting=1)
+    assert drift_flags(db) == []
+    db.execute("UPDATE card_balances SET heard_at = now() - interval '2 hours'")
+    assert run(pool, quiet_seconds=3600).flags_raised == 1
+
+
+def test_a_gap_a_person_accepted_is_measured_from_then_on(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
     redeem(pool, "loyalty", "r_l1", 100, 900, "2024-02-01T08:00:00Z")
-    redeem(pool, "loyalty", "r_l2", 50, 1800, "2024-02-01T09:00:00Z")  # a top-up of 1000
+    redeem(pool, "loyalty", "r_l2", 50, 1800, "2024-02-01T09:00:00Z")  # 1000 unexplained
     assert run(pool).flags_raised == 1
     db.execute(
         "UPDATE flags SET status = 'resolved', resolved_at = now(),"
@@ -102,6 +152,29 @@ def test_a_flag_resolved_by_a_person_measures_the_card_from_its_current_report(
     redeem(pool, "loyalty", "r_l3", 300, 1500, "2024-02-01T10:00:00Z")
     assert run(pool) == DriftResult(cards=1)
     assert drift_flags(db) == [(LOYALTY, "resolved")]
+    # A new gap after that is flagged again, for its own amount.
+    redeem(pool, "loyalty", "r_l4", 100, 1300, "2024-02-01T11:00:00Z")
+    assert run(pool).flags_raised == 1
+    assert "difference -100" in scalar(
+        db, "SELECT failure_message FROM flags WHERE status = 'open'"
+    )
+
+
+def test_a_balance_event_and_its_transaction_are_one_movement(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    transaction = card_transaction(
+        "gift", "vtx_top", "CREDITS_ADDITION", 1000, 3000, "2024-02-01T08:00:00Z"
+    )
+    for event_type, data in (
+        card_transaction_event("gift", transaction),
+        card_balance_event("gift", transaction),
+    ):
+        assert deliver(pool, event_type, data) == "processed"
+    assert rows(db, "SELECT transaction_id, effect, amount, balance_after FROM ledger_entries") == [
+        ("vtx_top", "movement", 1000, 3000)
+    ]
+    assert run(pool) == DriftResult(cards=1)
 
 
 def test_the_drift_flag_is_one_per_card_with_a_prepared_statement(

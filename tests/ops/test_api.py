@@ -11,10 +11,19 @@ import psycopg
 import pytest
 import redis
 from flask.testing import FlaskClient
+from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
 from devtools.servers import free_port
+from devtools.webhooks import (
+    CARD_IDS,
+    card_redemption,
+    card_transaction,
+    card_transaction_event,
+    envelope,
+)
 from tests.ops.conftest import AUTH, TOKEN, State
+from tests.ops.conftest import deliver as ops_deliver
 from web.app import create_app
 from workers.queue import DELIVERY_QUEUE
 
@@ -443,3 +452,43 @@ def test_metrics_answer_when_the_database_and_redis_are_gone(ops_settings: Setti
     text = response.get_data(as_text=True)
     assert 'pipeline_state_up{source="postgres"} 0.0' in text
     assert 'pipeline_state_up{source="redis"} 0.0' in text
+
+
+def test_a_customers_ledger_lists_the_movements_of_the_cards_they_hold(
+    client: FlaskClient, pool: ConnectionPool
+) -> None:
+    # The owner's gift card: topped up, then spent by a friend at the friend's checkout.
+    top_up = card_transaction(
+        "gift", "vtx_top", "CREDITS_ADDITION", 5000, 5000, "2024-02-01T08:00:00Z"
+    )
+    event_type, data = card_transaction_event("gift", top_up, holder_id="cust_owner")
+    assert ops_deliver(pool, envelope(event_type, data)) == "processed"
+    spent = card_redemption(
+        "gift",
+        "r_friend",
+        1200,
+        3800,
+        customer_id="cust_friend",
+        holder_id="cust_owner",
+        order_id="ord_friend",
+        date="2024-02-01T09:00:00Z",
+    )
+    assert ops_deliver(pool, envelope("redemption.succeeded", spent)) == "processed"
+
+    status, owner = get(client, "/ops/api/customers/cust_owner/ledger")
+    assert status == 200
+    assert owner["totals"] == {"gift_credit": 3800, "loyalty_points": 0}
+    assert [
+        (e["kind"], e["amount"], e["voucher_id"], e["redemption_id"], e["reason"])
+        for e in owner["entries"]
+    ] == [
+        ("gift_credit", 5000, CARD_IDS["gift"], None, "CREDITS_ADDITION"),
+        ("gift_credit", -1200, CARD_IDS["gift"], "r_friend", "redemption"),
+    ]
+    assert owner["entries"][1]["redeemer_id"] == "cust_friend"
+    status, friend = get(client, "/ops/api/customers/cust_friend/ledger")
+    assert (status, friend["entries"], friend["totals"]) == (
+        200,
+        [],
+        {"gift_credit": 0, "loyalty_points": 0},
+    )

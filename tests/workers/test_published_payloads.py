@@ -2,7 +2,9 @@
 is applied: never a dead letter (issue 11's first promise). Payloads come from
 ``devtools.payloads``: any Unicode in any free-text field (``\\u0000`` and lone
 surrogates included), objects null or missing their optional fields, every enum value,
-extra fields; each carries its redemption id (and its rollback id)."""
+extra fields; each of the redemption family carries its redemption id (and its rollback
+id). The card movement types need no id to be applied: one without a transaction id
+reports the card's balance and keys no movement."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from psycopg_pool import ConnectionPool
 
 from devtools.payloads import webhook_envelope
 from devtools.webhooks import REDEMPTION_FAMILY
+from workers.handlers.cards import CARD_MOVEMENT_TYPES
 from workers.processing import process_delivery
 
 EXAMPLES = 40
@@ -37,7 +40,7 @@ def as_sent(document: dict[str, Any], raw_unicode: bool) -> str:
     return json.dumps(document)
 
 
-@pytest.mark.parametrize("event_type", REDEMPTION_FAMILY)
+@pytest.mark.parametrize("event_type", REDEMPTION_FAMILY + CARD_MOVEMENT_TYPES)
 def test_every_published_payload_of_a_handled_type_is_applied(
     database_url: str, db: psycopg.Connection[Any], event_type: str
 ) -> None:

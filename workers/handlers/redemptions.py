@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 
 from schemas.redemption import Redemption, RedemptionEvent, load_redemption_event
-from schemas.vocabulary import FlagCategory, LedgerEffect, LedgerKind, RedemptionStatus
+from schemas.vocabulary import FlagCategory, LedgerEffect, RedemptionStatus
 from workers.handlers import sql
 from workers.registry import handles
 
@@ -82,33 +82,41 @@ def record_redemption(
 def record_card_balance(
     event: RedemptionEvent, conn: psycopg.Connection[Any], at: datetime | None
 ) -> None:
-    card = event.voucher  # the top-level voucher carries the balance after the operation
-    if card is None or card.id is None or card.ledger_kind is None or at is None:
+    """The card's report (its balance after the operation, its holder) and its entries'
+    holder. The top-level voucher carries the balance after the operation."""
+    card = event.voucher if event.voucher is not None and event.voucher.id else event.card
+    if card is None or card.id is None or card.ledger_kind is None:
         return
-    gift = card.ledger_kind == LedgerKind.GIFT_CREDIT
-    balance = card.gift_balance if gift else card.loyalty_balance
-    if balance is None:
-        return
-    conn.execute(
-        sql.UPSERT_CARD_BALANCE,
-        {
-            "voucher_id": card.id,
-            "voucher_code": card.code,
-            "kind": card.ledger_kind,
-            "customer_id": event.customer_id,
-            "balance": balance,
-            "at": at,
-        },
-    )
+    balance = event.voucher.balance if event.voucher is not None else None
+    if balance is None or at is None:
+        conn.execute(sql.TOUCH_CARD, {"voucher_id": card.id})
+    else:
+        conn.execute(
+            sql.UPSERT_CARD_BALANCE,
+            {
+                "voucher_id": card.id,
+                "voucher_code": card.code,
+                "kind": card.ledger_kind,
+                "customer_id": event.holder_id,
+                "balance": balance,
+                "at": at,
+            },
+        )
+    conn.execute(sql.SYNC_HOLDER, {"voucher_id": card.id})
 
 
 def _ledger_row(
-    event: RedemptionEvent, amount: int, effect: LedgerEffect, reason: str
+    event: RedemptionEvent,
+    amount: int,
+    effect: LedgerEffect,
+    reason: str,
+    moved_at: datetime | None,
 ) -> dict[str, Any]:
     card = event.card
     assert card is not None
     return {
-        "customer_id": event.customer_id,
+        "customer_id": event.holder_id,
+        "redeemer_id": event.customer_id,
         "voucher_id": card.id,
         "voucher_code": card.code,
         "kind": card.ledger_kind,
@@ -117,18 +125,22 @@ def _ledger_row(
         "effect": effect,
         "reason": reason,
         "event_id": event.event_id,
+        "moved_at": moved_at,
+        "balance_after": event.voucher.balance if event.voucher is not None else None,
     }
 
 
-def debit(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> None:
+def debit(event: RedemptionEvent, conn: psycopg.Connection[Any], at: datetime | None) -> None:
     card, spent = event.card, event.redemption.amount
     if card is None or card.ledger_kind is None or not spent:
         return  # discount coupons, promotion tiers, stacks: no ledger effect
-    entry = _ledger_row(event, -abs(spent), LedgerEffect.DEBIT, "redemption")
+    entry = _ledger_row(event, -abs(spent), LedgerEffect.DEBIT, "redemption", at)
     conn.execute(sql.INSERT_LEDGER_ENTRY, entry)
 
 
-def restore(event: RedemptionEvent, conn: psycopg.Connection[Any], reason: str) -> None:
+def restore(
+    event: RedemptionEvent, conn: psycopg.Connection[Any], reason: str, at: datetime | None
+) -> None:
     card = event.card
     if card is None or card.ledger_kind is None:
         return
@@ -136,7 +148,7 @@ def restore(event: RedemptionEvent, conn: psycopg.Connection[Any], reason: str) 
     # The rollback's amount is negative in the payload; the original's is positive.
     amount = (rollback.amount if rollback else None) or event.redemption.amount
     if amount:
-        entry = _ledger_row(event, abs(amount), LedgerEffect.RESTORE, reason)
+        entry = _ledger_row(event, abs(amount), LedgerEffect.RESTORE, reason, at)
         conn.execute(sql.INSERT_LEDGER_ENTRY, entry)
     else:
         conn.execute(
@@ -146,6 +158,8 @@ def restore(event: RedemptionEvent, conn: psycopg.Connection[Any], reason: str) 
                 "redemption_id": event.redemption.id,
                 "reason": reason,
                 "event_id": event.event_id,
+                "moved_at": at,
+                "balance_after": event.voucher.balance if event.voucher is not None else None,
             },
         )
 
@@ -156,7 +170,7 @@ def redemption_succeeded(event: RedemptionEvent, conn: psycopg.Connection[Any]) 
     at = _when(event.redemption.date, event.created_at)
     record_order(event, conn, at)
     record_redemption(event, conn, RedemptionStatus.SUCCEEDED, at)
-    debit(event, conn)
+    debit(event, conn, at)
     conn.execute(
         sql.RESTORE_IF_ROLLED_BACK,
         {
@@ -177,7 +191,7 @@ def rollback_succeeded(event: RedemptionEvent, conn: psycopg.Connection[Any]) ->
     at = _when(rollback.date, event.created_at)
     record_order(event, conn, at)
     record_redemption(event, conn, RedemptionStatus.ROLLED_BACK, at, rollback=rollback)
-    restore(event, conn, reason=rollback.reason or "rollback")
+    restore(event, conn, reason=rollback.reason or "rollback", at=at)
     record_card_balance(event, conn, at)
 
 

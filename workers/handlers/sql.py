@@ -2,7 +2,11 @@
 
 from schemas.vocabulary import LedgerEffect
 
-EFFECTS = {"debit": LedgerEffect.DEBIT, "restore": LedgerEffect.RESTORE}
+EFFECTS = {
+    "debit": LedgerEffect.DEBIT,
+    "restore": LedgerEffect.RESTORE,
+    "movement": LedgerEffect.MOVEMENT,
+}
 """The ``%(debit)s`` / ``%(restore)s`` of the statements that copy a debit into a restore."""
 
 UPSERT_ORDER = """
@@ -62,51 +66,123 @@ ON CONFLICT (redemption_id) DO UPDATE SET
     updated_at = now()
 """
 
-# At most one debit and one restore per redemption: the UNIQUE key makes a second one
-# impossible, whatever the deliveries and their order.
+# The ledger (migrations/0006_card_ledger.sql): customer_id is the card's holder, redeemer_id
+# the customer who redeemed. At most one debit and one restore per redemption (the UNIQUE
+# key), whatever the deliveries and their order; a second report of the same entry (the
+# redemption's transaction, a duplicate) only fills in what the first one lacked.
 INSERT_LEDGER_ENTRY = """
-INSERT INTO ledger_entries (customer_id, voucher_id, voucher_code, kind, amount,
-                            redemption_id, effect, reason, event_id)
-VALUES (%(customer_id)s, %(voucher_id)s, %(voucher_code)s, %(kind)s, %(amount)s,
-        %(redemption_id)s, %(effect)s, %(reason)s, %(event_id)s)
-ON CONFLICT (redemption_id, effect) DO NOTHING
+INSERT INTO ledger_entries AS l (customer_id, redeemer_id, voucher_id, voucher_code, kind,
+                                 amount, redemption_id, effect, reason, event_id, moved_at,
+                                 balance_after)
+VALUES (%(customer_id)s, %(redeemer_id)s, %(voucher_id)s, %(voucher_code)s, %(kind)s,
+        %(amount)s, %(redemption_id)s, %(effect)s, %(reason)s, %(event_id)s,
+        COALESCE(%(moved_at)s, now()), %(balance_after)s)
+ON CONFLICT (redemption_id, effect) DO UPDATE SET
+    customer_id = COALESCE(l.customer_id, EXCLUDED.customer_id),
+    redeemer_id = COALESCE(l.redeemer_id, EXCLUDED.redeemer_id),
+    voucher_id = COALESCE(l.voucher_id, EXCLUDED.voucher_id),
+    voucher_code = COALESCE(l.voucher_code, EXCLUDED.voucher_code),
+    balance_after = COALESCE(l.balance_after, EXCLUDED.balance_after),
+    updated_at = now()
 """
 
 # A restore whose amount the rollback event did not carry: mirror the debit, if known.
 RESTORE_FROM_DEBIT = """
-INSERT INTO ledger_entries (customer_id, voucher_id, voucher_code, kind, amount,
-                            redemption_id, effect, reason, event_id)
-SELECT customer_id, voucher_id, voucher_code, kind, -amount, redemption_id, %(restore)s,
-       %(reason)s, %(event_id)s
+INSERT INTO ledger_entries (customer_id, redeemer_id, voucher_id, voucher_code, kind, amount,
+                            redemption_id, effect, reason, event_id, moved_at, balance_after)
+SELECT customer_id, redeemer_id, voucher_id, voucher_code, kind, -amount, redemption_id,
+       %(restore)s, %(reason)s, %(event_id)s, COALESCE(%(moved_at)s, now()), %(balance_after)s
 FROM ledger_entries
 WHERE redemption_id = %(redemption_id)s AND effect = %(debit)s
 ON CONFLICT (redemption_id, effect) DO NOTHING
 """
 
 # The rollback came first and could not tell how much to restore; the redemption now
-# tells what was debited: restore that.
+# tells what was debited: restore that, at the rollback's date.
 RESTORE_IF_ROLLED_BACK = """
-INSERT INTO ledger_entries (customer_id, voucher_id, voucher_code, kind, amount,
-                            redemption_id, effect, reason, event_id)
-SELECT d.customer_id, d.voucher_id, d.voucher_code, d.kind, -d.amount, d.redemption_id,
-       %(restore)s, 'rollback', %(event_id)s
+INSERT INTO ledger_entries (customer_id, redeemer_id, voucher_id, voucher_code, kind, amount,
+                            redemption_id, effect, reason, event_id, moved_at)
+SELECT d.customer_id, d.redeemer_id, d.voucher_id, d.voucher_code, d.kind, -d.amount,
+       d.redemption_id, %(restore)s, 'rollback', %(event_id)s,
+       COALESCE(r.rollback_at, r.last_event_at, now())
 FROM ledger_entries d
 JOIN redemptions r ON r.redemption_id = d.redemption_id AND r.status = %(rolled_back)s
 WHERE d.redemption_id = %(redemption_id)s AND d.effect = %(debit)s
 ON CONFLICT (redemption_id, effect) DO NOTHING
 """
 
+# A card transaction of a redemption or its rollback (CREDITS_REDEMPTION, POINTS_REFUND, ...):
+# the same entry as the redemption or rollback webhook's. Its figures are the movement's
+# own (Voucherify's transaction), so they replace what the webhook said; the rest is
+# filled in. A movement row an under-described event of the same transaction made first
+# (no type) gives way to it (DELETE_MOVEMENT_OF_TRANSACTION).
+UPSERT_REDEMPTION_MOVEMENT = """
+INSERT INTO ledger_entries AS l (customer_id, voucher_id, voucher_code, kind, amount,
+                                 redemption_id, effect, reason, event_id, moved_at,
+                                 balance_after, transaction_id)
+VALUES (%(customer_id)s, %(voucher_id)s, %(voucher_code)s, %(kind)s, %(amount)s,
+        %(redemption_id)s, %(effect)s, %(reason)s, %(event_id)s, COALESCE(%(moved_at)s, now()),
+        %(balance_after)s, %(transaction_id)s)
+ON CONFLICT (redemption_id, effect) DO UPDATE SET
+    transaction_id = EXCLUDED.transaction_id,
+    amount = EXCLUDED.amount,
+    moved_at = EXCLUDED.moved_at,
+    balance_after = COALESCE(EXCLUDED.balance_after, l.balance_after),
+    customer_id = COALESCE(l.customer_id, EXCLUDED.customer_id),
+    voucher_id = COALESCE(l.voucher_id, EXCLUDED.voucher_id),
+    voucher_code = COALESCE(l.voucher_code, EXCLUDED.voucher_code),
+    updated_at = now()
+"""
+
+DELETE_MOVEMENT_OF_TRANSACTION = """
+DELETE FROM ledger_entries WHERE transaction_id = %(transaction_id)s AND effect = %(movement)s
+"""
+
+# A movement of no redemption (top-up, accrual, expiry, activation, manual change): one per
+# transaction id; the transaction event and its balance event twin are one entry.
+UPSERT_MOVEMENT = """
+INSERT INTO ledger_entries AS l (customer_id, voucher_id, voucher_code, kind, amount,
+                                 effect, reason, event_id, moved_at, balance_after,
+                                 transaction_id)
+VALUES (%(customer_id)s, %(voucher_id)s, %(voucher_code)s, %(kind)s, %(amount)s,
+        %(movement)s, %(reason)s, %(event_id)s, COALESCE(%(moved_at)s, now()),
+        %(balance_after)s, %(transaction_id)s)
+ON CONFLICT (transaction_id) DO UPDATE SET
+    balance_after = COALESCE(l.balance_after, EXCLUDED.balance_after),
+    customer_id = COALESCE(l.customer_id, EXCLUDED.customer_id),
+    voucher_id = COALESCE(l.voucher_id, EXCLUDED.voucher_id),
+    voucher_code = COALESCE(l.voucher_code, EXCLUDED.voucher_code),
+    updated_at = now()
+"""
+
+# The card's balance as of its newest report, and its holder as of that report; heard_at
+# is when any event of the card last reached us (the drift job waits for quiet cards).
 UPSERT_CARD_BALANCE = """
 INSERT INTO card_balances AS c (voucher_id, voucher_code, kind, customer_id,
                                 reported_balance, reported_at)
 VALUES (%(voucher_id)s, %(voucher_code)s, %(kind)s, %(customer_id)s, %(balance)s, %(at)s)
 ON CONFLICT (voucher_id) DO UPDATE SET
-    reported_balance = EXCLUDED.reported_balance,
-    reported_at = EXCLUDED.reported_at,
+    reported_balance = CASE WHEN EXCLUDED.reported_at > c.reported_at
+                            THEN EXCLUDED.reported_balance ELSE c.reported_balance END,
+    reported_at = GREATEST(c.reported_at, EXCLUDED.reported_at),
+    customer_id = CASE WHEN EXCLUDED.customer_id IS NOT NULL
+                            AND (c.customer_id IS NULL OR EXCLUDED.reported_at >= c.reported_at)
+                       THEN EXCLUDED.customer_id ELSE c.customer_id END,
     voucher_code = COALESCE(c.voucher_code, EXCLUDED.voucher_code),
-    customer_id = COALESCE(c.customer_id, EXCLUDED.customer_id),
+    heard_at = now(),
     updated_at = now()
-WHERE EXCLUDED.reported_at > c.reported_at
+"""
+
+TOUCH_CARD = """
+UPDATE card_balances SET heard_at = now() WHERE voucher_id = %(voucher_id)s
+"""
+
+# The ledger belongs to the card: its entries follow the card's holder as last reported.
+SYNC_HOLDER = """
+UPDATE ledger_entries l SET customer_id = c.customer_id, updated_at = now()
+FROM card_balances c
+WHERE c.voucher_id = %(voucher_id)s AND l.voucher_id = c.voucher_id
+  AND c.customer_id IS NOT NULL AND l.customer_id IS DISTINCT FROM c.customer_id
 """
 
 INSERT_ROLLBACK_FLAG = """

@@ -1,31 +1,36 @@
-"""Balance drift: does each card's reported balance match what our ledger implies?
+"""Balance drift: does each card's ledger add up to the balance Voucherify reports?
 
-What we have: the ledger holds one debit per card redemption and one restore per
-rollback (amounts signed), and ``card_balances`` the last balance Voucherify reported for
-the card (``voucher.gift.balance`` / ``voucher.loyalty_card.balance`` of a redemption
-event: the balance right after that operation, at the operation's date). The ledger holds
-changes, never an absolute balance, so the comparison needs a starting point:
+The ledger holds every movement of a card's balance once (``workers/handlers/cards.py``,
+``workers/handlers/redemptions.py``), each with its own time (``moved_at``: Voucherify's
+transaction time, else the redemption's or rollback's date), its signed amount and,
+where the event reported it, the card's balance right after it (``balance_after``). So,
+for a card, with its movements in their own order:
 
-    baseline      the first balance Voucherify reported to us for the card, and its date
-                  (set on insert by a trigger, migrations/0003_jobs.sql)
-    implied       baseline + the ledger entries of the card whose operation happened
-                  after the baseline's date and no later than the last report's date
-                  (a debit happens at its redemption's date, a restore at its rollback's)
-    drift         last reported balance - implied
+    first         the earliest movement that reports its balance after
+    last          the latest movement that reports its balance after
+    start         first.balance_after - first.amount: the balance before ``first``
+    implied       start + the amounts of every movement from ``first`` to ``last``
+    drift         last.balance_after - implied - accepted_drift
 
-A card drifts when Voucherify moved its balance in a way our ledger does not show: a
-redemption or rollback whose webhook we never applied, or one applied twice. Entries
-dated before the baseline are already inside it, and entries dated after the last report
-are not in it yet, so late or out-of-order webhooks do not count as drift; a webhook that
-arrives late within the window makes a drift that the next run sees gone. Operations that
-are not redemptions (a gift card top-up, loyalty points earned or expired, a manual
-change in the dashboard) also move the balance with no ledger entry: they show up as
-drift too, by design, since the ledger no longer mirrors the card.
+When every movement between ``first`` and ``last`` is in the ledger, the sum telescopes:
+``implied`` is ``last.balance_after`` exactly, whatever the order the webhooks came in and
+however often (duplicates are one entry). Order only matters for choosing ``first`` and
+``last``, and the movements of one card are seconds apart while a redemption webhook and
+its transaction differ by milliseconds. A movement missing from the ledger leaves its
+amount as the drift, to the unit: the gap.
 
-Each drifting card gets one open ``drift`` flag (a unique index keeps it to one), its
-message updated with the latest figures; a flag whose drift is gone is resolved by the
-job with a note. When a person resolves a drift flag, the card's baseline moves to its
-current report: the difference was explained, and later runs measure from there. The
+A webhook still on its way looks like a missing one. So the job checks a card only once it
+has been quiet -- no event of it reached us for ``quiet_seconds`` (``card_balances.
+heard_at``) -- and leaves a card it has heard of since untouched (``waiting``). A flag is
+then never raised for webhooks that are merely late within that window, and so never
+needs clearing by a later run. A movement outside ``first`` .. ``last`` (before the
+first report, or after the last one) cannot be seen, by construction.
+
+Each drifting card gets one open ``drift`` flag (a unique index keeps it to one), naming
+the card and the gap, its message updated with the latest figures; when the gap closes
+(the missing webhook arrives: re-driven, replayed, healed) the job resolves the flag
+itself with a note. When a person resolves a drift flag, the gap is accepted: the card's
+``accepted_drift`` takes the gap of that moment and later runs measure from there. The
 gauge ``reconciliation_drifting_cards`` gives the number of drifting cards per kind.
 """
 
@@ -41,44 +46,58 @@ import psycopg
 from psycopg.rows import class_row, dict_row
 from psycopg_pool import ConnectionPool
 
-from schemas.vocabulary import FlagCategory, FlagStatus, LedgerEffect, LedgerKind
+from schemas.vocabulary import FlagCategory, FlagStatus, LedgerKind
 from workers.jobs import metrics
+from workers.jobs.drift_heal import Card as HealCard
+from workers.jobs.drift_heal import TransactionLister, heal_card
 from workers.jobs.result import JobResult
+from workers.jobs.voucherify_api import VoucherifyApiError
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 500
+QUIET_SECONDS = 900
+"""How long a card must have been quiet (no event of it reached us) before it is checked:
+the time a late webhook has to arrive before its absence counts as a gap."""
 AUTO_NOTE = "drift gone"
-"""How the job's own resolutions start; they do not move the baseline."""
+"""How the job's own resolutions start; they do not move the accepted gap."""
 FAILURE_CODE = "balance_drift"
 
-# A person resolved the card's drift flag after the baseline was set: start again from the
-# card's current report.
-REBASE_RESOLVED = """
-UPDATE card_balances c
-SET baseline_balance = c.reported_balance, baseline_at = c.reported_at, baseline_set_at = now()
-WHERE EXISTS (SELECT 1 FROM flags f
-              WHERE f.category = %(drift)s AND f.voucher_id = c.voucher_id
-                AND f.status = %(resolved)s AND f.resolved_at > c.baseline_set_at
-                AND COALESCE(f.note, '') NOT LIKE %(auto_note)s)
-"""
-
+# Each card of the batch with its first and last reporting movement, the movements in
+# between (inclusive), and whether a person resolved its drift flag since the gap was
+# last accepted. Cards with no movement yet come too (with NULLs), so a short batch means
+# the end of the table.
 CARD_DRIFTS = """
-SELECT c.voucher_id, c.voucher_code, c.kind, c.customer_id, c.reported_balance,
-       c.reported_at, c.baseline_balance, c.baseline_at,
-       c.baseline_balance + COALESCE((
-           SELECT sum(l.amount)
-           FROM ledger_entries l LEFT JOIN redemptions r USING (redemption_id)
-           WHERE l.voucher_id = c.voucher_id
-             AND COALESCE(CASE l.effect WHEN %(debit)s THEN r.redeemed_at ELSE r.rollback_at END,
-                          l.created_at) > c.baseline_at
-             AND COALESCE(CASE l.effect WHEN %(debit)s THEN r.redeemed_at ELSE r.rollback_at END,
-                          l.created_at) <= c.reported_at
-       ), 0)::bigint AS implied
+SELECT c.voucher_id, c.voucher_code, c.kind, c.customer_id, c.accepted_drift,
+       c.heard_at <= now() - make_interval(secs => %(quiet)s) AS quiet,
+       f.moved_at AS first_at, f.balance_after - f.amount AS start_balance,
+       l.moved_at AS last_at, l.balance_after AS last_balance,
+       (SELECT COALESCE(sum(e.amount), 0) FROM ledger_entries e
+        WHERE e.voucher_id = c.voucher_id
+          AND (e.moved_at, e.id) >= (f.moved_at, f.id)
+          AND (e.moved_at, e.id) <= (l.moved_at, l.id))::bigint AS moved,
+       EXISTS (SELECT 1 FROM flags g
+               WHERE g.category = %(drift)s AND g.voucher_id = c.voucher_id
+                 AND g.status = %(resolved)s AND g.resolved_at > c.accepted_at
+                 AND COALESCE(g.note, '') NOT LIKE %(auto_note)s) AS accepted_by_person
 FROM card_balances c
+LEFT JOIN LATERAL (
+    SELECT e.id, e.moved_at, e.amount, e.balance_after FROM ledger_entries e
+    WHERE e.voucher_id = c.voucher_id AND e.balance_after IS NOT NULL
+    ORDER BY e.moved_at, e.id LIMIT 1) f ON true
+LEFT JOIN LATERAL (
+    SELECT e.id, e.moved_at, e.balance_after FROM ledger_entries e
+    WHERE e.voucher_id = c.voucher_id AND e.balance_after IS NOT NULL
+    ORDER BY e.moved_at DESC, e.id DESC LIMIT 1) l ON true
 WHERE c.voucher_id > %(after)s
+  AND (%(only)s::text[] IS NULL OR c.voucher_id = ANY(%(only)s::text[]))
 ORDER BY c.voucher_id
 LIMIT %(batch)s
+"""
+
+ACCEPT_GAP = """
+UPDATE card_balances SET accepted_drift = %(gap)s, accepted_at = now()
+WHERE voucher_id = %(voucher_id)s
 """
 
 # The arbiter's predicate is the text of the partial index flags_open_drift
@@ -101,7 +120,6 @@ WORDS = {
     "drift": FlagCategory.DRIFT,
     "open": FlagStatus.OPEN,
     "resolved": FlagStatus.RESOLVED,
-    "debit": LedgerEffect.DEBIT,
     "failure_code": FAILURE_CODE,
 }
 """The vocabulary the statements above take as parameters."""
@@ -114,25 +132,46 @@ class DriftResult(JobResult):
     flags_raised: int = 0
     flags_resolved: int = 0
     rebased: int = 0
+    """Cards whose gap a person accepted (resolved their drift flag) since the last run."""
+    waiting: int = 0
+    """Cards heard of within ``quiet_seconds``: checked on a later run."""
+    healed: int = 0
+    """Transactions listed from Voucherify's API and applied to close a gap."""
 
 
 @dataclass(frozen=True, slots=True)
 class CardDrift:
-    """A row of ``CARD_DRIFTS``: a card's last report against what the ledger implies."""
+    """A row of ``CARD_DRIFTS``: a card's movements from its first report to its last."""
 
     voucher_id: str
     voucher_code: str | None
     kind: str
     customer_id: str | None
-    reported_balance: int
-    reported_at: datetime
-    baseline_balance: int
-    baseline_at: datetime
-    implied: int
+    accepted_drift: int
+    quiet: bool
+    first_at: datetime | None
+    start_balance: int | None
+    last_at: datetime | None
+    last_balance: int | None
+    moved: int | None
+    accepted_by_person: bool
+
+    @property
+    def measured(self) -> bool:
+        return self.start_balance is not None and self.last_balance is not None
+
+    @property
+    def implied(self) -> int:
+        return (self.start_balance or 0) + (self.moved or 0)
+
+    @property
+    def gap(self) -> int:
+        """What Voucherify's balance has that the ledger's movements do not explain."""
+        return (self.last_balance or 0) - self.implied
 
     @property
     def drift(self) -> int:
-        return self.reported_balance - self.implied
+        return self.gap - self.accepted_drift
 
 
 @dataclass
@@ -141,23 +180,41 @@ class _Tally:
     drifting: int = 0
     flags_raised: int = 0
     flags_resolved: int = 0
+    rebased: int = 0
+    waiting: int = 0
+    healed: int = 0
     by_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LedgerKind, 0))
 
 
-def check_drift(pool: ConnectionPool, deadline: float, batch_size: int = BATCH_SIZE) -> DriftResult:
+def check_drift(
+    pool: ConnectionPool,
+    deadline: float,
+    batch_size: int = BATCH_SIZE,
+    quiet_seconds: float = QUIET_SECONDS,
+    api: TransactionLister | None = None,
+) -> DriftResult:
+    """Check every quiet card; with ``api``, heal a drifting card from its transactions
+    (``workers.jobs.drift_heal``) before flagging what is still missing."""
     tally = _Tally()
-    with pool.connection() as conn, conn.transaction():
-        rebased = conn.execute(REBASE_RESOLVED, {**WORDS, "auto_note": AUTO_NOTE + "%"}).rowcount
     after = ""
     complete = False
+    params = {
+        **WORDS,
+        "auto_note": AUTO_NOTE + "%",
+        "quiet": quiet_seconds,
+        "batch": batch_size,
+        "only": None,
+    }
     while time.monotonic() < deadline:
+        deferred: list[CardDrift] = []
         with pool.connection() as conn, conn.transaction():
             cursor = conn.cursor(row_factory=class_row(CardDrift))
-            cards = cursor.execute(
-                CARD_DRIFTS, {**WORDS, "after": after, "batch": batch_size}
-            ).fetchall()
+            cards = cursor.execute(CARD_DRIFTS, {**params, "after": after}).fetchall()
             for card in cards:
-                _check_card(conn, card, tally)
+                if _check_card(conn, card, tally, heal=api is not None):
+                    deferred.append(card)
+        if api is not None and deferred:
+            _heal_and_recheck(pool, api, deferred, deadline, tally, params)
         if len(cards) < batch_size:
             complete = True
             break
@@ -170,28 +227,81 @@ def check_drift(pool: ConnectionPool, deadline: float, batch_size: int = BATCH_S
         drifting=tally.drifting,
         flags_raised=tally.flags_raised,
         flags_resolved=tally.flags_resolved,
-        rebased=rebased,
+        rebased=tally.rebased,
+        waiting=tally.waiting,
+        healed=tally.healed,
     )
 
 
-def _check_card(conn: psycopg.Connection[Any], card: CardDrift, tally: _Tally) -> None:
-    """Resolve the card's drift flag when its drift is gone; raise or refresh it when not."""
-    tally.cards += 1
-    reported_at = card.reported_at.isoformat()
+def _heal_and_recheck(
+    pool: ConnectionPool,
+    api: TransactionLister,
+    cards: list[CardDrift],
+    deadline: float,
+    tally: _Tally,
+    params: dict[str, Any],
+) -> None:
+    """Apply what Voucherify lists and the ledger lacks, then measure those cards again
+    (just healed from the API: no quiet period) and flag what is still missing."""
+    for card in cards:
+        assert card.first_at is not None
+        holder = card.customer_id
+        target = HealCard(card.voucher_id, card.voucher_code, card.kind, holder, card.first_at)
+        try:
+            tally.healed += heal_card(pool, api, target, deadline)
+        except VoucherifyApiError as exc:
+            log.warning(
+                "drift.heal_failed", extra={"voucher_id": card.voucher_id, "error": str(exc)}
+            )
+    only = [card.voucher_id for card in cards]
+    recheck = {**params, "quiet": 0, "only": only, "after": "", "batch": len(only)}
+    with pool.connection() as conn, conn.transaction():
+        cursor = conn.cursor(row_factory=class_row(CardDrift))
+        for card in cursor.execute(CARD_DRIFTS, recheck).fetchall():
+            _check_card(conn, card, tally, heal=False, counted=True)
+
+
+def _check_card(
+    conn: psycopg.Connection[Any],
+    card: CardDrift,
+    tally: _Tally,
+    heal: bool = False,
+    counted: bool = False,
+) -> bool:
+    """Resolve the card's drift flag when its gap is closed; raise or refresh it when not.
+    With ``heal``, a drifting card is not flagged yet: True says it is to be healed first
+    (and checked again, ``counted`` already)."""
+    if not card.measured:
+        return False  # no movement reported its balance yet: nothing to measure
+    if not card.quiet:
+        tally.waiting += 1  # a webhook may still be on its way: check it when quiet
+        return False
+    if not counted:
+        tally.cards += 1
+    if card.accepted_by_person:
+        conn.execute(ACCEPT_GAP, {"voucher_id": card.voucher_id, "gap": card.gap})
+        tally.rebased += 1
+        return False
+    if heal and card.drift != 0:
+        return True
+    assert card.first_at is not None
+    assert card.last_at is not None
     if card.drift == 0:
         note = (
-            f"{AUTO_NOTE}: Voucherify's {card.reported_balance} at {reported_at} "
-            "is what the ledger implies"
+            f"{AUTO_NOTE}: the ledger's movements add up to Voucherify's {card.last_balance}"
+            f" at {card.last_at.isoformat()}"
         )
         params = {**WORDS, "voucher_id": card.voucher_id, "note": note}
         tally.flags_resolved += conn.execute(RESOLVE_GONE, params).rowcount
-        return
+        return False
     tally.drifting += 1
     tally.by_kind[card.kind] = tally.by_kind.get(card.kind, 0) + 1
+    accepted = f", less {card.accepted_drift:+d} accepted" if card.accepted_drift else ""
     message = (
-        f"Voucherify reports {card.reported_balance} at {reported_at}; the ledger "
-        f"implies {card.implied} ({card.baseline_balance} at {card.baseline_at.isoformat()} "
-        f"plus {card.implied - card.baseline_balance} since): difference {card.drift:+d}"
+        f"card {card.voucher_code or card.voucher_id} ({card.voucher_id}): Voucherify reports "
+        f"{card.last_balance} at {card.last_at.isoformat()}; the ledger implies {card.implied}"
+        f" ({card.start_balance} before its movement at {card.first_at.isoformat()} plus "
+        f"{card.moved} moved since{accepted}): difference {card.drift:+d}"
     )
     params = {**WORDS, "voucher_id": card.voucher_id, "message": message}
     flag = conn.cursor(row_factory=dict_row).execute(RAISE_DRIFT, params).fetchone()
@@ -208,3 +318,4 @@ def _check_card(conn: psycopg.Connection[Any], card: CardDrift, tally: _Tally) -
                 "drift": card.drift,
             },
         )
+    return False

@@ -85,7 +85,14 @@ def _verify(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: fl
 
 
 def _drift(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:
-    return check_drift(pool, deadline).as_dict()
+    """Heals drifting cards from Voucherify's API when it is configured (as verify's)."""
+    url, app_id, token = s.voucherify_api_url, s.voucherify_app_id, s.voucherify_app_token
+    api = (
+        VoucherifyApi(url, app_id, token, s.voucherify_api_rate)
+        if url and app_id and token
+        else None
+    )
+    return check_drift(pool, deadline, api=api).as_dict()
 
 
 def _retention(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:

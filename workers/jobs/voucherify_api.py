@@ -139,6 +139,56 @@ class VoucherifyApi:
             )
             self.sleep(delay)
 
+    def list_voucher_transactions(
+        self, code: str, deadline: float, starting_after_id: str | None = None
+    ) -> dict[str, Any]:
+        """One page (100, newest first) of a card's transactions,
+        ``GET /v1/vouchers/{code}/transactions``: the list object (``data``, ``has_more``,
+        ``more_starting_after``, the cursor of the next page). For the drift job's healing;
+        the same rate limit, retries and errors as ``get_redemption``."""
+        import urllib3
+        import voucherify
+        from voucherify.models.parameter_order_list_transactions import (
+            ParameterOrderListTransactions,
+        )
+
+        vouchers = voucherify.VouchersApi(self._api.api_client)
+        what = f"GET /v1/vouchers/{code}/transactions"
+        attempt = 0
+        while True:
+            attempt += 1
+            self._limiter.wait()
+            status, headers, body = None, {}, b""
+            try:
+                response = vouchers.list_voucher_transactions_without_preload_content(
+                    code,
+                    limit=100,
+                    order=ParameterOrderListTransactions.MINUS_ID,
+                    starting_after_id=starting_after_id,
+                    _request_timeout=self.timeout,
+                )
+                try:
+                    status, headers, body = response.status, dict(response.headers), response.data
+                finally:
+                    response.release_conn()
+            except urllib3.exceptions.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                error = f"HTTP {status}"
+            metrics.VOUCHERIFY_API_REQUESTS.labels(str(status or "error")).inc()
+            if status is not None and 200 <= status < 300:
+                return _json_object(body, code)
+            if status is not None and not _retryable(status):
+                raise VoucherifyApiError(f"{what}: {error}: {body[:300]!r}", status)
+            delay = self._delay(attempt, headers)
+            if attempt >= self.max_attempts or self.clock() + delay > deadline:
+                raise VoucherifyApiError(f"{what}: {error} after {attempt} attempts", status)
+            log.warning(
+                "voucherify_api.retry",
+                extra={"voucher_code": code, "error": error, "delay": round(delay, 3)},
+            )
+            self.sleep(delay)
+
     def _delay(self, attempt: int, headers: dict[str, str]) -> float:
         retry_after = _retry_after({k.lower(): v for k, v in headers.items()}.get("retry-after"))
         if retry_after is not None:

@@ -1,0 +1,76 @@
+"""Drift healing: a drifting card's missing movement comes from Voucherify's list of its
+transactions (``GET /v1/vouchers/{code}/transactions``, cursor paging) and goes through
+the same handler as its webhook; the flag is then never raised."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from devtools.webhooks import CARD_IDS, card_transaction, card_transaction_event, gift_voucher
+from tests.conftest import deliver
+from tests.jobs.conftest import rows
+from tests.jobs.fake_voucherify import APP_ID, APP_TOKEN, fake_voucherify
+from workers.jobs.drift import check_drift
+from workers.jobs.voucherify_api import VoucherifyApi
+
+BASE = datetime(2024, 2, 1, 8, 0, tzinfo=UTC)
+CODE = gift_voucher(0)["code"]
+
+
+def _at(minutes: int) -> str:
+    return (BASE + timedelta(minutes=minutes)).isoformat().replace("+00:00", "Z")
+
+
+def test_a_drifting_card_is_healed_from_its_transactions_across_pages(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    # 101 top-ups of 1 since the card's first movement (two pages of 100), one older; the
+    # webhook of top-up 50 was lost.
+    older = card_transaction("gift", "vtx_old", "CREDITS_ADDITION", 7, 7, _at(-10))
+    history = [
+        card_transaction("gift", f"vtx_{i:03d}", "CREDITS_ADDITION", 1, 8 + i, _at(i))
+        for i in range(101)
+    ]
+    for transaction in history:
+        if transaction["id"] != "vtx_050":
+            assert deliver(pool, *card_transaction_event("gift", transaction)) == "processed"
+
+    with fake_voucherify() as fake:
+        fake.transactions[CODE] = [older, *history]
+        api = VoucherifyApi(fake.url, APP_ID, APP_TOKEN, rate=1000)
+        result = check_drift(pool, time.monotonic() + 60, quiet_seconds=0, api=api)
+        pages = [path for path, _ in fake.requests if "/transactions" in path]
+
+    assert (result.cards, result.healed, result.drifting, result.flags_raised) == (1, 1, 0, 0)
+    assert len(pages) == 2
+    assert "starting_after_id=" in pages[1]
+    assert rows(db, "SELECT count(*), sum(amount) FROM ledger_entries") == [(101, 101)]
+    # Recorded like a delivery, marked as the drift job's.
+    assert rows(
+        db,
+        "SELECT event_id, status, payload #>> '{source,id}' FROM events"
+        " WHERE event_id LIKE 'drift:%%'",
+    ) == [("drift:vtx_050", "processed", "drift")]
+    assert rows(db, "SELECT count(*) FROM flags") == [(0,)]
+
+
+def test_a_gap_the_api_cannot_explain_is_still_one_flag(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    first = card_transaction("gift", "vtx_1", "CREDITS_ADDITION", 100, 100, _at(0))
+    last = card_transaction("gift", "vtx_3", "CREDITS_ADDITION", 100, 250, _at(2))
+    for transaction in (first, last):
+        assert deliver(pool, *card_transaction_event("gift", transaction)) == "processed"
+
+    with fake_voucherify() as fake:
+        fake.transactions[CODE] = [first, last]  # the API does not list the 50 either
+        api = VoucherifyApi(fake.url, APP_ID, APP_TOKEN, rate=1000)
+        result = check_drift(pool, time.monotonic() + 60, quiet_seconds=0, api=api)
+
+    assert (result.healed, result.flags_raised) == (0, 1)
+    assert rows(db, "SELECT voucher_id FROM flags WHERE status = 'open'") == [(CARD_IDS["gift"],)]
