@@ -48,7 +48,6 @@ from celery import Celery, signals
 from compat import billiard_pool, kombu_redis
 from config import logs
 from config.settings import Settings
-from workers.jobs.runner import JOBS, tick_seconds
 from workers.queue import DELIVERY_QUEUE, JOBS_QUEUE
 from workers.queue.client import sentinel_options, tls_options
 
@@ -181,6 +180,10 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     See ``workers.jobs.runner`` (why due-ness lives in ``job_runs``, not in ``beat``'s
     schedule file) and docs/reconciliation.md.
     """
+    # Imported here, not at the top: the jobs import the metrics, and workers.app must set
+    # Prometheus' multi-process folder before any metric exists (workers.observability).
+    from workers.jobs.runner import JOBS, tick_seconds
+
     return {
         name: {
             "task": JOB_TASK_PREFIX + name,
