@@ -24,6 +24,9 @@ class Run:
     web_cpu_us: float = 0.0
     """CPU time (user + system) of gunicorn's processes per answered request."""
     redis_cpu_us: float = 0.0
+    hey_cpu_us: float = 0.0
+    """CPU time of the load generator (hey) per answered request: on a shared machine it
+    competes for the same cores."""
 
     @property
     def accepted(self) -> int:
@@ -118,4 +121,5 @@ def median_run(runs: list[Run]) -> Run:
         queued=None if runs[0].queued is None else sum(r.queued or 0 for r in runs),
         web_cpu_us=statistics.median(r.web_cpu_us for r in runs),
         redis_cpu_us=statistics.median(r.redis_cpu_us for r in runs),
+        hey_cpu_us=statistics.median(r.hey_cpu_us for r in runs),
     )

@@ -22,7 +22,11 @@ Every run is checked: all answers must be 202, and for ours the Redis list must 
 exactly as many messages as there were 202s (then it is emptied). The webhook path never
 touches PostgreSQL, so DATABASE_URL points at a port nothing listens on (/readyz is not
 called). Needs ``hey`` (Debian/Ubuntu: ``apt-get install -y hey``). The machine is shared:
-the load average is printed before and after; ``--rounds`` repeats and takes medians.
+the load average is printed before and after; ``--rounds`` repeats and takes medians,
+running the two apps in turn in alternating order (ours first, then bare first, ...), and
+prints each round's ours/bare ratios beside the ratios of the medians: the two apps of one
+round ran seconds apart, under nearly the same load from the machine's other users.
+CPU per answered request is printed for gunicorn's processes, Redis and hey.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +67,12 @@ def cpu_seconds(pid: int) -> float:
         fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
     return total
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU time of this process's finished children (the hey processes)."""
+    times = os.times()
+    return times.children_user + times.children_system
 
 
 def webhook_body(size: int) -> bytes:
@@ -200,10 +211,12 @@ class Bench:
                 (SMOOTH, self.smooth),
             ):
                 web_cpu, redis_cpu = cpu_seconds(proc.pid), cpu_seconds(self.redis_pid)
+                hey_cpu = children_cpu_seconds()
                 run = drive(url)
                 answered = max(1, sum(run.codes.values()))
                 run.web_cpu_us = (cpu_seconds(proc.pid) - web_cpu) / answered * 1e6
                 run.redis_cpu_us = (cpu_seconds(self.redis_pid) - redis_cpu) / answered * 1e6
+                run.hey_cpu_us = (children_cpu_seconds() - hey_cpu) / answered * 1e6
                 if name == "ours":
                     run.queued = int(self.redis.llen(DELIVERY_QUEUE))
                     run.copies = int(self.redis.hlen(ACCEPTED_HASH))
@@ -254,9 +267,10 @@ Results = dict[tuple[str, str, str], list[Run]]
 def run_rounds(bench: Bench, rounds: int, classes: list[str]) -> tuple[Results, list[str]]:
     results: Results = {}
     problems: list[str] = []
-    for _ in range(rounds):
+    for round_number in range(rounds):
         for worker_class in classes:
-            for name in APPS:
+            names = list(APPS) if round_number % 2 == 0 else list(reversed(APPS))
+            for name in names:
                 runs, found = bench.measure(name, worker_class)
                 problems += found
                 for mode, run in runs.items():
@@ -298,6 +312,7 @@ def report(
     medians = report_table(args, classes, results)
     print()
     report_targets(args, classes, medians)
+    report_rounds(classes, results)
 
 
 def report_setup(
@@ -328,9 +343,12 @@ def report_table(
     """Print the median of every (class, app, load) and return them."""
     header = (
         f"{'class':<8} {'app':<5} {'load':<14} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'202s':>7} {'queued':>7} {'web cpu':>8} {'redis':>6}"
+        f"{'202s':>7} {'queued':>7} {'web cpu':>8} {'redis':>6} {'hey':>5}"
     )
-    print("\nweb cpu, redis: CPU time (us) of gunicorn's processes, of Redis, per answered request")
+    print(
+        "\nweb cpu, redis, hey: CPU time (us) of gunicorn's processes, of Redis, of the load "
+        "generator, per answered request"
+    )
     print(header + "\n" + "-" * len(header))
     medians: dict[tuple[str, str, str], Run] = {}
     for worker_class in classes:
@@ -346,7 +364,7 @@ def report_table(
                 print(
                     f"{worker_class:<8} {name:<5} {shown:<14} {run.rps:>7.0f} {run.p50_ms:>7.2f} "
                     f"{run.p99_ms:>7.2f} {run.accepted:>7} {queued:>7} "
-                    f"{run.web_cpu_us:>8.0f} {run.redis_cpu_us:>6.0f}"
+                    f"{run.web_cpu_us:>8.0f} {run.redis_cpu_us:>6.0f} {run.hey_cpu_us:>5.0f}"
                 )
     return medians
 
@@ -374,6 +392,25 @@ def report_targets(
             f"in hey -q bursts {bursts.p99_ms:.1f} ms; web CPU per request ours/bare "
             f"{ours.web_cpu_us / bare.web_cpu_us:.2f} (+ Redis {ours.redis_cpu_us:.0f} us)"
         )
+
+
+def report_rounds(classes: list[str], results: Results) -> None:
+    """Each round's c=50 ratios (ours and bare of a round ran seconds apart)."""
+    for worker_class in classes:
+        ours = results.get((worker_class, "ours", CLOSED), [])
+        bare = results.get((worker_class, "bare", CLOSED), [])
+        if len(ours) < 2 or len(ours) != len(bare):
+            continue
+        throughput = [o.rps / b.rps for o, b in zip(ours, bare, strict=True)]
+        p99 = [o.p99_ms / b.p99_ms for o, b in zip(ours, bare, strict=True)]
+        print(
+            f"{worker_class:<8} c=50 by round: throughput ours/bare {ratios(throughput)}; "
+            f"p99 ours/bare {ratios(p99)}"
+        )
+
+
+def ratios(values: list[float]) -> str:
+    return f"{' '.join(f'{v:.2f}' for v in values)} (median {statistics.median(values):.2f})"
 
 
 def verdict(ok: bool) -> str:

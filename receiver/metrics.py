@@ -1,9 +1,21 @@
-"""Prometheus metrics of the webhook view (served by the web process's ``/metrics``)."""
+"""Prometheus metrics of the webhook (served by the web process's ``/metrics``).
+
+``REQUESTS`` counts the answers of the webhook and of the ops routes (``web.app`` counts
+the latter); it lives here because the receiver, below ``web``, counts its own. Under
+gunicorn every update is a write to this process's metric file (multi-process mode), so the
+webhook's path does the fewest: one counter child per status code, resolved once per
+process (``answered``), and one histogram observation.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+REQUESTS = Counter(
+    "receiver_requests_total",
+    "Answers of the webhook and ops routes, by route (its template) and status code",
+    ["path", "code"],
+)
 ACK_LATENCY = Histogram(
     "receiver_ack_seconds",
     "Time from request start to the webhook answer",
@@ -12,3 +24,14 @@ ACK_LATENCY = Histogram(
 ENQUEUE_FAILURES = Counter(
     "receiver_enqueue_failures_total", "Deliveries answered 503 because the broker failed"
 )
+
+_answers: dict[tuple[str, int], Counter] = {}
+
+
+def answered(path: str, code: int) -> None:
+    """Count one answer ``code`` of route ``path`` (``REQUESTS``), without a labels() call
+    per request once the pair was seen."""
+    child = _answers.get((path, code))
+    if child is None:
+        child = _answers[(path, code)] = REQUESTS.labels(path, str(code))
+    child.inc()

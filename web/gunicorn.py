@@ -10,6 +10,8 @@ import os
 import shutil
 import tempfile
 
+from gunicorn.glogging import Logger
+
 from compat.gunicorn_gthread import BufferingThreadWorker
 from config.entry import load_settings
 
@@ -40,6 +42,22 @@ timeout = 30
 graceful_timeout = 20
 backlog = 2048
 accesslog = None  # the app logs what matters; no per-request line with headers
+
+
+class QuietAccessLogger(Logger):  # type: ignore[misc]  # gunicorn is untyped
+    """gunicorn's logger without the access log when ``accesslog`` is None.
+
+    gunicorn builds every request's access-log atoms (headers, times, a date) whenever a
+    ``logconfig_dict`` is given, even though its ``gunicorn.access`` logger then drops the
+    line: 4 % of the web worker's Python time under load in the receiver's profile.
+    """
+
+    def access(self, resp: object, req: object, environ: object, request_time: object) -> None:
+        if self.cfg.accesslog:
+            super().access(resp, req, environ, request_time)
+
+
+logger_class = QuietAccessLogger
 errorlog = "-"
 loglevel = _settings.log_level.lower()
 logconfig_dict = {

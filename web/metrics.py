@@ -1,4 +1,7 @@
-"""Prometheus metrics of the web process, and their rendering for ``/metrics``.
+"""The rendering of the web process's Prometheus metrics for ``/metrics``.
+
+The counters themselves belong to who counts: the webhook's and the ops routes' answers
+and the ack latency to ``receiver.metrics``, the ``pipeline_*`` gauges to ``ops.gauges``.
 
 Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` is set (see ``web/gunicorn.py``) and every
 worker process writes to its own files in it; ``/metrics`` aggregates them. Without it
@@ -16,22 +19,10 @@ import os
 from collections.abc import Iterable
 
 from flask import Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    generate_latest,
-    multiprocess,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.registry import Collector
 
 from ops.auth import bearer_matches
-
-REQUESTS = Counter(
-    "receiver_requests_total",
-    "Answers of the webhook and ops routes, by route (its template) and status code",
-    ["path", "code"],
-)
 
 
 def authorized(authorization: str | None, token: str | None) -> bool:

@@ -439,7 +439,7 @@ def test_any_failure_reading_the_body_is_400_not_500(
     def fail(body: bytes) -> str:
         raise error("from the parser")
 
-    monkeypatch.setattr("receiver.views.read_object", fail)
+    monkeypatch.setattr("receiver.intake.read_object", fail)
     response = post(client, b'{"a":1}')
     assert response.status_code == 400
     assert set(response.get_json()) == {"error"}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+import orjson
+
 # The deepest nesting accepted. The published payloads (tests/fixtures/voucherify) nest at
 # most 8 deep (voucher.loyalty_card.pending_points.activated, its data alone), so 9 in the
 # envelope; 64 leaves room for custom distribution payloads and metadata, and is far below
@@ -45,7 +47,11 @@ def read_object(body: bytes) -> str:
     """``body`` as text when it is a JSON object a webhook can be; else ``NotAWebhook``.
 
     Linear in the body, and no recursion deeper than ``MAX_NESTING``: the nesting is counted
-    before the parser sees the body.
+    before a parser sees the body. The rule is the standard library's parser (with NaN and
+    Infinity refused); orjson, which reads a webhook in a third of its time, goes first:
+    what it reads as an object, the standard library reads as one too (it is stricter:
+    RFC 8259 only, no NaN, no lone surrogate escape, no number past a double). Whatever it
+    refuses is read again by the standard library, which accepts or names the reason.
     """
     try:
         text = body.decode("utf-8")
@@ -53,6 +59,16 @@ def read_object(body: bytes) -> str:
         raise NotAWebhook("body is not UTF-8") from None
     if nests_deeper_than(MAX_NESTING, body):
         raise NotAWebhook(f"nesting deeper than {MAX_NESTING}")
+    try:
+        if isinstance(orjson.loads(body), dict):  # bytes: faster than the text for orjson
+            return text
+    except orjson.JSONDecodeError:
+        pass
+    return _read_strictly(text)
+
+
+def _read_strictly(text: str) -> str:
+    """``read_object`` by the standard library's parser alone: the rule itself."""
     try:
         document = _DECODER.decode(text)
     except NotAWebhook:
@@ -68,6 +84,8 @@ def read_object(body: bytes) -> str:
 
 def nests_deeper_than(limit: int, body: bytes) -> bool:
     """True when brackets outside JSON strings open more than ``limit`` levels at once."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False  # not even that many brackets: a webhook has a few dozen
     if b"\\" in body:  # none in the published payloads, and the search is cheap
         # Escaped backslashes first, so that what is left of a run of them pairs with the
         # byte after it as in JSON; then escaped quotes.

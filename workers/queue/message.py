@@ -11,17 +11,27 @@ end-to-end tests prove a real worker consumes them.
 The message is JSON only: ``body`` (the raw request body as text), ``delivery_id`` and
 ``received_at``. The task's repr fields never include the body, so Celery's own log lines
 cannot leak it.
+
+Encoded with orjson: the body, a JSON document itself, is embedded as a JSON string (its
+every quote escaped), then base64, then the envelope; the standard library's encoder took
+65 us of the receiver's request for that, orjson about a tenth. The output is the same
+compact JSON, key order kept, except that non-ASCII characters are written as UTF-8
+instead of ``\\u`` escapes: what the message declares (``content-encoding: utf-8``) and what
+kombu decodes before Celery's JSON loader reads it.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 import socket
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from workers.queue.keys import DELIVERY_QUEUE, PROCESS_DELIVERY_TASK
 
@@ -73,12 +83,11 @@ def celery_message(
 ) -> bytes:
     """A Celery task message (protocol 2) as kombu's Redis transport stores it."""
     task_id = task_id or str(uuid.uuid4())
-    payload = json.dumps(
-        [[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
-        separators=(",", ":"),
-    ).encode()
+    payload = _dumps(
+        [[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    )
     envelope = {
-        "body": base64.b64encode(payload).decode("ascii"),
+        "body": binascii.b2a_base64(payload, newline=False).decode("ascii"),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {
@@ -109,7 +118,16 @@ def celery_message(
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-    return json.dumps(envelope, separators=(",", ":")).encode()
+    return _dumps(envelope)
+
+
+def _dumps(value: Any) -> bytes:
+    """Compact JSON: orjson's, or the standard library's for what UTF-8 cannot carry (a
+    lone surrogate in a string, which no receiver body has: it is strict UTF-8)."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def task_id_of(raw: bytes | str) -> str | None:

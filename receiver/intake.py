@@ -1,0 +1,153 @@
+"""What the webhook answers, computed from the WSGI environ: verify, check, enqueue.
+
+The one place that decides a webhook's answer. Two adapters serve it: ``receiver.front``
+(a plain WSGI callable in front of Flask, what production runs) and the Flask view of
+``receiver.views`` (the same answer as a Flask ``Response``). Neither adds logic: every
+code, body and header of CONTRACT.md's Receiver table is built here, once, as bytes.
+
+Cheapest refusals first: the content type, the declared length and the signature header's
+form (64 hex characters) are checked before the body is read, so a malformed header costs
+neither the read nor an HMAC. A signed body is then read as a JSON object (``read_object``
+of ``workers.queue.body``: UTF-8, nesting at most ``MAX_NESTING``, no NaN or Infinity) or
+refused with a 400 naming why; whatever else goes wrong reading it is a 400, never a 5xx.
+
+The body is read as Werkzeug reads it for Flask (``get_input_stream`` with a cap of the
+limit + 1 bytes): a declared Content-Length over the limit is answered 413 before anything
+is read, and a chunked body, which has no length, is read up to one byte past the limit so
+that a body filling the cap is too large while one of exactly the limit is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.http import HTTP_STATUS_CODES, parse_options_header
+from werkzeug.wsgi import get_content_length, get_input_stream
+
+from receiver import metrics
+from receiver.signature import is_well_formed_signature, verify_signature
+from workers.queue import BrokerUnavailable, DeliveryPublisher
+from workers.queue.body import NOT_AN_OBJECT, NotAWebhook, read_object
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/webhooks/voucherify"
+SIGNATURE_HEADER = "x-voucherify-signature"
+SIGNATURE_ENVIRON = "HTTP_X_VOUCHERIFY_SIGNATURE"
+RETRY_AFTER_SECONDS = "30"
+JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """What the webhook needs, built once per app."""
+
+    secrets: tuple[bytes, ...]
+    max_body_bytes: int
+    publisher: DeliveryPublisher
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One HTTP answer, ready for the wire: WSGI status line, headers, body."""
+
+    code: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+
+    @property
+    def status(self) -> str:
+        """The status line as Werkzeug writes it (``202 ACCEPTED``)."""
+        return _STATUS_LINES[self.code]
+
+
+_STATUS_LINES = {code: f"{code} {HTTP_STATUS_CODES[code].upper()}" for code in HTTP_STATUS_CODES}
+
+
+def json_answer(code: int, payload: dict[str, Any], *extra: tuple[str, str]) -> Answer:
+    """``payload`` as compact JSON, with the headers a Flask JSON ``Response`` has."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return Answer(code, body, (("Content-Type", JSON), ("Content-Length", str(len(body))), *extra))
+
+
+UNSUPPORTED_MEDIA_TYPE = json_answer(415, {"error": "unsupported_media_type"})
+INVALID_SIGNATURE = json_answer(401, {"error": "invalid_signature"})
+NOT_AN_OBJECT_ANSWER = json_answer(400, {"error": NOT_AN_OBJECT})
+BROKER_UNAVAILABLE = json_answer(
+    503, {"error": "broker_unavailable"}, ("Retry-After", RETRY_AFTER_SECONDS)
+)
+# The 202's body around its delivery id (32 hex characters), as json_answer would build it.
+_ACCEPTED_HEAD, _ACCEPTED_TAIL = json_answer(
+    202, {"status": "accepted", "delivery_id": "%s"}
+).body.split(b"%s")
+_ACCEPTED_LENGTH = str(len(_ACCEPTED_HEAD) + len(uuid.UUID(int=0).hex) + len(_ACCEPTED_TAIL))
+_ACCEPTED_HEADERS = (("Content-Type", JSON), ("Content-Length", _ACCEPTED_LENGTH))
+
+
+def too_large(limit: int) -> Answer:
+    return json_answer(413, {"error": "body_too_large", "limit": limit})
+
+
+def is_json_content_type(content_type: str | None) -> bool:
+    """Whether ``Content-Type`` is JSON: ``application/json`` or ``application/*+json``,
+    parameters aside, in any case (Werkzeug's ``Request.mimetype``)."""
+    if content_type == JSON:
+        return True  # what Voucherify sends: no parsing
+    mimetype = parse_options_header(content_type)[0].lower()
+    return mimetype == JSON or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+def answer(it: Intake, environ: dict[str, Any]) -> Answer:
+    """The answer to a ``POST /webhooks/voucherify`` whose WSGI environ is ``environ``.
+
+    Raises the ``HTTPException`` Werkzeug raises when the client went away mid-body
+    (``ClientDisconnected``, a 400): each adapter answers it as Flask does.
+    """
+    limit = it.max_body_bytes
+    if not is_json_content_type(environ.get("CONTENT_TYPE")):
+        return UNSUPPORTED_MEDIA_TYPE
+    declared = get_content_length(environ)
+    if declared is not None and declared > limit:
+        return too_large(limit)
+    signature = environ.get(SIGNATURE_ENVIRON)
+    if not is_well_formed_signature(signature):
+        return _invalid_signature()  # the body is not read, no HMAC is computed
+    try:
+        body = get_input_stream(environ, max_content_length=limit + 1).read()
+    except RequestEntityTooLarge:
+        return too_large(limit)
+    if len(body) > limit:
+        return too_large(limit)
+    if not verify_signature(body, signature, it.secrets):
+        return _invalid_signature()
+    try:
+        text = read_object(body)
+    except NotAWebhook as exc:
+        log.info("delivery.rejected", extra={"reason": "not_a_webhook", "detail": str(exc)})
+        return json_answer(400, {"error": str(exc)})
+    except Exception as exc:  # noqa: BLE001 - the edge: no body is ever a 5xx
+        log.warning(
+            "delivery.rejected", extra={"reason": "unparsable", "detail": type(exc).__name__}
+        )
+        return NOT_AN_OBJECT_ANSWER
+    delivery_id = uuid.uuid4().hex
+    received_at = datetime.now(UTC).isoformat()
+    try:
+        it.publisher.publish(text, delivery_id, received_at)
+    except BrokerUnavailable:
+        metrics.ENQUEUE_FAILURES.inc()
+        log.error("delivery.enqueue_gave_up", extra={"delivery_id": delivery_id})
+        return BROKER_UNAVAILABLE
+    log.debug("delivery.enqueued", extra={"delivery_id": delivery_id})
+    return Answer(202, _ACCEPTED_HEAD + delivery_id.encode() + _ACCEPTED_TAIL, _ACCEPTED_HEADERS)
+
+
+def _invalid_signature() -> Answer:
+    log.info("delivery.rejected", extra={"reason": "invalid_signature"})
+    return INVALID_SIGNATURE
