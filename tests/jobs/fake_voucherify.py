@@ -1,8 +1,14 @@
-"""A fake of Voucherify's REST API on loopback: ``GET /v1/redemptions/<id>``.
+"""A fake of Voucherify's REST API on loopback, answering in the published examples' shapes.
 
-Serves redemptions and rollbacks built from the published fixtures (the REST rollback
-responses and the redemption-family payloads), checks the ``X-App-Id`` / ``X-App-Token``
-headers, and can answer 429 or 5xx a given number of times first.
+``GET /v1/redemptions/<id>`` and ``GET /v1/redemptions`` (``limit`` up to 100, ``page``
+1 to 99 -- a page past 99 is a 400 like the real API's --, ``order=created_at``,
+``created_at[after]`` / ``created_at[before]``; the answer ``{object: "list", data_ref,
+redemptions, total}``). Redemptions and rollbacks are built from the published examples
+copied into ``tests/fixtures/voucherify/`` (``api.redemption.get.*``, the REST rollback
+responses): no ``voucher.type`` -- the card's kind is in the top-level ``gift`` /
+``loyalty_card`` object, as in the real answers. It checks the ``X-App-Id`` /
+``X-App-Token`` headers, can answer 429 / 5xx with headers or drop the connection a
+given number of times first, and can add ``X-Rate-Limit-*`` headers to every answer.
 """
 
 from __future__ import annotations
@@ -15,11 +21,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-from devtools.webhooks import VOUCHERIFY, fixture, gift_voucher, loyalty_voucher
+from devtools.webhooks import VOUCHERIFY
 
 APP_ID = "test-app-id"
 APP_TOKEN = "test-app-token"
+LIST = "list"
+"""``fail_first`` key of the listing (``GET /v1/redemptions``)."""
+DROP = -1
+"""``Failure.status`` that closes the connection without an answer."""
 
 
 @dataclass
@@ -32,35 +43,75 @@ class Failure:
 class FakeVoucherify:
     url: str = ""
     redemptions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Redemptions and rollbacks by id; the listing shows them all, by ``date``."""
     failures: dict[str, list[Failure]] = field(default_factory=dict)
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    rate_headers: dict[str, str] = field(default_factory=dict)
+    """Added to every answer (``X-Rate-Limit-Limit`` / ``-Remaining`` / ``-Retry``)."""
+    max_page: int = 99
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def fail_first(self, redemption_id: str, *failures: Failure) -> None:
+    def add(self, *objects: dict[str, Any]) -> None:
         with self.lock:
-            self.failures.setdefault(redemption_id, []).extend(failures)
+            for obj in objects:
+                self.redemptions[obj["id"]] = obj
+
+    def fail_first(self, key: str, *failures: Failure) -> None:
+        """The next requests of ``key`` (an id, or ``LIST``) fail this way, in turn."""
+        with self.lock:
+            self.failures.setdefault(key, []).extend(failures)
 
     def requested(self, redemption_id: str) -> int:
         with self.lock:
             return sum(1 for path, _ in self.requests if path.endswith("/" + redemption_id))
 
-    def answer(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], Any]:
+    def list_requests(self) -> list[dict[str, str]]:
+        """The query of each listing request, in order."""
         with self.lock:
-            self.requests.append((path, headers))
+            paths = [p for p, _ in self.requests if urlsplit(p).path == "/v1/redemptions"]
+        return [{k: v[0] for k, v in parse_qs(urlsplit(p).query).items()} for p in paths]
+
+    def answer(self, target: str, headers: dict[str, str]) -> tuple[int, dict[str, str], Any]:
+        with self.lock:
+            self.requests.append((target, headers))
             if headers.get("x-app-id") != APP_ID or headers.get("x-app-token") != APP_TOKEN:
                 return 401, {}, {"code": 401, "key": "unauthorized", "message": "Unauthorized"}
+            split = urlsplit(target)
             prefix = "/v1/redemptions/"
-            if not path.startswith(prefix):
+            if split.path == "/v1/redemptions":
+                key = LIST
+            elif split.path.startswith(prefix):
+                key = split.path[len(prefix) :]
+            else:
                 return 404, {}, {"code": 404, "key": "not_found"}
-            redemption_id = path[len(prefix) :]
-            pending = self.failures.get(redemption_id)
+            pending = self.failures.get(key)
             if pending:
                 failure = pending.pop(0)
                 return failure.status, failure.headers, {"code": failure.status}
-            found = self.redemptions.get(redemption_id)
+            if key == LIST:
+                return self._list({k: v[0] for k, v in parse_qs(split.query).items()})
+            found = self.redemptions.get(key)
             if found is None:
                 return 404, {}, {"code": 404, "key": "not_found", "message": "Not found"}
             return 200, {}, found
+
+    def _list(self, query: dict[str, str]) -> tuple[int, dict[str, str], Any]:
+        limit, page = int(query.get("limit", "10")), int(query.get("page", "1"))
+        if not 1 <= limit <= 100 or not 1 <= page <= self.max_page:
+            return 400, {}, {"code": 400, "key": "invalid_param", "message": "Invalid page"}
+        after, before = query.get("created_at[after]"), query.get("created_at[before]")
+        items = sorted(
+            (
+                obj
+                for obj in self.redemptions.values()
+                if (after is None or obj["date"] > after) and (before is None or obj["date"] < before)
+            ),
+            key=lambda obj: (obj["date"], obj["id"]),
+            reverse=query.get("order") != "created_at",
+        )
+        chunk = items[(page - 1) * limit : page * limit]
+        body = {"object": "list", "data_ref": "redemptions", "redemptions": chunk, "total": len(items)}
+        return 200, {}, body
 
 
 @contextmanager
@@ -71,11 +122,15 @@ def fake_voucherify() -> Iterator[FakeVoucherify]:
         def do_GET(self) -> None:
             headers = {k.lower(): v for k, v in self.headers.items()}
             status, extra, body = fake.answer(self.path, headers)
+            if status == DROP:
+                self.close_connection = True
+                self.connection.close()
+                return
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
-            for name, value in extra.items():
+            for name, value in {**fake.rate_headers, **extra}.items():
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
@@ -96,13 +151,31 @@ def fake_voucherify() -> Iterator[FakeVoucherify]:
         thread.join(timeout=5)
 
 
-# --- API payloads built from the fixtures ---------------------------------------------
+# --- API answers built from the published examples --------------------------------------
 
 
-def _rest_rollback(kind: str) -> dict[str, Any]:
-    name = "gift-card" if kind == "gift" else "loyalty-card"
-    path = VOUCHERIFY / f"api.redemption-rollback.response.{name}.example.json"
-    return dict(json.loads(path.read_text()))
+def _published(name: str) -> dict[str, Any]:
+    return dict(json.loads((VOUCHERIFY / f"{name}.example.json").read_text()))
+
+
+GET_EXAMPLES = {
+    "gift": "api.redemption.get.gift-card",
+    "loyalty": "api.redemption.get.loyalty-card-pay-with-points",
+}
+ROLLBACK_EXAMPLES = {
+    "gift": "api.redemption-rollback.response.gift-card",
+    "loyalty": "api.redemption-rollback.response.loyalty-card",
+}
+
+
+def _moved(obj: dict[str, Any], kind: str, amount: int) -> None:
+    """The amount in the top-level object of the card's kind, as the examples show it."""
+    obj.pop("gift", None)
+    obj.pop("loyalty_card", None)
+    if kind == "gift":
+        obj["gift"] = {"amount": amount}
+    else:
+        obj["loyalty_card"] = {"points": amount}
 
 
 def api_redemption(
@@ -115,44 +188,38 @@ def api_redemption(
     customer_id: str = "cust_card_test",
     date: str = "2024-02-01T08:45:32.014Z",
     rollback_date: str = "2024-02-01T10:23:52.499Z",
+    rollbacks: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """``GET /v1/redemptions/<r_id>`` of a gift or loyalty card redemption."""
-    published = fixture("redemption.succeeded")
-    voucher = gift_voucher(5000) if kind == "gift" else loyalty_voucher(500)
-    order = copy.deepcopy(published["order"])
-    order.update(
+    """``GET /v1/redemptions/<r_id>`` of a gift or loyalty card redemption: the published
+    "Gift Card" / "Loyalty Card - Pay with Points" example, re-keyed (``status`` is in
+    the schema, not in the examples)."""
+    redemption = copy.deepcopy(_published(GET_EXAMPLES[kind]))
+    redemption.update(
+        {
+            "id": redemption_id,
+            "date": date,
+            "customer_id": customer_id,
+            "amount": amount,
+            "redemption": None,  # not part of a stack
+            "result": "SUCCESS",
+            "status": status,
+            "related_redemptions": {
+                "rollbacks": rollbacks
+                if rollbacks is not None
+                else ([{"id": rollback_id, "date": rollback_date}] if rollback_id else []),
+                "redemptions": [],
+            },
+        }
+    )
+    redemption["order"].update(
         {
             "id": order_id,
             "customer_id": customer_id,
             "status": "CANCELED" if status == "ROLLED_BACK" else "PAID",
         }
     )
-    redemption: dict[str, Any] = {
-        "id": redemption_id,
-        "object": "redemption",
-        "date": date,
-        "customer_id": customer_id,
-        "tracking_id": published["redemption"].get("tracking_id"),
-        "metadata": {},
-        "amount": amount,
-        "redemption": None,
-        "result": "SUCCESS",
-        "status": status,
-        "related_redemptions": {
-            "rollbacks": [{"id": rollback_id, "date": rollback_date}] if rollback_id else [],
-            "redemptions": [],
-        },
-        "order": order,
-        "channel": {"channel_id": "user", "channel_type": "API"},
-        "customer": {"id": customer_id, "object": "customer"},
-        "related_object_type": "voucher",
-        "related_object_id": voucher["id"],
-        "voucher": voucher,
-    }
-    if kind == "gift":
-        redemption["gift"] = {"amount": amount}
-    else:
-        redemption["loyalty_card"] = {"points": amount}
+    redemption["customer"]["id"] = customer_id
+    _moved(redemption, kind, amount)
     return redemption
 
 
@@ -164,9 +231,12 @@ def api_rollback(
     order_id: str = "ord_card_test",
     customer_id: str = "cust_card_test",
     date: str = "2024-02-01T10:23:52.499Z",
+    result: str = "SUCCESS",
 ) -> dict[str, Any]:
-    """``GET /v1/redemptions/<rr_id>``: the published REST rollback, re-keyed."""
-    rollback = _rest_rollback(kind)
+    """``GET /v1/redemptions/<rr_id>``: the published REST rollback, re-keyed, without the
+    ``voucher.type`` the rollback response example has and the GET examples lack."""
+    rollback = copy.deepcopy(_published(ROLLBACK_EXAMPLES[kind]))
+    failed = result != "SUCCESS"
     rollback.update(
         {
             "id": rollback_id,
@@ -175,12 +245,24 @@ def api_rollback(
             "customer_id": customer_id,
             "amount": -abs(amount),
             "reason": "Customer returned the order",
+            "result": result,
+            "status": "FAILED" if failed else "SUCCEEDED",
         }
     )
+    if failed:
+        rollback.update({"failure_code": "already_rolled_back", "failure_message": "Rolled back"})
+    rollback["voucher"].pop("type", None)
     rollback["order"].update({"id": order_id, "customer_id": customer_id, "status": "CANCELED"})
     rollback["customer"]["id"] = customer_id
-    if kind == "gift":
-        rollback["gift"] = {"amount": -abs(amount)}
-    else:
-        rollback["loyalty_card"] = {"points": -abs(amount)}
+    _moved(rollback, kind, -abs(amount))
     return rollback
+
+
+def api_failed(redemption_id: str, date: str) -> dict[str, Any]:
+    """A failed redemption of the published listing, re-keyed."""
+    failed = next(
+        r for r in _published("api.redemptions.list")["redemptions"] if r["result"] == "FAILURE"
+    )
+    failed = copy.deepcopy(failed)
+    failed.update({"id": redemption_id, "date": date})
+    return dict(failed)

@@ -34,7 +34,7 @@ from workers.jobs.lock import JobLock
 from workers.jobs.redrive import redrive
 from workers.jobs.retention import apply_retention
 from workers.jobs.verify import verify
-from workers.jobs.voucherify_api import VoucherifyApi
+from workers.jobs.voucherify_api import Budget, VoucherifyApi
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,16 @@ def _verify(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: fl
     url, app_id, token = s.voucherify_api_url, s.voucherify_app_id, s.voucherify_app_token
     if not (url and app_id and token):
         raise RuntimeError("the verify job needs VOUCHERIFY_API_URL, _APP_ID and _APP_TOKEN")
-    api = VoucherifyApi(url, app_id, token, s.voucherify_api_rate)
-    return verify(pool, api, s.verify_after_seconds, s.verify_batch_size, deadline).as_dict()
+    budget = Budget(pool, s.voucherify_api_calls_per_minute, s.voucherify_api_calls_per_day)
+    api = VoucherifyApi(url, app_id, token, budget)
+    return verify(
+        pool,
+        api,
+        s.verify_after_seconds,
+        s.verify_overlap_seconds,
+        s.verify_batch_size,
+        deadline,
+    ).as_dict()
 
 
 def _drift(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:
