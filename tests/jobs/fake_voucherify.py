@@ -104,13 +104,19 @@ class FakeVoucherify:
             (
                 obj
                 for obj in self.redemptions.values()
-                if (after is None or obj["date"] > after) and (before is None or obj["date"] < before)
+                if (after is None or obj["date"] > after)
+                and (before is None or obj["date"] < before)
             ),
             key=lambda obj: (obj["date"], obj["id"]),
             reverse=query.get("order") != "created_at",
         )
         chunk = items[(page - 1) * limit : page * limit]
-        body = {"object": "list", "data_ref": "redemptions", "redemptions": chunk, "total": len(items)}
+        body = {
+            "object": "list",
+            "data_ref": "redemptions",
+            "redemptions": chunk,
+            "total": len(items),
+        }
         return 200, {}, body
 
 

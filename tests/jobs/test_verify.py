@@ -25,8 +25,8 @@ from tests.jobs.verify_support import (
     Clock,
     _fresh_verify_tables,
     api,
-    clock,
     client,
+    clock,
     fake,
     ledger,
     redeem,
@@ -96,7 +96,9 @@ def test_a_rollback_listed_without_its_redemption_fetches_the_redemption(
     # The redemption is older than the window; only its rollback is listed.
     redeem(pool, "r_old", date="2020-01-01T00:00:00.000Z")
     fake.add(
-        api_redemption("gift", "r_old", 2000, "ROLLED_BACK", "rr_old", date="2020-01-01T00:00:00.000Z"),
+        api_redemption(
+            "gift", "r_old", 2000, "ROLLED_BACK", "rr_old", date="2020-01-01T00:00:00.000Z"
+        ),
         api_rollback("gift", "rr_old", "r_old", 2000, date=ROLLED),
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -10,12 +11,12 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
+from devtools.webhooks import card_redemption, card_rollback
 from tests.conftest import deliver
 from tests.jobs.conftest import rows
 from tests.jobs.fake_voucherify import APP_ID, APP_TOKEN, FakeVoucherify, fake_voucherify
 from workers.jobs.verify import VerifyResult, verify
 from workers.jobs.voucherify_api import Budget, VoucherifyApi
-from devtools.webhooks import card_redemption, card_rollback
 
 SETTLE = 60
 OVERLAP = 900
@@ -36,7 +37,7 @@ class Clock:
     """Monotonic and wall time that move only when slept: waits are recorded, not waited."""
 
     def __init__(self) -> None:
-        self.mono = 1000.0
+        self.mono = time.monotonic()
         self.wall = datetime.now(UTC).timestamp()
         self.sleeps: list[float] = []
 
@@ -108,7 +109,9 @@ def ledger(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
 
 def redeem(pool: ConnectionPool, redemption_id: str, date: str = REDEEMED) -> None:
     """Our record of a gift card redemption of 2000, from its webhook."""
-    deliver(pool, "redemption.succeeded", card_redemption("gift", redemption_id, 2000, 8000, date=date))
+    deliver(
+        pool, "redemption.succeeded", card_redemption("gift", redemption_id, 2000, 8000, date=date)
+    )
 
 
 def roll_back(pool: ConnectionPool, redemption_id: str, rollback_id: str) -> None:

@@ -93,6 +93,7 @@ FLAGS = Claims(
     },
 )
 
+
 def claim(pool: ConnectionPool, kind: Claims[C], after_seconds: int, batch_size: int) -> list[C]:
     """Stamp and return a batch of due rows, those checked longest ago first."""
     params = {**kind.params, "after": after_seconds, "batch": batch_size}

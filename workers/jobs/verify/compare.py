@@ -162,7 +162,9 @@ def listed_events(theirs: dict[str, Any], status: str | None, ours: Ours | None)
     return []
 
 
-def listed_disagreement(theirs: dict[str, Any], status: str | None, ours: Ours | None) -> str | None:
+def listed_disagreement(
+    theirs: dict[str, Any], status: str | None, ours: Ours | None
+) -> str | None:
     """What a person has to look at for a redemption of the listing; None when it agrees.
 
     ``ROLLED_BACK`` there with ``SUCCEEDED`` here is no disagreement yet: the rollback is

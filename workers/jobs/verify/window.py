@@ -20,7 +20,6 @@ not lost; items seen twice are compared once).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -76,9 +75,11 @@ def read_window(
     pool: ConnectionPool, settle_seconds: int, overlap_seconds: int
 ) -> tuple[datetime, datetime]:
     with pool.connection() as conn:
-        row = conn.cursor(row_factory=dict_row).execute(
-            READ_WINDOW, {"name": WATERMARK, "settle": settle_seconds}
-        ).fetchone()
+        row = (
+            conn.cursor(row_factory=dict_row)
+            .execute(READ_WINDOW, {"name": WATERMARK, "settle": settle_seconds})
+            .fetchone()
+        )
     assert row is not None
     end: datetime = row["end_at"]
     swept_to: datetime | None = row["swept_to"]
@@ -128,7 +129,7 @@ def sweep(
     while True:
         last: datetime | None = None
         for page in range(1, max_page + 1):
-            if time.monotonic() >= deadline:
+            if api.clock() >= deadline:
                 return False
             items = api.list_redemptions(cursor, end, page, deadline, limit=page_limit)
             tally["pages"] += 1
@@ -169,7 +170,9 @@ def compare_page(
     for item, redemption_id in zip(items, ids, strict=True):
         tally["listed"] += 1
         if compare.is_rollback(item):
-            _compare_rollback(api, item, redemption_id, ours.get(redemption_id), listed, deadline, heal)
+            _compare_rollback(
+                api, item, redemption_id, ours.get(redemption_id), listed, deadline, heal
+            )
         else:
             listed[redemption_id] = item
             _compare_redemption(item, redemption_id, ours.get(redemption_id), heal)
