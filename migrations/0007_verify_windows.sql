@@ -33,20 +33,25 @@ CREATE INDEX flags_open_lost_rollback ON flags (redemption_id)
     WHERE category = 'lost_rollback' AND status = 'open';
 
 -- The lost rollback's webhook may still arrive (Voucherify retries for days), or the verify
--- job applies the rollback: whichever moves our record to ROLLED_BACK resolves the flag, in
--- the same transaction as the restore the rollback handler applies with it.
-CREATE FUNCTION flags_resolve_lost_rollback() RETURNS trigger LANGUAGE plpgsql AS $$
+-- job applies the rollback: whichever moves our record to ROLLED_BACK ends the lost
+-- rollback, in the same transaction as the restore the rollback handler applies with it.
+-- The flag becomes what the webhooks in their natural order would have left (rollback,
+-- then the failed attempt): an open already_rolled_back flag, with a note saying so, that
+-- the verify job (or a person) resolves like any other. So any order of the same webhooks
+-- ends in the same rows.
+CREATE FUNCTION flags_end_lost_rollback() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE flags
-    SET status = 'resolved', resolved_at = now(),
-        note = 'resolved at ' || to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
-               || ': the rollback is in our records now (rollback '
-               || COALESCE(NEW.rollback_id, 'unknown') || ')'
+    SET category = 'already_rolled_back',
+        note = 'the rollback is in our records since '
+               || to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+               || ' (rollback ' || COALESCE(NEW.rollback_id, 'unknown')
+               || '): the restore is no longer missing'
     WHERE redemption_id = NEW.redemption_id AND category = 'lost_rollback' AND status = 'open';
     RETURN NULL;
 END
 $$;
-CREATE TRIGGER redemptions_lost_rollback_resolved
+CREATE TRIGGER redemptions_lost_rollback_ended
     AFTER INSERT OR UPDATE OF status ON redemptions
     FOR EACH ROW WHEN (NEW.status = 'ROLLED_BACK')
-    EXECUTE FUNCTION flags_resolve_lost_rollback();
+    EXECUTE FUNCTION flags_end_lost_rollback();

@@ -87,22 +87,31 @@ def test_verify_heals_a_lost_rollback_and_resolves_its_flag(
     assert (result.checked, result.applied, result.flags_resolved) == (1, 1, 1)
     assert ledger(db) == [("r_3", "debit", -2000), ("r_3", "restore", 2000)]
     [(category, status, note)] = rows(db, "SELECT category, status, note FROM flags")
-    assert (category, status) == ("lost_rollback", "resolved")
-    assert "rr_r_3" in note
+    assert (category, status) == ("already_rolled_back", "resolved")  # no longer lost
+    assert "Voucherify reports the redemption ROLLED_BACK (rollback rr_r_3)" in note
+    assert "restore is in the ledger" in note
     assert run(pool, api).checked == 0  # nothing left open
 
 
-def test_the_lost_rollbacks_late_webhook_resolves_its_flag(
-    pool: ConnectionPool, db: psycopg.Connection[Any]
+def test_the_lost_rollbacks_late_webhook_ends_the_lost_rollback(
+    pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
 ) -> None:
     redeem(pool, "r_4")
     fail_rollback(pool, "r_4")
 
     roll_back(pool, "r_4", "rr_4")  # Voucherify's retry of the lost webhook, days later
 
-    [(status, note)] = rows(db, "SELECT status, note FROM flags")
-    assert status == "resolved"
-    assert "the rollback is in our records now (rollback rr_4)" in note
+    # What the natural order (rollback, then the failed attempt) leaves: already_rolled_back.
+    [(category, status, note)] = rows(db, "SELECT category, status, note FROM flags")
+    assert (category, status) == ("already_rolled_back", "open")
+    assert "(rollback rr_4): the restore is no longer missing" in note
+    # ... which verify resolves like any other, applying nothing.
+    fake.add(
+        api_redemption("gift", "r_4", 2000, "ROLLED_BACK", "rr_4", date=LONG_AGO),
+        api_rollback("gift", "rr_4", "r_4", 2000, date=LATER),
+    )
+    result = run(pool, api)
+    assert (result.applied, result.flags_resolved) == (0, 1)
     assert ledger(db) == [("r_4", "debit", -2000), ("r_4", "restore", 2000)]
 
 

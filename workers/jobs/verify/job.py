@@ -292,8 +292,8 @@ def _settle_flag(pool: ConnectionPool, flag: claims.FlagClaim, check: Check, tal
                 f"ROLLED_BACK (rollback {check.rollback_id or 'unknown'}); our record is "
                 f"ROLLED_BACK and {restore}"
             )
-            # A lost rollback's flag may already be resolved by the healing itself
-            # (migrations/0007: our record moving to ROLLED_BACK resolves it).
+            # A lost rollback's flag is already_rolled_back by now: the healing moved our
+            # record to ROLLED_BACK (migrations/0007).
             conn.execute(RESOLVE_FLAG, {**FLAG_STATES, "id": flag.id, "note": note})
             tally["flags_resolved"] += 1
             log.info("verify.flag_resolved", extra={"flag_id": flag.id, "category": flag.category})
