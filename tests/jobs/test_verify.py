@@ -10,8 +10,7 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
-from tests.jobs.conftest import rows, scalar
-from tests.jobs.fake_voucherify import (
+from devtools.fake_voucherify import (
     APP_ID,
     APP_TOKEN,
     FakeVoucherify,
@@ -19,6 +18,7 @@ from tests.jobs.fake_voucherify import (
     api_redemption,
     api_rollback,
 )
+from tests.jobs.conftest import rows, scalar
 from tests.jobs.verify_support import (
     REDEEMED,
     ROLLED,

@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import REGISTRY
 from psycopg_pool import ConnectionPool
 
+from devtools.fake_voucherify import DROP, LIST, Failure, FakeVoucherify, api_redemption
 from tests.jobs.conftest import scalar
-from tests.jobs.fake_voucherify import DROP, LIST, Failure, FakeVoucherify, api_redemption
 from tests.jobs.verify_support import (
     REDEEMED,
     Clock,

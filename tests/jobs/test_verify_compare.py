@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from devtools.fake_voucherify import api_redemption, api_rollback
 from devtools.webhooks import VOUCHERIFY
 from schemas.vocabulary import LedgerKind, RedemptionStatus, VoucherType
-from tests.jobs.fake_voucherify import api_redemption, api_rollback
 from workers.jobs.verify import compare, translate
 from workers.jobs.verify.compare import (
     FAILED,

@@ -8,10 +8,10 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from devtools.fake_voucherify import FakeVoucherify, api_redemption, api_rollback
 from devtools.webhooks import card_rollback_failed
 from tests.conftest import deliver
 from tests.jobs.conftest import rows
-from tests.jobs.fake_voucherify import FakeVoucherify, api_redemption, api_rollback
 from tests.jobs.verify_support import (
     _fresh_verify_tables,
     api,

@@ -9,8 +9,8 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
+from devtools.fake_voucherify import FakeVoucherify, api_redemption
 from tests.jobs.conftest import rows, scalar
-from tests.jobs.fake_voucherify import FakeVoucherify, api_redemption
 from tests.jobs.verify_support import (
     OVERLAP,
     SETTLE,

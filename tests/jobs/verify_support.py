@@ -11,10 +11,10 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
+from devtools.fake_voucherify import APP_ID, APP_TOKEN, FakeVoucherify, fake_voucherify
 from devtools.webhooks import card_redemption, card_rollback
 from tests.conftest import deliver
 from tests.jobs.conftest import rows
-from tests.jobs.fake_voucherify import APP_ID, APP_TOKEN, FakeVoucherify, fake_voucherify
 from workers.jobs.verify import VerifyResult, verify
 from workers.jobs.voucherify_api import Budget, VoucherifyApi
 

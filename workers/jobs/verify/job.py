@@ -128,8 +128,12 @@ def verify(
     overlap_seconds: int,
     batch_size: int,
     deadline: float,
+    now: datetime | None = None,
 ) -> VerifyResult:
-    """Flags first (a bounded batch), then the listing's window; stops at ``deadline``."""
+    """Flags first (a bounded batch), then the listing's window; stops at ``deadline``.
+
+    ``now``: where the window ends, less ``after_seconds`` (None: the database's clock).
+    """
     tally = Tally()
 
     def check_flag(flag: claims.FlagClaim) -> None:
@@ -151,7 +155,7 @@ def verify(
         if claims.work_through(
             pool, claims.FLAGS, after_seconds, batch_size, deadline, check_flag, failed
         ) and not _budget_spent(api):
-            window.sweep(pool, api, after_seconds, overlap_seconds, deadline, heal, tally)
+            window.sweep(pool, api, after_seconds, overlap_seconds, deadline, heal, tally, now=now)
     except BudgetExhausted:
         pass
     except VoucherifyApiError as exc:

@@ -41,7 +41,7 @@ ONE_MS = timedelta(milliseconds=1)
 
 READ_WINDOW = """
 SELECT (SELECT swept_to FROM verify_watermarks WHERE name = %(name)s) AS swept_to,
-       now() - make_interval(secs => %(settle)s) AS end_at
+       COALESCE(%(now)s::timestamptz, now()) - make_interval(secs => %(settle)s) AS end_at
 """
 ADVANCE = """
 INSERT INTO verify_watermarks (name, swept_to) VALUES (%(name)s, %(to)s)
@@ -72,14 +72,12 @@ class Heal:
 
 
 def read_window(
-    pool: ConnectionPool, settle_seconds: int, overlap_seconds: int
+    pool: ConnectionPool, settle_seconds: int, overlap_seconds: int, now: datetime | None = None
 ) -> tuple[datetime, datetime]:
+    """The run's window; ``now`` is the database's clock unless given (the benchmark's day)."""
+    params = {"name": WATERMARK, "settle": settle_seconds, "now": now}
     with pool.connection() as conn:
-        row = (
-            conn.cursor(row_factory=dict_row)
-            .execute(READ_WINDOW, {"name": WATERMARK, "settle": settle_seconds})
-            .fetchone()
-        )
+        row = conn.cursor(row_factory=dict_row).execute(READ_WINDOW, params).fetchone()
     assert row is not None
     end: datetime = row["end_at"]
     swept_to: datetime | None = row["swept_to"]
@@ -114,13 +112,14 @@ def sweep(
     tally: dict[str, int],
     page_limit: int = PAGE_LIMIT,
     max_page: int = MAX_PAGE,
+    now: datetime | None = None,
 ) -> bool:
     """List the run's window and ``heal`` what disagrees; False when cut short.
 
     ``BudgetExhausted`` and ``VoucherifyApiError`` go up to the job, the watermark left
     where the last complete page put it.
     """
-    start, end = read_window(pool, settle_seconds, overlap_seconds)
+    start, end = read_window(pool, settle_seconds, overlap_seconds, now)
     if start >= end:
         return True
     seen: set[str] = set()

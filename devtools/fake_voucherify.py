@@ -13,6 +13,7 @@ given number of times first, and can add ``X-Rate-Limit-*`` headers to every ans
 
 from __future__ import annotations
 
+import bisect
 import copy
 import json
 import threading
@@ -26,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 from devtools.webhooks import VOUCHERIFY
 
 APP_ID = "test-app-id"
-APP_TOKEN = "test-app-token"
+APP_TOKEN = "test-app-token"  # noqa: S105 - the fake's own, never a real token
 LIST = "list"
 """``fail_first`` key of the listing (``GET /v1/redemptions``)."""
 DROP = -1
@@ -50,11 +51,13 @@ class FakeVoucherify:
     """Added to every answer (``X-Rate-Limit-Limit`` / ``-Remaining`` / ``-Retry``)."""
     max_page: int = 99
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _by_date: list[tuple[str, str]] | None = None  # (date, id), sorted; None: to rebuild
 
     def add(self, *objects: dict[str, Any]) -> None:
         with self.lock:
             for obj in objects:
                 self.redemptions[obj["id"]] = obj
+            self._by_date = None
 
     def fail_first(self, key: str, *failures: Failure) -> None:
         """The next requests of ``key`` (an id, or ``LIST``) fail this way, in turn."""
@@ -100,22 +103,20 @@ class FakeVoucherify:
         if not 1 <= limit <= 100 or not 1 <= page <= self.max_page:
             return 400, {}, {"code": 400, "key": "invalid_param", "message": "Invalid page"}
         after, before = query.get("created_at[after]"), query.get("created_at[before]")
-        items = sorted(
-            (
-                obj
-                for obj in self.redemptions.values()
-                if (after is None or obj["date"] > after)
-                and (before is None or obj["date"] < before)
-            ),
-            key=lambda obj: (obj["date"], obj["id"]),
-            reverse=query.get("order") != "created_at",
-        )
-        chunk = items[(page - 1) * limit : page * limit]
+        if self._by_date is None:
+            self._by_date = sorted((obj["date"], key) for key, obj in self.redemptions.items())
+        by_date = self._by_date
+        low = bisect.bisect_right(by_date, (after, "\uffff")) if after else 0
+        high = bisect.bisect_left(by_date, (before, "")) if before else len(by_date)
+        keys = [key for _, key in by_date[low:high]]
+        if query.get("order") != "created_at":
+            keys.reverse()  # Voucherify's default: the newest first
+        chunk = [self.redemptions[key] for key in keys[(page - 1) * limit : page * limit]]
         body = {
             "object": "list",
             "data_ref": "redemptions",
             "redemptions": chunk,
-            "total": len(items),
+            "total": len(keys),
         }
         return 200, {}, body
 
