@@ -155,7 +155,8 @@ def measure(url: str, rate: int) -> dict[str, Any]:
             restores = conn.execute(
                 "SELECT count(*) FROM ledger_entries WHERE effect = 'restore'"
             ).fetchone()
-    assert counts is not None and restores is not None
+    assert counts is not None
+    assert restores is not None
     return {
         "rate": rate,
         "runs": runs,
