@@ -106,8 +106,23 @@ def serve_day(
     return ours, rollbacks
 
 
+COPY_LEDGER = (
+    "COPY ledger_entries (voucher_id, kind, amount, redemption_id, effect, reason, event_id)"
+    " FROM STDIN"
+)
+COPY_LEDGER_DATED = (
+    "COPY ledger_entries (voucher_id, kind, amount, redemption_id, effect, reason, event_id,"
+    " moved_at) FROM STDIN"
+)
+LEDGER_COLUMNS = "SELECT column_name FROM information_schema.columns WHERE table_name = %s"
+
+
 def record_ours(pool: ConnectionPool, ours: list[tuple[Any, ...]]) -> None:
     """What the delivered webhooks left: the redemptions, their debits and restores."""
+    with pool.connection() as conn:
+        columns = {row[0] for row in conn.execute(LEDGER_COLUMNS, ("ledger_entries",))}
+    # The card ledger (migrations/0006) dates each movement: with it, moved_at too.
+    dated = "moved_at" in columns
     with pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
         with cursor.copy(
             "COPY redemptions (redemption_id, status, voucher_id, voucher_type, amount,"
@@ -115,16 +130,14 @@ def record_ours(pool: ConnectionPool, ours: list[tuple[Any, ...]]) -> None:
         ) as copy:
             for redemption_id, status, redeemed, _ in ours:
                 copy.write_row((redemption_id, status, "v_bench", "GIFT_VOUCHER", AMOUNT, redeemed))
-        with cursor.copy(
-            "COPY ledger_entries (voucher_id, kind, amount, redemption_id, effect, reason,"
-            " event_id) FROM STDIN"
-        ) as copy:
-            for redemption_id, _, _, restored in ours:
+        with cursor.copy(COPY_LEDGER_DATED if dated else COPY_LEDGER) as copy:
+            for redemption_id, _, redeemed, restored in ours:
+                when = (redeemed,) if dated else ()
                 row = ("v_bench", "gift_credit", -AMOUNT, redemption_id, "debit", "redemption")
-                copy.write_row((*row, f"ev_{redemption_id}"))
+                copy.write_row((*row, f"ev_{redemption_id}", *when))
                 if restored:
                     row = ("v_bench", "gift_credit", AMOUNT, redemption_id, "restore", "rollback")
-                    copy.write_row((*row, f"ev_rr_{redemption_id}"))
+                    copy.write_row((*row, f"ev_rr_{redemption_id}", *when))
 
 
 def measure(url: str, rate: int) -> dict[str, Any]:

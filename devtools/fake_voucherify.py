@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
 from devtools.webhooks import VOUCHERIFY
 
@@ -47,6 +47,8 @@ class FakeVoucherify:
     """Redemptions and rollbacks by id; the listing shows them all, by ``date``."""
     failures: dict[str, list[Failure]] = field(default_factory=dict)
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    transactions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Card code (or id) -> its transactions, oldest first, as ``VoucherTransaction``."""
     rate_headers: dict[str, str] = field(default_factory=dict)
     """Added to every answer (``X-Rate-Limit-Limit`` / ``-Remaining`` / ``-Retry``)."""
     max_page: int = 99
@@ -80,6 +82,8 @@ class FakeVoucherify:
             if headers.get("x-app-id") != APP_ID or headers.get("x-app-token") != APP_TOKEN:
                 return 401, {}, {"code": 401, "key": "unauthorized", "message": "Unauthorized"}
             split = urlsplit(target)
+            if split.path.startswith("/v1/vouchers/") and "/transactions" in split.path:
+                return _transactions_page(self, target)
             prefix = "/v1/redemptions/"
             if split.path == "/v1/redemptions":
                 key = LIST
@@ -119,6 +123,37 @@ class FakeVoucherify:
             "total": len(keys),
         }
         return 200, {}, body
+
+
+def _transactions_page(fake: FakeVoucherify, path: str) -> tuple[int, dict[str, str], Any]:
+    """``GET /v1/vouchers/{code}/transactions``: the published list shape (``object``,
+    ``data_ref``, ``data``, ``has_more``, ``more_starting_after``), ``order=-id`` or ``id``,
+    ``limit`` (10 by default), cursor ``starting_after_id``. (The ledger helper's route.)"""
+    parts = urlsplit(path)
+    code = unquote(parts.path.split("/")[3])
+    query = dict(parse_qsl(parts.query))
+    if code not in fake.transactions:
+        return 404, {}, {"code": 404, "key": "not_found", "message": "Resource not found"}
+    listed = list(fake.transactions[code])
+    if query.get("order", "-id") == "-id":
+        listed.reverse()
+    after = query.get("starting_after_id")
+    if after:
+        ids = [t["id"] for t in listed]
+        listed = listed[ids.index(after) + 1 :] if after in ids else []
+    limit = int(query.get("limit", "10"))
+    page, more = listed[:limit], len(listed) > limit
+    return (
+        200,
+        {},
+        {
+            "object": "list",
+            "data_ref": "data",
+            "data": page,
+            "has_more": more,
+            "more_starting_after": page[-1]["id"] if more else None,
+        },
+    )
 
 
 @contextmanager

@@ -23,7 +23,13 @@ from tests.jobs.verify_support import (
     ledger,
     run,
 )
-from workers.jobs.voucherify_api import Budget, BudgetExhausted, RateLimiter, VoucherifyApi
+from workers.jobs.voucherify_api import (
+    Budget,
+    BudgetExhausted,
+    RateLimiter,
+    VoucherifyApi,
+    VoucherifyApiError,
+)
 
 __all__ = ["_fresh_verify_tables", "api", "clock", "fake"]  # fixtures
 
@@ -179,3 +185,20 @@ def test_the_rate_limit_spaces_requests() -> None:
     for _ in range(5):
         limiter.wait()
     assert waits == [0.25, 0.25, 0.25, 0.25]
+
+
+def test_an_endpoint_is_a_few_lines_on_the_one_get_path_transactions_for_the_drift_job(
+    api: VoucherifyApi, fake: FakeVoucherify, clock: Clock
+) -> None:
+    fake.transactions["GIFT-1"] = [{"id": f"vtx_{i:03d}"} for i in range(150)]
+    deadline = clock.monotonic() + 60
+
+    first = api.list_voucher_transactions("GIFT-1", deadline)
+    second = api.list_voucher_transactions("GIFT-1", deadline, first["more_starting_after"])
+
+    assert (len(first["data"]), first["has_more"], first["data"][0]["id"]) == (100, True, "vtx_149")
+    assert (len(second["data"]), second["has_more"]) == (50, False)
+    with pytest.raises(VoucherifyApiError) as unknown:
+        api.list_voucher_transactions("NOPE", deadline)
+    assert unknown.value.status == 404
+    assert api.calls == 3  # each within the budget like any other call

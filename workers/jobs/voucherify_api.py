@@ -212,6 +212,22 @@ class VoucherifyApi:
             raise VoucherifyApiError("GET /v1/redemptions: no 'redemptions' list in the answer")
         return [item for item in items if isinstance(item, dict)]
 
+    def list_voucher_transactions(
+        self, code: str, deadline: float, starting_after_id: str | None = None
+    ) -> dict[str, Any]:
+        """One page (100, newest first) of a card's transactions,
+        ``GET /v1/vouchers/{code}/transactions``: the list object (``data``, ``has_more``,
+        ``more_starting_after``, the cursor of the next page). For the drift job's healing
+        (the ledger's method, written here on the one GET path)."""
+        query = [("limit", "100"), ("order", "-id")]
+        if starting_after_id:
+            query.append(("starting_after_id", starting_after_id))
+        path = f"/v1/vouchers/{quote(code, safe='')}/transactions"
+        answer = self.get(path, query, deadline)
+        if answer is None:
+            raise VoucherifyApiError(f"GET {path}: HTTP 404", 404)
+        return answer
+
     # --- the one GET path -----------------------------------------------------------
 
     def get(
