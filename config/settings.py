@@ -118,8 +118,12 @@ class Settings:
     voucherify_api_url: str | None = None
     voucherify_app_id: str | None = None
     voucherify_app_token: str | None = None
-    voucherify_api_rate: float = 5.0
-    """Requests per second the verify job may send to Voucherify's API."""
+    verify_overlap_seconds: int = 900
+    """Each verify run lists again this much before its watermark (late writes)."""
+    voucherify_api_calls_per_minute: int = 33
+    """Calls all jobs together may make to Voucherify's API per minute (Business: 100)."""
+    voucherify_api_calls_per_day: int = 500
+    """Calls all jobs together may make per UTC day (Business: 100,000 per billing cycle)."""
 
     def __repr__(self) -> str:  # never print secrets
         hidden = {"webhook_secrets", "ops_api_token", "metrics_token", "voucherify_app_token"}
@@ -299,8 +303,12 @@ def _jobs(env: Env) -> dict[str, Any]:
         voucherify_api_url=env.get("VOUCHERIFY_API_URL", parse.http_url, None),
         voucherify_app_id=env.get("VOUCHERIFY_APP_ID", parse.token, None),
         voucherify_app_token=env.get("VOUCHERIFY_APP_TOKEN", parse.token, None),
-        voucherify_api_rate=env.get(
-            "VOUCHERIFY_API_RATE", parse.number(0.1, 100.0, "requests per second"), 5.0
+        verify_overlap_seconds=env.get("VERIFY_OVERLAP_SECONDS", parse.int_range(0, 86400), 900),
+        voucherify_api_calls_per_minute=env.get(
+            "VOUCHERIFY_API_CALLS_PER_MINUTE", parse.int_range(1, 10_000), 33
+        ),
+        voucherify_api_calls_per_day=env.get(
+            "VOUCHERIFY_API_CALLS_PER_DAY", parse.int_range(1, 10_000_000), 500
         ),
     )
 

@@ -103,6 +103,9 @@ class FlagCategory(StrEnum):
     ALREADY_ROLLED_BACK = "already_rolled_back"
     REVIEW = "review"
     DRIFT = "drift"
+    LOST_ROLLBACK = "lost_rollback"
+    """An ``already_rolled_back`` failure whose payload shows the redemption ``ROLLED_BACK``
+    while our record is not: the rollback's webhook was lost, the restore is missing."""
 
 
 class FlagStatus(StrEnum):

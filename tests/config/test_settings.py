@@ -161,7 +161,8 @@ def test_settings_are_frozen() -> None:
         ({"ENQUEUE_TIMEOUT_SECONDS": "soon"}, "ENQUEUE_TIMEOUT_SECONDS"),
         ({"ENQUEUE_TIMEOUT_SECONDS": "30"}, "ENQUEUE_TIMEOUT_SECONDS"),
         ({"VOUCHERIFY_API_URL": "ftp://api"}, "VOUCHERIFY_API_URL"),
-        ({"VOUCHERIFY_API_RATE": "nan"}, "VOUCHERIFY_API_RATE"),
+        ({"VOUCHERIFY_API_CALLS_PER_MINUTE": "0"}, "VOUCHERIFY_API_CALLS_PER_MINUTE"),
+        ({"VOUCHERIFY_API_CALLS_PER_DAY": "many"}, "VOUCHERIFY_API_CALLS_PER_DAY"),
         ({"WEB_CONCURRENCY": "two"}, "WEB_CONCURRENCY"),
         ({"WEB_THREADS": "0"}, "WEB_THREADS"),
         ({"WEB_WORKER_CLASS": "gevent"}, "WEB_WORKER_CLASS"),
@@ -187,9 +188,10 @@ def test_malformed_variable_is_named_first_in_the_error(
     assert len(str(caught.value).splitlines()) == 1
 
 
-def test_a_rate_is_described_as_a_rate() -> None:
-    with pytest.raises(SettingsError, match="requests per second"):
-        Settings.from_env({**URLS, "VOUCHERIFY_API_RATE": "fast"})
+def test_the_api_budget_defaults_to_a_third_of_the_business_plans_minute() -> None:
+    settings = Settings.from_env(URLS)
+    assert settings.voucherify_api_calls_per_minute * 3 <= 100
+    assert settings.voucherify_api_calls_per_day * 31 <= 100_000 * 0.2  # a fifth of a cycle
 
 
 def test_a_sync_web_worker_runs_one_thread() -> None:

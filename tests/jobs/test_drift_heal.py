@@ -11,12 +11,12 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from devtools.fake_voucherify import APP_ID, APP_TOKEN, fake_voucherify
 from devtools.webhooks import CARD_IDS, card_transaction, card_transaction_event, gift_voucher
 from tests.conftest import deliver
 from tests.jobs.conftest import rows
-from tests.jobs.fake_voucherify import APP_ID, APP_TOKEN, fake_voucherify
 from workers.jobs.drift import check_drift
-from workers.jobs.voucherify_api import VoucherifyApi
+from workers.jobs.voucherify_api import Budget, VoucherifyApi
 
 BASE = datetime(2024, 2, 1, 8, 0, tzinfo=UTC)
 CODE = gift_voucher(0)["code"]
@@ -42,7 +42,7 @@ def test_a_drifting_card_is_healed_from_its_transactions_across_pages(
 
     with fake_voucherify() as fake:
         fake.transactions[CODE] = [older, *history]
-        api = VoucherifyApi(fake.url, APP_ID, APP_TOKEN, rate=1000)
+        api = VoucherifyApi(fake.url, APP_ID, APP_TOKEN, Budget(pool, 6000, 100_000))
         result = check_drift(pool, time.monotonic() + 60, quiet_seconds=0, api=api)
         pages = [path for path, _ in fake.requests if "/transactions" in path]
 
@@ -69,7 +69,7 @@ def test_a_gap_the_api_cannot_explain_is_still_one_flag(
 
     with fake_voucherify() as fake:
         fake.transactions[CODE] = [first, last]  # the API does not list the 50 either
-        api = VoucherifyApi(fake.url, APP_ID, APP_TOKEN, rate=1000)
+        api = VoucherifyApi(fake.url, APP_ID, APP_TOKEN, Budget(pool, 6000, 100_000))
         result = check_drift(pool, time.monotonic() + 60, quiet_seconds=0, api=api)
 
     assert (result.healed, result.flags_raised) == (0, 1)

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from devtools.fake_voucherify import api_redemption, api_rollback
 from devtools.webhooks import VOUCHERIFY
-from schemas.vocabulary import LedgerKind, RedemptionStatus
-from tests.jobs.fake_voucherify import api_redemption, api_rollback
+from schemas.vocabulary import LedgerKind, RedemptionStatus, VoucherType
 from workers.jobs.verify import compare, translate
 from workers.jobs.verify.compare import (
     FAILED,
@@ -22,11 +22,16 @@ from workers.jobs.verify.compare import (
     SUCCEEDED,
     Ours,
     amount_of,
+    card_type,
     disagreement,
     is_card,
-    latest_rollback,
+    listed_disagreement,
+    listed_events,
     missing_events,
+    rollbacks_newest_first,
+    status_from,
     status_of,
+    succeeded,
 )
 from workers.processing import read_delivery
 from workers.registry import registry
@@ -89,29 +94,82 @@ def test_amount_of_falls_back_to_the_card_fields(obj: dict[str, Any], expected: 
     assert amount_of(obj) == expected
 
 
+def test_the_card_kind_is_read_from_the_published_answers_gift_and_loyalty_card() -> None:
+    # The published GET /v1/redemptions/<id> examples: no voucher.type at all.
+    gift_card = published("redemption.get.gift-card")
+    loyalty = published("redemption.get.loyalty-card-pay-with-points")
+    assert "type" not in gift_card["voucher"]
+    assert "type" not in loyalty["voucher"]
+    assert card_type(gift_card) == VoucherType.GIFT_VOUCHER
+    assert card_type(loyalty) == VoucherType.LOYALTY_CARD
+    assert is_card(gift_card)
+    assert is_card(loyalty)
+    listing = published("redemptions.list")["redemptions"]
+    assert [card_type(r) for r in listing].count(None) == 4  # a coupon and 3 failures
+
+
 def test_a_card_is_a_gift_or_loyalty_voucher_that_moved_an_amount() -> None:
     assert is_card(gift())
     assert is_card(api_redemption("loyalty", "r_2", 50))
     assert not is_card(api_redemption("gift", "r_3", 0))
     assert not is_card(published("redemption-rollback.response.discount-coupon"))
     assert not is_card(published("redemption-rollback.response.promotion-tier"))  # no voucher
-    lower = gift()
-    lower["voucher"] = {**lower["voucher"], "type": "gift_voucher"}
-    assert is_card(lower)
+    declared = {"amount": 5, "voucher": {"type": "gift_voucher"}}  # a voucher.type, if given
+    assert is_card(declared)
 
 
-def test_the_latest_rollback_is_the_one_with_the_latest_date() -> None:
+def test_a_status_missing_from_the_answer_is_read_from_its_result() -> None:
+    assert status_from(published("redemption.get.gift-card")) == "SUCCEEDED"
+    assert status_from({"result": "FAILURE"}) == "FAILED"
+    assert status_from({"result": "SUCCESS", "status": "ROLLED_BACK"}) == "ROLLED_BACK"
+    assert status_from({}) is None
+
+
+def test_a_rollback_counts_by_its_result() -> None:
+    assert succeeded(published("redemption-rollback.response.gift-card"))
+    assert succeeded({"status": "SUCCEEDED"})
+    assert not succeeded({"result": "FAILURE", "status": "FAILED"})
+    assert not succeeded({})
+
+
+def test_the_rollbacks_are_tried_newest_first() -> None:
     theirs = gift("ROLLED_BACK", rollback_id="rr_1")
-    assert latest_rollback(theirs) == {"id": "rr_1", "date": "2024-02-01T10:23:52.499Z"}
+    assert rollbacks_newest_first(theirs) == [{"id": "rr_1", "date": "2024-02-01T10:23:52.499Z"}]
     theirs["related_redemptions"]["rollbacks"] = [
         {"id": "rr_old", "date": "2024-02-01T10:00:00.000Z"},
         {"id": "rr_new", "date": "2024-02-02T10:00:00.000Z"},
         {"date": "2024-03-01T10:00:00.000Z"},  # no id: nothing to ask for
         "rr_not_an_object",
     ]
-    assert latest_rollback(theirs) == {"id": "rr_new", "date": "2024-02-02T10:00:00.000Z"}
-    assert latest_rollback(gift()) is None
-    assert latest_rollback({"id": "r_1"}) is None
+    assert [r["id"] for r in rollbacks_newest_first(theirs)] == ["rr_new", "rr_old"]
+    assert rollbacks_newest_first(gift()) == []
+    assert rollbacks_newest_first({"id": "r_1"}) == []
+
+
+@pytest.mark.parametrize(
+    ("status", "record", "events", "problem"),
+    [
+        ("SUCCEEDED", None, [SUCCEEDED], "could not be created"),
+        ("SUCCEEDED", ours("SUCCEEDED"), [], None),
+        ("SUCCEEDED", ours("SUCCEEDED", has_debit=False), [SUCCEEDED], "debit is missing"),
+        ("ROLLED_BACK", ours("SUCCEEDED"), [], None),  # its rollback is listed at its date
+        ("ROLLED_BACK", ours("ROLLED_BACK", has_restore=True), [], None),
+        ("SUCCEEDED", ours("ROLLED_BACK"), [], "our record is ROLLED_BACK"),
+        ("FAILED", None, [FAILED], "could not be created"),
+        ("FAILED", ours("FAILED", has_debit=False), [], None),
+        ("FAILED", ours("SUCCEEDED"), [], "our record is SUCCEEDED, Voucherify's is FAILED"),
+    ],
+)
+def test_a_listed_redemption_is_compared_on_its_own_debit(
+    status: str, record: Ours | None, events: list[str], problem: str | None
+) -> None:
+    assert listed_events(gift(), status, record) == events
+    found = listed_disagreement(gift(), status, record)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert problem in found
 
 
 # --- which events are missing -----------------------------------------------------------
@@ -163,7 +221,7 @@ def test_without_a_card_the_ledger_is_not_asked_for() -> None:
         ("FAILED", None, ours("FAILED", has_debit=False), None),
         ("EXPIRED", None, ours("SUCCEEDED"), "Voucherify reports an unknown status"),
         (None, None, ours("SUCCEEDED"), "Voucherify reports an unknown status"),
-        ("ROLLED_BACK", None, ours("ROLLED_BACK"), "names no rollback"),
+        ("ROLLED_BACK", None, ours("ROLLED_BACK"), "names no successful rollback"),
         ("SUCCEEDED", None, None, "our record could not be created"),
         ("SUCCEEDED", None, ours("ROLLED_BACK"), "our record is ROLLED_BACK, Voucherify's is"),
         ("SUCCEEDED", None, ours("SUCCEEDED", has_debit=False), "the debit is missing"),
@@ -210,7 +268,7 @@ def test_the_snapshot_is_the_redemption_object_of_a_webhook() -> None:
     assert snap["object"] == "redemption"
     assert (snap["status"], snap["date"], snap["amount"]) == ("SUCCEEDED", theirs["date"], 2000)
     assert snap["order"] == {"id": "ord_card_test"}  # a reference, not the order
-    assert snap["voucher"] == theirs["voucher"]
+    assert snap["voucher"] == {**theirs["voucher"], "type": "GIFT_VOUCHER"}  # from ``gift``
     assert snap["customer_id"] == "cust_card_test"
 
 

@@ -235,7 +235,8 @@ def test_flags_filter_paginate_and_resolve_once(
 
     by_code = get(client, "/ops/api/flags", failure_code="voucher_disabled")[1]["items"]
     assert {f["rollback_id"] for f in by_code} == {"rrf_ops_1", "rrf_ops_2"}
-    assert get(client, "/ops/api/flags", category="already_rolled_back")[1]["items"][0][
+    # The payload shows the redemption ROLLED_BACK, which we have no record of: a lost rollback.
+    assert get(client, "/ops/api/flags", category="lost_rollback")[1]["items"][0][
         "failure_code"
     ] == ("already_rolled_back")
 
@@ -398,7 +399,12 @@ def test_stats_sum_up_the_pipeline(
         "dead": 1,
     }
     assert stats["deliveries_last_hour"]["duplicate"] == 1
-    assert stats["open_flags"] == {"already_rolled_back": 1, "review": 2, "drift": 0}
+    assert stats["open_flags"] == {
+        "already_rolled_back": 0,
+        "review": 2,
+        "drift": 0,
+        "lost_rollback": 1,
+    }
     assert stats["dead_letters_pending"] == 1
     assert stats["queue_depth"] == {
         "deliveries": 2,
@@ -428,7 +434,7 @@ def test_metrics_carry_the_pipeline_gauges_and_the_ops_requests(
         if line and not line.startswith("#")
     }
     assert samples['pipeline_open_flags{category="review"}'] == 2
-    assert samples['pipeline_open_flags{category="already_rolled_back"}'] == 1
+    assert samples['pipeline_open_flags{category="lost_rollback"}'] == 1
     assert samples['pipeline_open_flags{category="drift"}'] == 0
     assert samples["pipeline_dead_letters_pending"] == 1
     assert samples['pipeline_queue_depth{queue="deliveries"}'] == 1

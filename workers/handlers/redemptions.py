@@ -203,10 +203,17 @@ def rollback_failed(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> No
     # Voucherify's failure code ``already_rolled_back`` names its category; any other
     # failure is for a person to review.
     already = code == FlagCategory.ALREADY_ROLLED_BACK
+    category = FlagCategory.ALREADY_ROLLED_BACK if already else FlagCategory.REVIEW
+    if already and event.redemption.status == RedemptionStatus.ROLLED_BACK:
+        # Voucherify shows it rolled back; if our record does not, the successful
+        # rollback's webhook was lost and the restore is missing: a flag of its own.
+        ours = conn.execute(sql.OUR_STATUS, {"redemption_id": event.redemption.id}).fetchone()
+        if ours is None or ours[0] != RedemptionStatus.ROLLED_BACK:
+            category = FlagCategory.LOST_ROLLBACK
     conn.execute(
         sql.INSERT_ROLLBACK_FLAG,
         {
-            "category": FlagCategory.ALREADY_ROLLED_BACK if already else FlagCategory.REVIEW,
+            "category": category,
             "redemption_id": event.redemption.id,
             "rollback_id": rollback.id,
             "voucher_id": event.card.id if event.card else None,

@@ -197,3 +197,5 @@ TOUCH_REDEMPTION = """
 UPDATE redemptions SET last_event_at = GREATEST(last_event_at, %(at)s), updated_at = now()
 WHERE redemption_id = %(redemption_id)s
 """
+
+OUR_STATUS = "SELECT status FROM redemptions WHERE redemption_id = %(redemption_id)s"

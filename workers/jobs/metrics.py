@@ -27,8 +27,13 @@ DRIFT_FLAGS = Counter(
 )
 VOUCHERIFY_API_REQUESTS = Counter(
     "voucherify_api_requests_total",
-    "Requests the verify job sent to Voucherify's API, by HTTP status ('error': no answer)",
+    "Calls the jobs made to Voucherify's API, by HTTP status ('error': no answer)",
     ["status"],
+)
+VOUCHERIFY_API_SKIPPED = Counter(
+    "voucherify_api_calls_skipped_total",
+    "Calls to Voucherify's API not made for budget, by reason (day, minute, rate_limit_headers)",
+    ["reason"],
 )
 
 

@@ -42,7 +42,7 @@ from workers.jobs.lock import JobLock
 from workers.jobs.redrive import redrive
 from workers.jobs.retention import apply_retention
 from workers.jobs.verify import verify
-from workers.jobs.voucherify_api import VoucherifyApi
+from workers.jobs.voucherify_api import Budget, VoucherifyApi
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +76,32 @@ def _redrive(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: f
     ).as_dict()
 
 
-def _verify(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:
+def _api(s: Settings, pool: ConnectionPool) -> VoucherifyApi | None:
+    """The API client verify and drift share (one budget), or None when not configured."""
     url, app_id, token = s.voucherify_api_url, s.voucherify_app_id, s.voucherify_app_token
     if not (url and app_id and token):
+        return None
+    budget = Budget(pool, s.voucherify_api_calls_per_minute, s.voucherify_api_calls_per_day)
+    return VoucherifyApi(url, app_id, token, budget)
+
+
+def _verify(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:
+    api = _api(s, pool)
+    if api is None:
         raise RuntimeError("the verify job needs VOUCHERIFY_API_URL, _APP_ID and _APP_TOKEN")
-    api = VoucherifyApi(url, app_id, token, s.voucherify_api_rate)
-    return verify(pool, api, s.verify_after_seconds, s.verify_batch_size, deadline).as_dict()
+    return verify(
+        pool,
+        api,
+        s.verify_after_seconds,
+        s.verify_overlap_seconds,
+        s.verify_batch_size,
+        deadline,
+    ).as_dict()
 
 
 def _drift(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:
     """Heals drifting cards from Voucherify's API when it is configured (as verify's)."""
-    url, app_id, token = s.voucherify_api_url, s.voucherify_app_id, s.voucherify_app_token
-    api = (
-        VoucherifyApi(url, app_id, token, s.voucherify_api_rate)
-        if url and app_id and token
-        else None
-    )
-    return check_drift(pool, deadline, api=api).as_dict()
+    return check_drift(pool, deadline, api=_api(s, pool)).as_dict()
 
 
 def _retention(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:

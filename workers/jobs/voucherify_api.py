@@ -1,17 +1,33 @@
-"""Read redemptions from Voucherify's REST API with the official ``voucherify`` package.
+"""Read from Voucherify's REST API within a budget: one GET path, endpoint methods on top.
 
-The package (OpenAPI-generated, v6) gives the host, the ``X-App-Id`` / ``X-App-Token``
-headers and the transport. We call ``get_redemption_without_preload_content`` and read the
-JSON ourselves instead of taking its pydantic model: the job feeds the API's answer to
-the same marshmallow schemas the webhooks go through (``schemas.redemption``), which
-accept both spellings of a rolled-back status and ignore fields they do not know, where
-the generated model rejects any value outside the enum of its spec version.
+Every request goes through ``VoucherifyApi.get``: the ``X-App-Id`` / ``X-App-Token``
+headers, the budget, the spacing of calls, the retries and Voucherify's own rate-limit
+headers are handled there once, so an endpoint method is a path and its query
+(``get_redemption``, ``list_redemptions``; add others the same way).
 
-Around each request: a rate limit (``VOUCHERIFY_API_RATE`` requests per second, for the
-whole job) and retries with exponential backoff and jitter on 429 and 5xx answers and on
-connection errors, honouring ``Retry-After``, bounded by an attempt count and by the
-job's deadline. The package itself is imported when the first client is built: it takes
-seconds to import, and only the verify job needs it.
+Why urllib3 and not the official ``voucherify`` package: the package (OpenAPI-generated,
+v6) does list redemptions with the ``created_at`` filters, but (1) its typed methods return
+pydantic models that reject any value outside the enums of its spec version, so every call
+would go through its ``*_without_preload_content`` variants and our own JSON reading
+anyway; (2) a single generic GET path would have to drive its internals
+(``ApiClient.param_serialize`` / ``call_api``); (3) it turns TLS errors into
+``ApiException(status=0)`` with the error flattened into a string; (4) importing its
+1,400 generated models takes seconds. urllib3 is its transport anyway.
+
+The budget (``Budget``): calls per UTC minute and per UTC day, counted in PostgreSQL
+(``voucherify_api_calls``) so that every job and process shares it. Voucherify blocks a
+project's API at once when it goes over its plan (Business: 100 calls a minute, 100,000 a
+billing cycle), and the shop's checkout uses the same quota: the defaults take at most a
+third of the minute and about a sixth of a cycle. On top, its response headers:
+``X-Rate-Limit-Remaining`` at or below a third of ``X-Rate-Limit-Limit`` (the shop is
+busy) pauses our calls until ``X-Rate-Limit-Retry`` (a Unix time) or the next minute.
+A call the budget refuses is not made: ``BudgetExhausted`` tells the job to stop and
+leave the rest for its next run (``voucherify_api_calls_skipped_total{reason}``).
+
+Retries: 429, 408, 5xx, and any connection or TLS error (``urllib3.exceptions.HTTPError``,
+``OSError``) are retried with exponential backoff and jitter, honouring ``Retry-After`` (or
+``X-Rate-Limit-Retry``), bounded by an attempt count and by the job's deadline; then
+``VoucherifyApiError``, which the job counts and moves on from. 401 and 403 are permanent.
 """
 
 from __future__ import annotations
@@ -20,9 +36,15 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import quote, urlencode
+
+import psycopg
+import urllib3
+from psycopg_pool import ConnectionPool
 
 from workers.jobs import metrics
 
@@ -30,6 +52,27 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5
 MAX_RETRY_AFTER_SECONDS = 60.0
+PAGE_LIMIT = 100
+"""``limit`` of a list call: Voucherify's maximum."""
+MAX_PAGE = 99
+"""``page`` of a list call: Voucherify answers pages 1 to 99 only."""
+REMOTE_RESERVE = 1 / 3
+"""Share of Voucherify's per-period limit our calls leave to the shop, whoever used the rest."""
+PERIOD_SECONDS = 60.0
+"""How long to pause without an ``X-Rate-Limit-Retry``: the Business plan counts per minute."""
+
+TAKE_CALL = """
+INSERT INTO voucherify_api_calls (period, starts_at, calls)
+VALUES (%(period)s, date_trunc(%(period)s, now(), 'UTC'), 1)
+ON CONFLICT (period, starts_at) DO UPDATE SET calls = voucherify_api_calls.calls + 1
+WHERE voucherify_api_calls.calls < %(cap)s
+RETURNING calls
+"""
+FORGET_CALLS = "DELETE FROM voucherify_api_calls WHERE starts_at < now() - interval '2 days'"
+CALLS_TODAY = """
+SELECT COALESCE(sum(calls), 0) FROM voucherify_api_calls
+WHERE period = 'day' AND starts_at = date_trunc('day', now(), 'UTC')
+"""
 
 
 class VoucherifyApiError(Exception):
@@ -43,6 +86,41 @@ class VoucherifyApiError(Exception):
     def permanent(self) -> bool:
         """Credentials or URL are wrong: no other request of this run can succeed."""
         return self.status in (401, 403)
+
+
+class BudgetExhausted(VoucherifyApiError):
+    """The call was not made: our budget or Voucherify's headers say wait. Stop the run."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Voucherify API budget: {reason}")
+        self.reason = reason
+
+
+class Budget:
+    """Calls per UTC minute and per UTC day, shared by every process through PostgreSQL."""
+
+    def __init__(self, pool: ConnectionPool, per_minute: int, per_day: int) -> None:
+        self.pool = pool
+        self.per_minute = per_minute
+        self.per_day = per_day
+        with pool.connection() as conn:
+            conn.execute(FORGET_CALLS)
+
+    def take(self) -> str | None:
+        """Count one call; None when granted, else which budget refused (``day``, ``minute``)."""
+        with self.pool.connection() as conn:
+            refused: str | None = None
+            with conn.transaction():
+                for period, cap in (("day", self.per_day), ("minute", self.per_minute)):
+                    if conn.execute(TAKE_CALL, {"period": period, "cap": cap}).fetchone() is None:
+                        refused = period
+                        raise psycopg.Rollback()  # neither is counted
+            return refused
+
+    def used_today(self) -> int:
+        with self.pool.connection() as conn:
+            row = conn.execute(CALLS_TODAY).fetchone()
+            return int(row[0]) if row else 0
 
 
 class RateLimiter:
@@ -73,128 +151,174 @@ class VoucherifyApi:
         url: str,
         app_id: str,
         app_token: str,
-        rate: float,
+        budget: Budget,
         max_attempts: int = MAX_ATTEMPTS,
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         timeout: tuple[float, float] = (3.0, 10.0),
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        import voucherify  # slow import (1,400 generated models): only when verifying
-
-        configuration = voucherify.Configuration(
-            host=url.rstrip("/"),
-            api_key={"X-App-Id": app_id, "X-App-Token": app_token},
-            retries=0,  # our loop retries, with the budget and the rate limit
+        self.url = url.rstrip("/")
+        self.headers = {
+            "X-App-Id": app_id,
+            "X-App-Token": app_token,
+            "Accept": "application/json",
+        }
+        self.budget = budget
+        self._http = urllib3.PoolManager(
+            retries=False,  # our loop retries, within the budget
+            timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
         )
-        self._api = voucherify.RedemptionsApi(voucherify.ApiClient(configuration))
-        self._limiter = RateLimiter(rate, clock=clock, sleep=sleep)
+        self._limiter = RateLimiter(budget.per_minute / 60.0, clock=clock, sleep=sleep)
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
-        self.timeout = timeout
         self.sleep = sleep
         self.clock = clock
+        self.wall_clock = wall_clock
+        self.calls = 0
+        """Requests sent by this client (answered or not)."""
+        self.skipped = 0
+        """Calls refused for budget (each one stops its job's run)."""
+        self._paused_until = 0.0  # wall clock: Voucherify's headers asked us to wait
+
+    # --- endpoints ------------------------------------------------------------------
 
     def get_redemption(self, redemption_id: str, deadline: float) -> dict[str, Any] | None:
         """The redemption (or rollback) object; None when Voucherify does not know the id."""
-        import urllib3
+        return self.get(f"/v1/redemptions/{quote(redemption_id, safe='')}", (), deadline)
 
-        attempt = 0
-        while True:
-            attempt += 1
-            self._limiter.wait()
-            status, headers, body = None, {}, b""
-            try:
-                response = self._api.get_redemption_without_preload_content(
-                    redemption_id, _request_timeout=self.timeout
-                )
-                try:
-                    status, headers, body = response.status, dict(response.headers), response.data
-                finally:
-                    response.release_conn()
-            except urllib3.exceptions.HTTPError as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            else:
-                error = f"HTTP {status}"
-            metrics.VOUCHERIFY_API_REQUESTS.labels(str(status or "error")).inc()
-            if status is not None and 200 <= status < 300:
-                return _json_object(body, redemption_id)
-            if status == 404:
-                return None
-            if status is not None and not _retryable(status):
-                raise VoucherifyApiError(
-                    f"GET /v1/redemptions/{redemption_id}: {error}: {body[:300]!r}", status
-                )
-            delay = self._delay(attempt, headers)
-            if attempt >= self.max_attempts or self.clock() + delay > deadline:
-                raise VoucherifyApiError(
-                    f"GET /v1/redemptions/{redemption_id}: {error} after {attempt} attempts",
-                    status,
-                )
-            log.warning(
-                "voucherify_api.retry",
-                extra={"redemption_id": redemption_id, "error": error, "delay": round(delay, 3)},
-            )
-            self.sleep(delay)
+    def list_redemptions(
+        self,
+        after: datetime,
+        before: datetime,
+        page: int,
+        deadline: float,
+        limit: int = PAGE_LIMIT,
+    ) -> list[dict[str, Any]]:
+        """One page of redemptions and rollbacks created between the dates, oldest first."""
+        query = [
+            ("limit", str(limit)),
+            ("page", str(page)),
+            ("order", "created_at"),
+            ("created_at[after]", _iso(after)),
+            ("created_at[before]", _iso(before)),
+        ]
+        answer = self.get("/v1/redemptions", query, deadline) or {}
+        items = answer.get("redemptions")
+        if not isinstance(items, list):
+            raise VoucherifyApiError("GET /v1/redemptions: no 'redemptions' list in the answer")
+        return [item for item in items if isinstance(item, dict)]
 
     def list_voucher_transactions(
         self, code: str, deadline: float, starting_after_id: str | None = None
     ) -> dict[str, Any]:
         """One page (100, newest first) of a card's transactions,
         ``GET /v1/vouchers/{code}/transactions``: the list object (``data``, ``has_more``,
-        ``more_starting_after``, the cursor of the next page). For the drift job's healing;
-        the same rate limit, retries and errors as ``get_redemption``."""
-        import urllib3
-        import voucherify
-        from voucherify.models.parameter_order_list_transactions import (
-            ParameterOrderListTransactions,
-        )
+        ``more_starting_after``, the cursor of the next page). For the drift job's healing
+        (the ledger's method, written here on the one GET path)."""
+        query = [("limit", "100"), ("order", "-id")]
+        if starting_after_id:
+            query.append(("starting_after_id", starting_after_id))
+        path = f"/v1/vouchers/{quote(code, safe='')}/transactions"
+        answer = self.get(path, query, deadline)
+        if answer is None:
+            raise VoucherifyApiError(f"GET {path}: HTTP 404", 404)
+        return answer
 
-        vouchers = voucherify.VouchersApi(self._api.api_client)
-        what = f"GET /v1/vouchers/{code}/transactions"
+    # --- the one GET path -----------------------------------------------------------
+
+    def get(
+        self, path: str, query: Sequence[tuple[str, str]], deadline: float
+    ) -> dict[str, Any] | None:
+        """GET ``path`` with ``query``: the JSON object, or None for 404 (unknown id)."""
+        target = self.url + path + ("?" + urlencode(query, safe="[]:") if query else "")
         attempt = 0
         while True:
             attempt += 1
+            self._take_budget(deadline)
             self._limiter.wait()
-            status, headers, body = None, {}, b""
+            status: int | None = None
+            headers: dict[str, str] = {}
+            body = b""
+            self.calls += 1
             try:
-                response = vouchers.list_voucher_transactions_without_preload_content(
-                    code,
-                    limit=100,
-                    order=ParameterOrderListTransactions.MINUS_ID,
-                    starting_after_id=starting_after_id,
-                    _request_timeout=self.timeout,
-                )
-                try:
-                    status, headers, body = response.status, dict(response.headers), response.data
-                finally:
-                    response.release_conn()
-            except urllib3.exceptions.HTTPError as exc:
+                response = self._http.request("GET", target, headers=self.headers)
+                status, body = response.status, response.data
+                headers = {k.lower(): v for k, v in response.headers.items()}
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             else:
                 error = f"HTTP {status}"
             metrics.VOUCHERIFY_API_REQUESTS.labels(str(status or "error")).inc()
+            self._read_limits(headers)
             if status is not None and 200 <= status < 300:
-                return _json_object(body, code)
+                return _json_object(body, path)
+            if status == 404:
+                return None
             if status is not None and not _retryable(status):
-                raise VoucherifyApiError(f"{what}: {error}: {body[:300]!r}", status)
+                raise VoucherifyApiError(f"GET {path}: {error}: {body[:300]!r}", status)
             delay = self._delay(attempt, headers)
             if attempt >= self.max_attempts or self.clock() + delay > deadline:
-                raise VoucherifyApiError(f"{what}: {error} after {attempt} attempts", status)
+                raise VoucherifyApiError(f"GET {path}: {error} after {attempt} attempts", status)
             log.warning(
                 "voucherify_api.retry",
-                extra={"voucher_code": code, "error": error, "delay": round(delay, 3)},
+                extra={"path": path, "error": error, "delay": round(delay, 3)},
             )
             self.sleep(delay)
 
+    def _take_budget(self, deadline: float) -> None:
+        """Wait for Voucherify's pause and for the next minute once, if the run has the time;
+        else the call is skipped (``BudgetExhausted``)."""
+        pause = self._paused_until - self.wall_clock()
+        if pause > 0:
+            if self.clock() + pause > deadline:
+                self._skip("rate_limit_headers")
+            self.sleep(pause)
+        for waited in (False, True):
+            refused = self.budget.take()
+            if refused is None:
+                return
+            wait = PERIOD_SECONDS - (self.wall_clock() % PERIOD_SECONDS) + 0.01
+            if refused == "day" or waited or self.clock() + wait > deadline:
+                self._skip(refused)
+            self.sleep(wait)
+
+    def _skip(self, reason: str) -> None:
+        self.skipped += 1
+        metrics.VOUCHERIFY_API_SKIPPED.labels(reason).inc()
+        log.warning("voucherify_api.budget_exhausted", extra={"reason": reason})
+        raise BudgetExhausted(reason)
+
+    def _read_limits(self, headers: dict[str, str]) -> None:
+        """Pause when the project's remaining calls in the period fall to the shop's reserve."""
+        limit = _number(headers.get("x-rate-limit-limit"))
+        remaining = _number(headers.get("x-rate-limit-remaining"))
+        if limit is None or remaining is None or remaining > limit * REMOTE_RESERVE:
+            return
+        until = _epoch(headers.get("x-rate-limit-retry"))
+        self._paused_until = until if until is not None else self.wall_clock() + PERIOD_SECONDS
+        log.warning(
+            "voucherify_api.paused",
+            extra={"remaining": remaining, "limit": limit, "until": self._paused_until},
+        )
+
     def _delay(self, attempt: int, headers: dict[str, str]) -> float:
-        retry_after = _retry_after({k.lower(): v for k, v in headers.items()}.get("retry-after"))
+        retry_after = _retry_after(headers.get("retry-after"), self.wall_clock())
+        if retry_after is None:
+            retry = _epoch(headers.get("x-rate-limit-retry"))
+            retry_after = max(0.0, retry - self.wall_clock()) if retry is not None else None
         if retry_after is not None:
             return min(retry_after, MAX_RETRY_AFTER_SECONDS)
         ceiling = min(self.backoff_cap, self.backoff_base * 2.0 ** (attempt - 1))
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
+
+
+def _iso(moment: datetime) -> str:
+    """ISO 8601 in UTC with milliseconds, as Voucherify writes its dates."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _retryable(status: int) -> bool:
@@ -202,7 +326,22 @@ def _retryable(status: int) -> bool:
     return status in (408, 429) or status >= 500
 
 
-def _retry_after(value: str | None) -> float | None:
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def _epoch(value: str | None) -> float | None:
+    """``X-Rate-Limit-Retry``: a Unix time, in seconds or in milliseconds."""
+    number = _number(value)
+    if number is None:
+        return None
+    return number / 1000.0 if number > 1e11 else number
+
+
+def _retry_after(value: str | None, now: float) -> float | None:
     """``Retry-After`` in seconds, or as an HTTP date; None when absent or unreadable."""
     if not value:
         return None
@@ -214,14 +353,14 @@ def _retry_after(value: str | None) -> float | None:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return max(0.0, when.timestamp() - now)
 
 
-def _json_object(body: bytes, redemption_id: str) -> dict[str, Any]:
+def _json_object(body: bytes, path: str) -> dict[str, Any]:
     try:
         document = json.loads(body)
     except ValueError as exc:
-        raise VoucherifyApiError(f"GET /v1/redemptions/{redemption_id}: not JSON") from exc
+        raise VoucherifyApiError(f"GET {path}: not JSON") from exc
     if not isinstance(document, dict):
-        raise VoucherifyApiError(f"GET /v1/redemptions/{redemption_id}: not a JSON object")
+        raise VoucherifyApiError(f"GET {path}: not a JSON object")
     return document

@@ -1,15 +1,13 @@
-"""Verify against Voucherify: ask the API what happened, apply it through the same handlers.
+"""Verify against Voucherify: list what it created, compare, apply what we miss.
 
-What is checked, each run, at most ``VERIFY_BATCH_SIZE`` of each, oldest check first
-(``claims``):
+Each run, within the API budget (``workers.jobs.voucherify_api``):
 
-- open flags of a failed rollback (``already_rolled_back``, ``review``) and the flags this
-  job raised itself (``verify_mismatch``);
-- redemptions without a final state whose last event is older than
-  ``VERIFY_AFTER_SECONDS``: ``SUCCEEDED`` ones within Voucherify's rollback window (a
-  rollback can come up to 3 months later, and its webhook may be lost), and card
-  redemptions ``ROLLED_BACK`` whose debit or restore is missing from the ledger. Each is
-  checked again ``VERIFY_AFTER_SECONDS`` after its last check, round-robin.
+- open flags of a failed rollback (``already_rolled_back``, ``lost_rollback``, ``review``)
+  and the flags this job raised itself (``verify_mismatch``), at most ``VERIFY_BATCH_SIZE``,
+  each checked by its redemption's id (``claims``);
+- the redemptions and rollbacks Voucherify created since the watermark (minus an overlap),
+  up to ``VERIFY_AFTER_SECONDS`` ago, listed 100 a page and compared with our rows
+  (``window``). The calls grow with redemptions / 100.
 
 Healing: Voucherify's answer (compared with our record in ``compare``) becomes the
 webhook ``data`` it would have sent (``translate``: ``redemption.succeeded``,
@@ -17,17 +15,14 @@ webhook ``data`` it would have sent (``translate``: ``redemption.succeeded``,
 ``workers.processing`` as an event of its own, ``verify:<redemption id>:<status>``: the
 inbox records it once, the handlers apply it in one transaction, and the ledger's UNIQUE
 (redemption_id, effect) key makes a restore or a debit impossible to apply twice,
-whether the webhook or the job gets there first. Only what is missing is applied; a
-redemption that already agrees with Voucherify is just marked checked. The card balance
-is not taken from the API (its voucher is a snapshot whose time is unknown): the drift
-job works from webhook reports only.
+whether the webhook or the job gets there first. The card's kind comes from the answer's
+``gift`` / ``loyalty_card`` objects (the API's voucher has no ``type``); a rollback counts
+only when it succeeded (``result``), never just for being the newest.
 
 Flags (``job``): a failed-rollback flag whose redemption Voucherify reports
 ``ROLLED_BACK``, with our record ``ROLLED_BACK`` and the restore in the ledger, is
-resolved with a note saying so (the rollback happened and our books show it: nothing is
-left for a person). Any other answer is written on the flag as a note and the flag stays
-open. What the job cannot make agree (Voucherify says ``SUCCEEDED`` where we recorded a
-rollback, or does not know the redemption) raises one open ``review`` flag
+resolved with a note saying so. Any other answer is written on the flag as a note and
+the flag stays open. What the job cannot make agree raises one open ``review`` flag
 ``verify_mismatch`` per redemption, resolved by the job itself once the two agree.
 """
 

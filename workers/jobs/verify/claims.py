@@ -5,8 +5,9 @@ two runs never take the same row) and returns each with the ``verified_at`` it h
 before. A row the run could not check after all -- out of time, or Voucherify did not
 answer -- gets that previous value back, so it comes first again next run.
 
-Two kinds of row are claimed, the same way (``work_through``): open flags of a failed
-rollback (``FLAGS``) and redemptions without a final state (``REDEMPTIONS``).
+The rows claimed this way (``work_through``) are the open flags of a failed rollback
+(``FLAGS``): each is few, and is checked by its redemption's id. Redemptions themselves
+are not polled one by one: the job lists them by creation time (``window``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,8 @@ from typing import Any, Generic, LiteralString, Protocol, TypeVar
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
-from schemas.vocabulary import FlagCategory, FlagStatus, LedgerEffect, VoucherType
-from workers.jobs.voucherify_api import VoucherifyApiError
-
-ROLLBACK_WINDOW_DAYS = 92
-"""Voucherify rolls back redemptions up to 3 months old: past that, SUCCEEDED is final."""
+from schemas.vocabulary import FlagCategory, FlagStatus
+from workers.jobs.voucherify_api import BudgetExhausted, VoucherifyApiError
 
 CLAIM_FLAGS = """
 WITH due AS (
@@ -40,39 +38,7 @@ UPDATE flags f SET verified_at = now() FROM due WHERE f.id = due.id
 RETURNING f.id, f.category, f.redemption_id, f.failure_code, due.verified_at AS previous
 """
 
-# The statuses are written out, not parameters: they are the predicate of the partial
-# index redemptions_verify (migrations/0003_jobs.sql), and the planner matches a partial
-# index against constants only -- a prepared statement's generic plan would ignore it.
-CLAIM_REDEMPTIONS = """
-WITH due AS (
-    SELECT r.redemption_id, r.verified_at FROM redemptions r
-    WHERE COALESCE(r.last_event_at, r.updated_at) < now() - make_interval(secs => %(after)s)
-      AND (r.verified_at IS NULL OR r.verified_at < now() - make_interval(secs => %(after)s))
-      AND (
-        (r.status = 'SUCCEEDED'
-         AND COALESCE(r.redeemed_at, r.last_event_at, r.created_at)
-             > now() - make_interval(days => %(window_days)s))
-        OR (r.status = 'ROLLED_BACK' AND r.voucher_type = ANY(%(card_types)s)
-            AND COALESCE(r.amount, 0) <> 0
-            AND (NOT EXISTS (SELECT 1 FROM ledger_entries l
-                             WHERE l.redemption_id = r.redemption_id AND l.effect = %(debit)s)
-                 OR NOT EXISTS (SELECT 1 FROM ledger_entries l
-                                WHERE l.redemption_id = r.redemption_id
-                                  AND l.effect = %(restore)s)))
-      )
-    ORDER BY r.verified_at NULLS FIRST, r.last_event_at
-    LIMIT %(batch)s
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE redemptions r SET verified_at = now() FROM due
-WHERE r.redemption_id = due.redemption_id
-RETURNING r.redemption_id, due.verified_at AS previous
-"""
-
 UNCLAIM_FLAG = "UPDATE flags SET verified_at = %(previous)s WHERE id = %(id)s"
-UNCLAIM_REDEMPTION = (
-    "UPDATE redemptions SET verified_at = %(previous)s WHERE redemption_id = %(id)s"
-)
 
 
 class Claimed(Protocol):
@@ -100,16 +66,6 @@ class FlagClaim:
         return self.id
 
 
-@dataclass(frozen=True, slots=True)
-class RedemptionClaim:
-    redemption_id: str
-    previous: datetime | None
-
-    @property
-    def key(self) -> str:
-        return self.redemption_id
-
-
 C = TypeVar("C", bound=Claimed)
 
 
@@ -129,18 +85,11 @@ FLAGS = Claims(
     FlagClaim,
     {
         "open": FlagStatus.OPEN,
-        "categories": [FlagCategory.ALREADY_ROLLED_BACK, FlagCategory.REVIEW],
-    },
-)
-REDEMPTIONS = Claims(
-    CLAIM_REDEMPTIONS,
-    UNCLAIM_REDEMPTION,
-    RedemptionClaim,
-    {
-        "window_days": ROLLBACK_WINDOW_DAYS,
-        "card_types": list(VoucherType),
-        "debit": LedgerEffect.DEBIT,
-        "restore": LedgerEffect.RESTORE,
+        "categories": [
+            FlagCategory.ALREADY_ROLLED_BACK,
+            FlagCategory.LOST_ROLLBACK,
+            FlagCategory.REVIEW,
+        ],
     },
 )
 
@@ -171,7 +120,8 @@ def work_through(
     check: Callable[[C], object],
     failed: Callable[[C, VoucherifyApiError], object],
 ) -> bool:
-    """Claim a batch and ``check`` each row in turn; False when the deadline cut it short.
+    """Claim a batch and ``check`` each row in turn; False when the deadline or the API
+    budget cut it short (the rows left are given back).
 
     A row whose check raised ``VoucherifyApiError`` is given back and reported to
     ``failed``; when the error is permanent (wrong credentials), the rows left are given
@@ -184,6 +134,9 @@ def work_through(
             return False
         try:
             check(item)
+        except BudgetExhausted:
+            unclaim(pool, kind, items[index:])
+            return False
         except VoucherifyApiError as exc:
             unclaim(pool, kind, [item])
             if exc.permanent:

@@ -44,6 +44,16 @@ def status_of(value: Any) -> str | None:
     return str(value).strip().upper().replace(" ", "_") if value else None
 
 
+def status_from(theirs: dict[str, Any]) -> str | None:
+    """The redemption's status; from its ``result`` when the answer has no ``status`` (the
+    published examples have none): SUCCESS is SUCCEEDED, FAILURE is FAILED."""
+    status = status_of(theirs.get("status"))
+    if status:
+        return status
+    result = str(theirs.get("result") or "").upper()
+    return {"SUCCESS": RedemptionStatus.SUCCEEDED, "FAILURE": RedemptionStatus.FAILED}.get(result)
+
+
 def amount_of(obj: dict[str, Any]) -> int | None:
     """Credits or points moved: ``amount``, else ``gift.amount`` / ``loyalty_card.points``."""
     for value in (
@@ -56,19 +66,41 @@ def amount_of(obj: dict[str, Any]) -> int | None:
     return None
 
 
+def card_type(obj: dict[str, Any]) -> VoucherType | None:
+    """Which card a redemption or rollback moved, from Voucherify's answer; None: no card.
+
+    The REST answers (``GET /v1/redemptions/<id>``, the listing) carry the kind in their
+    top-level ``gift`` (credits) or ``loyalty_card`` (points) object; their ``voucher`` has
+    no ``type``. A ``voucher.type``, where one is given, says the same.
+    """
+    if isinstance(obj.get("gift"), dict):
+        return VoucherType.GIFT_VOUCHER
+    if isinstance(obj.get("loyalty_card"), dict):
+        return VoucherType.LOYALTY_CARD
+    declared = str((obj.get("voucher") or {}).get("type") or "").upper()
+    return VoucherType(declared) if declared in CARD_TYPES else None
+
+
 def is_card(theirs: dict[str, Any]) -> bool:
     """A gift or loyalty card redemption that moved a balance: it has ledger entries."""
-    voucher = theirs.get("voucher") or {}
-    return str(voucher.get("type") or "").upper() in CARD_TYPES and bool(amount_of(theirs))
+    return card_type(theirs) is not None and bool(amount_of(theirs))
 
 
-def latest_rollback(theirs: dict[str, Any]) -> dict[str, Any] | None:
-    """The latest of ``related_redemptions.rollbacks`` (``{id, date}``); None when none."""
+def succeeded(obj: dict[str, Any]) -> bool:
+    """A rollback (or redemption) that happened: ``result`` SUCCESS / ``status`` SUCCEEDED."""
+    result = str(obj.get("result") or "").upper()
+    return result == "SUCCESS" or status_of(obj.get("status")) == RedemptionStatus.SUCCEEDED
+
+
+def is_rollback(obj: dict[str, Any]) -> bool:
+    return obj.get("object") == "redemption_rollback"
+
+
+def rollbacks_newest_first(theirs: dict[str, Any]) -> list[dict[str, Any]]:
+    """``related_redemptions.rollbacks`` (``{id, date}``), the newest first."""
     related = theirs.get("related_redemptions") or {}
     rollbacks = [r for r in related.get("rollbacks") or [] if isinstance(r, dict) and r.get("id")]
-    if not rollbacks:
-        return None
-    return max(rollbacks, key=lambda r: str(r.get("date") or ""))
+    return sorted(rollbacks, key=lambda r: str(r.get("date") or ""), reverse=True)
 
 
 def missing_events(
@@ -105,7 +137,7 @@ def disagreement(
     if status not in STATUSES:
         return f"Voucherify reports an unknown status {theirs.get('status')!r}"
     if status == RedemptionStatus.ROLLED_BACK and rollback is None:
-        return "Voucherify reports ROLLED_BACK but names no rollback"
+        return "Voucherify reports ROLLED_BACK but names no successful rollback"
     if ours is None:
         return "our record could not be created from Voucherify's answer (see dead letters)"
     if ours.status != status:
@@ -115,4 +147,38 @@ def disagreement(
             return "the debit is missing from the ledger"
         if status == RedemptionStatus.ROLLED_BACK and not ours.has_restore:
             return "the restore is missing from the ledger"
+    return None
+
+
+def listed_events(theirs: dict[str, Any], status: str | None, ours: Ours | None) -> list[str]:
+    """For a redemption of the listing: the event our records miss (its debit, or it at all).
+
+    Its rollback, if any, is listed at its own date and healed from there.
+    """
+    if status in DEBITED and (ours is None or (is_card(theirs) and not ours.has_debit)):
+        return [SUCCEEDED]
+    if status == RedemptionStatus.FAILED and ours is None:
+        return [FAILED]
+    return []
+
+
+def listed_disagreement(
+    theirs: dict[str, Any], status: str | None, ours: Ours | None
+) -> str | None:
+    """What a person has to look at for a redemption of the listing; None when it agrees.
+
+    ``ROLLED_BACK`` there with ``SUCCEEDED`` here is no disagreement yet: the rollback is
+    listed at its own date, and compared then.
+    """
+    if status not in STATUSES:
+        return f"Voucherify reports an unknown status {theirs.get('status')!r}"
+    if ours is None:
+        return "our record could not be created from Voucherify's answer (see dead letters)"
+    debited_here = ours.status in DEBITED
+    if (status in DEBITED) != debited_here or (
+        status == RedemptionStatus.SUCCEEDED and ours.status == RedemptionStatus.ROLLED_BACK
+    ):
+        return f"our record is {ours.status}, Voucherify's is {status}"
+    if status in DEBITED and is_card(theirs) and not ours.has_debit:
+        return "the debit is missing from the ledger"
     return None

@@ -1,11 +1,16 @@
-"""The verify job: claim what is due, reconcile each redemption, conclude, settle flags.
+"""The verify job: settle the failed-rollback flags, then sweep the listing's window.
 
-``reconcile`` asks Voucherify for one redemption (and its latest rollback), applies the
-events our records miss (``compare.missing_events``, written by ``translate``) through
-``workers.processing`` as events of their own, reads our record again and concludes:
-agreement resolves the job's own ``verify_mismatch`` flag, disagreement raises or
-refreshes it. A failed-rollback flag is then settled (``_settle_flag``): resolved when
-both sides show the rollback, annotated otherwise.
+Flags (``claims.FLAGS``, few): ``reconcile`` asks Voucherify for the redemption (and its
+successful rollback), applies the events our records miss (``compare.missing_events``,
+written by ``translate``) through ``workers.processing`` as events of their own, reads
+our record again and concludes; ``_settle_flag`` then resolves or annotates the flag.
+
+Redemptions (``window.sweep``): listed by creation time, 100 a page, compared with our
+rows page by page, healed through the same ``_heal``. Agreement resolves the job's own
+``verify_mismatch`` flag, disagreement raises or refreshes it (``_conclude``).
+
+Every call is within the API budget (``voucherify_api.Budget``): when it is spent the run
+stops where it is, and the next run goes on from there.
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ from schemas.vocabulary import (
 )
 from workers import processing
 from workers.jobs.result import JobResult
-from workers.jobs.verify import claims, compare, translate
+from workers.jobs.verify import claims, compare, translate, window
 from workers.jobs.verify.compare import Ours
-from workers.jobs.voucherify_api import VoucherifyApi, VoucherifyApiError
+from workers.jobs.voucherify_api import BudgetExhausted, VoucherifyApi, VoucherifyApiError
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +85,20 @@ LEDGER_EFFECTS = {"debit": LedgerEffect.DEBIT, "restore": LedgerEffect.RESTORE}
 @dataclass(frozen=True, slots=True)
 class VerifyResult(JobResult):
     checked: int = 0
+    """Flags' redemptions fetched and compared."""
+    listed: int = 0
+    """Items of the listing (redemptions and rollbacks) compared."""
+    pages: int = 0
+    windows_split: int = 0
     applied: int = 0
     flags_resolved: int = 0
     flags_annotated: int = 0
     mismatches: int = 0
     errors: int = 0
+    calls: int = 0
+    """Calls made to Voucherify's API."""
+    skipped_for_budget: int = 0
+    """1 when the budget stopped the run (the rest waits for the next run)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,18 +125,20 @@ def verify(
     pool: ConnectionPool,
     api: VoucherifyApi,
     after_seconds: int,
+    overlap_seconds: int,
     batch_size: int,
     deadline: float,
+    now: datetime | None = None,
 ) -> VerifyResult:
-    """Flags first, then redemptions, each a bounded batch; stops at ``deadline``."""
+    """Flags first (a bounded batch), then the listing's window; stops at ``deadline``.
+
+    ``now``: where the window ends, less ``after_seconds`` (None: the database's clock).
+    """
     tally = Tally()
 
     def check_flag(flag: claims.FlagClaim) -> None:
         check = reconcile(pool, api, flag.redemption_id, deadline, tally)
         _settle_flag(pool, flag, check, tally)
-
-    def check_redemption(redemption: claims.RedemptionClaim) -> None:
-        reconcile(pool, api, redemption.redemption_id, deadline, tally)
 
     def failed(item: claims.Claimed, exc: VoucherifyApiError) -> None:
         tally["errors"] += 1
@@ -130,14 +146,33 @@ def verify(
             "verify.api_failed", extra={"redemption_id": item.redemption_id, "error": str(exc)}
         )
 
-    due = (after_seconds, batch_size, deadline)
-    # Out of time on the flags: the redemptions wait for the next run, unclaimed.
-    if claims.work_through(pool, claims.FLAGS, *due, check_flag, failed):
-        claims.work_through(pool, claims.REDEMPTIONS, *due, check_redemption, failed)
+    def heal(found: window.Heal) -> None:
+        _heal(pool, found, tally)
+
+    calls_before = api.calls
+    try:
+        # Out of time or budget on the flags: the window waits for the next run.
+        if claims.work_through(
+            pool, claims.FLAGS, after_seconds, batch_size, deadline, check_flag, failed
+        ) and not _budget_spent(api):
+            window.sweep(pool, api, after_seconds, overlap_seconds, deadline, heal, tally, now=now)
+    except BudgetExhausted:
+        pass
+    except VoucherifyApiError as exc:
+        if exc.permanent:
+            raise
+        tally["errors"] += 1
+        log.error("verify.listing_failed", extra={"error": str(exc)})
+    tally["calls"] = api.calls - calls_before
+    tally["skipped_for_budget"] = int(_budget_spent(api))
     result = VerifyResult(**tally)
     if result.applied or result.mismatches or result.errors or result.flags_resolved:
         log.warning("verify.done", extra=result.as_dict())
     return result
+
+
+def _budget_spent(api: VoucherifyApi) -> bool:
+    return api.skipped > 0
 
 
 def reconcile(
@@ -156,32 +191,52 @@ def reconcile(
         unknown = "Voucherify does not know this redemption (404)"
         return _conclude(pool, Check(redemption_id, None, ours, 0, unknown), tally)
 
-    status = compare.status_of(theirs.get("status"))
+    status = compare.status_from(theirs)
     rollback: dict[str, Any] | None = None
-    if status == RedemptionStatus.ROLLED_BACK:
+    if status == RedemptionStatus.ROLLED_BACK or (
+        status == RedemptionStatus.SUCCEEDED and compare.rollbacks_newest_first(theirs)
+    ):
         rollback = _rollback_of(api, theirs, deadline)
+        if rollback is not None:
+            status = RedemptionStatus.ROLLED_BACK  # an answer without status: its rollback says
     ours = _ours(pool, redemption_id)
+    events = compare.missing_events(theirs, status, rollback, ours)
+    found = window.Heal(
+        redemption_id,
+        theirs,
+        status,
+        rollback,
+        events,
+        lambda after: compare.disagreement(theirs, status, rollback, after),
+    )
+    return _heal(pool, found, tally)
+
+
+def _heal(pool: ConnectionPool, found: window.Heal, tally: Tally) -> Check:
+    """Apply the events our records miss, read our record again, conclude."""
     applied = 0
-    for event_type in compare.missing_events(theirs, status, rollback, ours):
-        data, at = translate.event_data(event_type, theirs, rollback)
-        if _apply(pool, redemption_id, event_type, data, at):
+    for event_type in found.events:
+        data, at = translate.event_data(event_type, found.theirs, found.rollback)
+        if _apply(pool, found.redemption_id, event_type, data, at):
             applied += 1
     tally["applied"] += applied
-    ours = _ours(pool, redemption_id)
-    problem = compare.disagreement(theirs, status, rollback, ours)
-    rollback_id = rollback.get("id") if rollback else None
-    return _conclude(pool, Check(redemption_id, status, ours, applied, problem, rollback_id), tally)
+    ours = _ours(pool, found.redemption_id)
+    rollback_id = found.rollback.get("id") if found.rollback else None
+    check = Check(
+        found.redemption_id, found.status, ours, applied, found.problem(ours), rollback_id
+    )
+    return _conclude(pool, check, tally)
 
 
 def _rollback_of(
     api: VoucherifyApi, theirs: dict[str, Any], deadline: float
 ) -> dict[str, Any] | None:
-    """The latest rollback of a rolled-back redemption, in full when Voucherify has it."""
-    latest = compare.latest_rollback(theirs)
-    if latest is None:
-        return None
-    full = api.get_redemption(str(latest["id"]), deadline)
-    return full if full is not None else latest
+    """The rollback that succeeded, newest first; a failed attempt is no rollback."""
+    for listed in compare.rollbacks_newest_first(theirs):
+        full = api.get_redemption(str(listed["id"]), deadline)
+        if full is not None and compare.succeeded(full):
+            return full
+    return None
 
 
 def _conclude(pool: ConnectionPool, check: Check, tally: Tally) -> Check:
@@ -241,6 +296,8 @@ def _settle_flag(pool: ConnectionPool, flag: claims.FlagClaim, check: Check, tal
                 f"ROLLED_BACK (rollback {check.rollback_id or 'unknown'}); our record is "
                 f"ROLLED_BACK and {restore}"
             )
+            # A lost rollback's flag is already_rolled_back by now: the healing moved our
+            # record to ROLLED_BACK (migrations/0007).
             conn.execute(RESOLVE_FLAG, {**FLAG_STATES, "id": flag.id, "note": note})
             tally["flags_resolved"] += 1
             log.info("verify.flag_resolved", extra={"flag_id": flag.id, "category": flag.category})

@@ -13,7 +13,13 @@ import json
 from typing import Any
 
 from schemas.vocabulary import RedemptionStatus
-from workers.jobs.verify.compare import EVENT_STATUS, ROLLBACK_SUCCEEDED, amount_of
+from workers.jobs.verify.compare import (
+    EVENT_STATUS,
+    ROLLBACK_SUCCEEDED,
+    amount_of,
+    card_type,
+    status_from,
+)
 
 SOURCE = {"id": "verify", "object": "reconciliation"}
 
@@ -30,13 +36,23 @@ def order_of(obj: dict[str, Any]) -> dict[str, Any] | None:
     return order if isinstance(order, dict) and order.get("id") else None
 
 
-def snapshot(theirs: dict[str, Any]) -> dict[str, Any]:
+def voucher_of(theirs: dict[str, Any]) -> dict[str, Any] | None:
+    """The redemption's voucher with the ``type`` the webhook schema reads the card from:
+    the API's voucher has none, the kind is in the answer's ``gift`` / ``loyalty_card``."""
+    voucher = theirs.get("voucher")
+    if not isinstance(voucher, dict):
+        return None
+    kind = card_type(theirs)
+    return {**voucher, "type": kind} if kind else voucher
+
+
+def snapshot(theirs: dict[str, Any], status: str | None = None) -> dict[str, Any]:
     """The ``redemption`` object of a webhook, from the API's redemption."""
     order = order_of(theirs)
     return {
         "id": theirs.get("id"),
         "object": "redemption",
-        "status": theirs.get("status"),
+        "status": status or status_from(theirs),
         "date": theirs.get("date"),
         "amount": amount_of(theirs),
         "redemption": theirs.get("redemption"),
@@ -45,7 +61,7 @@ def snapshot(theirs: dict[str, Any]) -> dict[str, Any]:
         "failure_message": theirs.get("failure_message"),
         "reason": theirs.get("reason"),
         "order": {"id": order["id"]} if order else None,
-        "voucher": theirs.get("voucher"),
+        "voucher": voucher_of(theirs),
     }
 
 
@@ -66,7 +82,7 @@ def rollback_data(theirs: dict[str, Any], rollback: dict[str, Any]) -> dict[str,
     amount = amount_of(rollback)
     order = order_of(rollback) or order_of(theirs)
     return {
-        "redemption": snapshot(theirs),
+        "redemption": snapshot(theirs, RedemptionStatus.ROLLED_BACK),
         "redemption_rollback": {
             "id": rollback.get("id"),
             "object": "redemption_rollback",

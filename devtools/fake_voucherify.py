@@ -1,0 +1,310 @@
+"""A fake of Voucherify's REST API on loopback, answering in the published examples' shapes.
+
+``GET /v1/redemptions/<id>`` and ``GET /v1/redemptions`` (``limit`` up to 100, ``page``
+1 to 99 -- a page past 99 is a 400 like the real API's --, ``order=created_at``,
+``created_at[after]`` / ``created_at[before]``; the answer ``{object: "list", data_ref,
+redemptions, total}``). Redemptions and rollbacks are built from the published examples
+copied into ``tests/fixtures/voucherify/`` (``api.redemption.get.*``, the REST rollback
+responses): no ``voucher.type`` -- the card's kind is in the top-level ``gift`` /
+``loyalty_card`` object, as in the real answers. It checks the ``X-App-Id`` /
+``X-App-Token`` headers, can answer 429 / 5xx with headers or drop the connection a
+given number of times first, and can add ``X-Rate-Limit-*`` headers to every answer.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
+
+from devtools.webhooks import VOUCHERIFY
+
+APP_ID = "test-app-id"
+APP_TOKEN = "test-app-token"  # noqa: S105 - the fake's own, never a real token
+LIST = "list"
+"""``fail_first`` key of the listing (``GET /v1/redemptions``)."""
+DROP = -1
+"""``Failure.status`` that closes the connection without an answer."""
+
+
+@dataclass
+class Failure:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class FakeVoucherify:
+    url: str = ""
+    redemptions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Redemptions and rollbacks by id; the listing shows them all, by ``date``."""
+    failures: dict[str, list[Failure]] = field(default_factory=dict)
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    transactions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Card code (or id) -> its transactions, oldest first, as ``VoucherTransaction``."""
+    rate_headers: dict[str, str] = field(default_factory=dict)
+    """Added to every answer (``X-Rate-Limit-Limit`` / ``-Remaining`` / ``-Retry``)."""
+    max_page: int = 99
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _by_date: list[tuple[str, str]] | None = None  # (date, id), sorted; None: to rebuild
+
+    def add(self, *objects: dict[str, Any]) -> None:
+        with self.lock:
+            for obj in objects:
+                self.redemptions[obj["id"]] = obj
+            self._by_date = None
+
+    def fail_first(self, key: str, *failures: Failure) -> None:
+        """The next requests of ``key`` (an id, or ``LIST``) fail this way, in turn."""
+        with self.lock:
+            self.failures.setdefault(key, []).extend(failures)
+
+    def requested(self, redemption_id: str) -> int:
+        with self.lock:
+            return sum(1 for path, _ in self.requests if path.endswith("/" + redemption_id))
+
+    def list_requests(self) -> list[dict[str, str]]:
+        """The query of each listing request, in order."""
+        with self.lock:
+            paths = [p for p, _ in self.requests if urlsplit(p).path == "/v1/redemptions"]
+        return [{k: v[0] for k, v in parse_qs(urlsplit(p).query).items()} for p in paths]
+
+    def answer(self, target: str, headers: dict[str, str]) -> tuple[int, dict[str, str], Any]:
+        with self.lock:
+            self.requests.append((target, headers))
+            if headers.get("x-app-id") != APP_ID or headers.get("x-app-token") != APP_TOKEN:
+                return 401, {}, {"code": 401, "key": "unauthorized", "message": "Unauthorized"}
+            split = urlsplit(target)
+            if split.path.startswith("/v1/vouchers/") and "/transactions" in split.path:
+                return _transactions_page(self, target)
+            prefix = "/v1/redemptions/"
+            if split.path == "/v1/redemptions":
+                key = LIST
+            elif split.path.startswith(prefix):
+                key = split.path[len(prefix) :]
+            else:
+                return 404, {}, {"code": 404, "key": "not_found"}
+            pending = self.failures.get(key)
+            if pending:
+                failure = pending.pop(0)
+                return failure.status, failure.headers, {"code": failure.status}
+            if key == LIST:
+                return self._list({k: v[0] for k, v in parse_qs(split.query).items()})
+            found = self.redemptions.get(key)
+            if found is None:
+                return 404, {}, {"code": 404, "key": "not_found", "message": "Not found"}
+            return 200, {}, found
+
+    def _list(self, query: dict[str, str]) -> tuple[int, dict[str, str], Any]:
+        limit, page = int(query.get("limit", "10")), int(query.get("page", "1"))
+        if not 1 <= limit <= 100 or not 1 <= page <= self.max_page:
+            return 400, {}, {"code": 400, "key": "invalid_param", "message": "Invalid page"}
+        after, before = query.get("created_at[after]"), query.get("created_at[before]")
+        if self._by_date is None:
+            self._by_date = sorted((obj["date"], key) for key, obj in self.redemptions.items())
+        by_date = self._by_date
+        low = bisect.bisect_right(by_date, (after, "\uffff")) if after else 0
+        high = bisect.bisect_left(by_date, (before, "")) if before else len(by_date)
+        keys = [key for _, key in by_date[low:high]]
+        if query.get("order") != "created_at":
+            keys.reverse()  # Voucherify's default: the newest first
+        chunk = [self.redemptions[key] for key in keys[(page - 1) * limit : page * limit]]
+        body = {
+            "object": "list",
+            "data_ref": "redemptions",
+            "redemptions": chunk,
+            "total": len(keys),
+        }
+        return 200, {}, body
+
+
+def _transactions_page(fake: FakeVoucherify, path: str) -> tuple[int, dict[str, str], Any]:
+    """``GET /v1/vouchers/{code}/transactions``: the published list shape (``object``,
+    ``data_ref``, ``data``, ``has_more``, ``more_starting_after``), ``order=-id`` or ``id``,
+    ``limit`` (10 by default), cursor ``starting_after_id``. (The ledger helper's route.)"""
+    parts = urlsplit(path)
+    code = unquote(parts.path.split("/")[3])
+    query = dict(parse_qsl(parts.query))
+    if code not in fake.transactions:
+        return 404, {}, {"code": 404, "key": "not_found", "message": "Resource not found"}
+    listed = list(fake.transactions[code])
+    if query.get("order", "-id") == "-id":
+        listed.reverse()
+    after = query.get("starting_after_id")
+    if after:
+        ids = [t["id"] for t in listed]
+        listed = listed[ids.index(after) + 1 :] if after in ids else []
+    limit = int(query.get("limit", "10"))
+    page, more = listed[:limit], len(listed) > limit
+    return (
+        200,
+        {},
+        {
+            "object": "list",
+            "data_ref": "data",
+            "data": page,
+            "has_more": more,
+            "more_starting_after": page[-1]["id"] if more else None,
+        },
+    )
+
+
+@contextmanager
+def fake_voucherify() -> Iterator[FakeVoucherify]:
+    fake = FakeVoucherify()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            status, extra, body = fake.answer(self.path, headers)
+            if status == DROP:
+                self.close_connection = True
+                self.connection.close()
+                return
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in {**fake.rate_headers, **extra}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield fake
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+# --- API answers built from the published examples --------------------------------------
+
+
+def _published(name: str) -> dict[str, Any]:
+    return dict(json.loads((VOUCHERIFY / f"{name}.example.json").read_text()))
+
+
+GET_EXAMPLES = {
+    "gift": "api.redemption.get.gift-card",
+    "loyalty": "api.redemption.get.loyalty-card-pay-with-points",
+}
+ROLLBACK_EXAMPLES = {
+    "gift": "api.redemption-rollback.response.gift-card",
+    "loyalty": "api.redemption-rollback.response.loyalty-card",
+}
+
+
+def _moved(obj: dict[str, Any], kind: str, amount: int) -> None:
+    """The amount in the top-level object of the card's kind, as the examples show it."""
+    obj.pop("gift", None)
+    obj.pop("loyalty_card", None)
+    if kind == "gift":
+        obj["gift"] = {"amount": amount}
+    else:
+        obj["loyalty_card"] = {"points": amount}
+
+
+def api_redemption(
+    kind: str,
+    redemption_id: str,
+    amount: int,
+    status: str = "SUCCEEDED",
+    rollback_id: str | None = None,
+    order_id: str = "ord_card_test",
+    customer_id: str = "cust_card_test",
+    date: str = "2024-02-01T08:45:32.014Z",
+    rollback_date: str = "2024-02-01T10:23:52.499Z",
+    rollbacks: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """``GET /v1/redemptions/<r_id>`` of a gift or loyalty card redemption: the published
+    "Gift Card" / "Loyalty Card - Pay with Points" example, re-keyed (``status`` is in
+    the schema, not in the examples)."""
+    redemption = copy.deepcopy(_published(GET_EXAMPLES[kind]))
+    redemption.update(
+        {
+            "id": redemption_id,
+            "date": date,
+            "customer_id": customer_id,
+            "amount": amount,
+            "redemption": None,  # not part of a stack
+            "result": "SUCCESS",
+            "status": status,
+            "related_redemptions": {
+                "rollbacks": rollbacks
+                if rollbacks is not None
+                else ([{"id": rollback_id, "date": rollback_date}] if rollback_id else []),
+                "redemptions": [],
+            },
+        }
+    )
+    redemption["order"].update(
+        {
+            "id": order_id,
+            "customer_id": customer_id,
+            "status": "CANCELED" if status == "ROLLED_BACK" else "PAID",
+        }
+    )
+    redemption["customer"]["id"] = customer_id
+    _moved(redemption, kind, amount)
+    return redemption
+
+
+def api_rollback(
+    kind: str,
+    rollback_id: str,
+    redemption_id: str,
+    amount: int,
+    order_id: str = "ord_card_test",
+    customer_id: str = "cust_card_test",
+    date: str = "2024-02-01T10:23:52.499Z",
+    result: str = "SUCCESS",
+) -> dict[str, Any]:
+    """``GET /v1/redemptions/<rr_id>``: the published REST rollback, re-keyed, without the
+    ``voucher.type`` the rollback response example has and the GET examples lack."""
+    rollback = copy.deepcopy(_published(ROLLBACK_EXAMPLES[kind]))
+    failed = result != "SUCCESS"
+    rollback.update(
+        {
+            "id": rollback_id,
+            "redemption": redemption_id,
+            "date": date,
+            "customer_id": customer_id,
+            "amount": -abs(amount),
+            "reason": "Customer returned the order",
+            "result": result,
+            "status": "FAILED" if failed else "SUCCEEDED",
+        }
+    )
+    if failed:
+        rollback.update({"failure_code": "already_rolled_back", "failure_message": "Rolled back"})
+    rollback["voucher"].pop("type", None)
+    rollback["order"].update({"id": order_id, "customer_id": customer_id, "status": "CANCELED"})
+    rollback["customer"]["id"] = customer_id
+    _moved(rollback, kind, -abs(amount))
+    return rollback
+
+
+def api_failed(redemption_id: str, date: str) -> dict[str, Any]:
+    """A failed redemption of the published listing, re-keyed."""
+    failed = next(
+        r for r in _published("api.redemptions.list")["redemptions"] if r["result"] == "FAILURE"
+    )
+    failed = copy.deepcopy(failed)
+    failed.update({"id": redemption_id, "date": date})
+    return dict(failed)

@@ -1,0 +1,120 @@
+"""What the verify tests share: the fake server, a clock that sleeps at once, the client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import ConnectionPool
+
+from devtools.fake_voucherify import APP_ID, APP_TOKEN, FakeVoucherify, fake_voucherify
+from devtools.webhooks import card_redemption, card_rollback
+from tests.conftest import deliver
+from tests.jobs.conftest import rows
+from workers.jobs.verify import VerifyResult, verify
+from workers.jobs.voucherify_api import Budget, VoucherifyApi
+
+SETTLE = 60
+OVERLAP = 900
+
+
+def ago(**delta: float) -> str:
+    """A Voucherify date (UTC, milliseconds, ``Z``) that long ago."""
+    moment = datetime.now(UTC) - timedelta(**delta)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# Within the first run's window (a day back), older than the settle time.
+REDEEMED = ago(hours=3)
+ROLLED = ago(hours=2)
+
+
+class Clock:
+    """Monotonic and wall time that move only when slept: waits are recorded, not waited."""
+
+    def __init__(self) -> None:
+        self.mono = time.monotonic()
+        self.wall = datetime.now(UTC).timestamp()
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def time(self) -> float:
+        return self.wall
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.mono += seconds
+        self.wall += seconds
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeVoucherify]:
+    with fake_voucherify() as server:
+        yield server
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_verify_tables(db: psycopg.Connection[Any]) -> None:
+    db.execute("TRUNCATE verify_watermarks, voucherify_api_calls")
+
+
+def client(
+    pool: ConnectionPool,
+    url: str,
+    clock: Clock,
+    per_minute: int = 6000,
+    per_day: int = 100_000,
+    token: str = APP_TOKEN,
+) -> VoucherifyApi:
+    return VoucherifyApi(
+        url,
+        APP_ID,
+        token,
+        Budget(pool, per_minute, per_day),
+        sleep=clock.sleep,
+        clock=clock.monotonic,
+        wall_clock=clock.time,
+    )
+
+
+@pytest.fixture
+def api(pool: ConnectionPool, fake: FakeVoucherify, clock: Clock) -> VoucherifyApi:
+    return client(pool, fake.url, clock)
+
+
+def run(
+    pool: ConnectionPool, api: VoucherifyApi, clock: Clock | None = None, budget: float = 60
+) -> VerifyResult:
+    start = clock.monotonic() if clock else api.clock()
+    return verify(pool, api, SETTLE, OVERLAP, batch_size=50, deadline=start + budget)
+
+
+def ledger(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    return rows(
+        db,
+        "SELECT redemption_id, effect, amount FROM ledger_entries ORDER BY redemption_id, effect",
+    )
+
+
+def redeem(pool: ConnectionPool, redemption_id: str, date: str = REDEEMED) -> None:
+    """Our record of a gift card redemption of 2000, from its webhook."""
+    deliver(
+        pool, "redemption.succeeded", card_redemption("gift", redemption_id, 2000, 8000, date=date)
+    )
+
+
+def roll_back(pool: ConnectionPool, redemption_id: str, rollback_id: str) -> None:
+    """Our record of its rollback, from its webhook."""
+    data = card_rollback("gift", redemption_id, rollback_id, 2000, 10000, date=ROLLED)
+    deliver(pool, "redemption.rollback.succeeded", data)

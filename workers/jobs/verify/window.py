@@ -1,0 +1,241 @@
+"""List what Voucherify created in a time window and compare it with our rows, page by page.
+
+Calls grow with redemptions / 100, not with redemptions x checks: one
+``GET /v1/redemptions`` page holds 100 redemptions *and* rollbacks (a rollback is an item
+of its own, at its own date), so a lost rollback is seen when its date is listed, without
+polling every redemption of the last 3 months.
+
+The window of a run: from the watermark (``verify_watermarks``: everything created before
+it was listed once) minus ``overlap`` (Voucherify's listing may show an item late) to
+``now - settle`` (the webhooks get that long to arrive first; healing earlier would be
+harmless, only wasted). The first run starts ``FIRST_LOOKBACK`` before its end. Pages are
+asked oldest first (``order=created_at``); after each page the watermark moves to its last
+item's date, so a run cut short by its deadline or the budget goes on from there next time.
+
+Voucherify answers pages 1 to 99 only: when the 99th page is full, the rest of the window
+is listed again from the last date seen (1 ms before it, so items sharing that instant are
+not lost; items seen twice are compared once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from schemas.vocabulary import LedgerEffect, RedemptionStatus
+from workers.jobs.verify import compare
+from workers.jobs.verify.compare import Ours
+from workers.jobs.voucherify_api import MAX_PAGE, PAGE_LIMIT, VoucherifyApi, VoucherifyApiError
+
+log = logging.getLogger(__name__)
+
+WATERMARK = "redemptions"
+FIRST_LOOKBACK = timedelta(days=1)
+ONE_MS = timedelta(milliseconds=1)
+
+READ_WINDOW = """
+SELECT (SELECT swept_to FROM verify_watermarks WHERE name = %(name)s) AS swept_to,
+       COALESCE(%(now)s::timestamptz, now()) - make_interval(secs => %(settle)s) AS end_at
+"""
+ADVANCE = """
+INSERT INTO verify_watermarks (name, swept_to) VALUES (%(name)s, %(to)s)
+ON CONFLICT (name) DO UPDATE
+SET swept_to = GREATEST(verify_watermarks.swept_to, EXCLUDED.swept_to), updated_at = now()
+"""
+OUR_RECORDS = """
+SELECT r.redemption_id, r.status, r.voucher_id,
+       EXISTS (SELECT 1 FROM ledger_entries l
+               WHERE l.redemption_id = r.redemption_id AND l.effect = %(debit)s) AS has_debit,
+       EXISTS (SELECT 1 FROM ledger_entries l
+               WHERE l.redemption_id = r.redemption_id AND l.effect = %(restore)s) AS has_restore
+FROM redemptions r WHERE r.redemption_id = ANY(%(ids)s)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Heal:
+    """What to apply for one redemption: Voucherify's answer, status, rollback, events."""
+
+    redemption_id: str
+    theirs: dict[str, Any]
+    status: str | None
+    rollback: dict[str, Any] | None
+    events: list[str]
+    problem: Callable[[Ours | None], str | None]
+    """Given our record after healing: what still disagrees (None: nothing)."""
+
+
+def read_window(
+    pool: ConnectionPool, settle_seconds: int, overlap_seconds: int, now: datetime | None = None
+) -> tuple[datetime, datetime]:
+    """The run's window; ``now`` is the database's clock unless given (the benchmark's day)."""
+    params = {"name": WATERMARK, "settle": settle_seconds, "now": now}
+    with pool.connection() as conn:
+        row = conn.cursor(row_factory=dict_row).execute(READ_WINDOW, params).fetchone()
+    assert row is not None
+    end: datetime = row["end_at"]
+    swept_to: datetime | None = row["swept_to"]
+    start = swept_to - timedelta(seconds=overlap_seconds) if swept_to else end - FIRST_LOOKBACK
+    return start, end
+
+
+def advance(pool: ConnectionPool, to: datetime) -> None:
+    with pool.connection() as conn:
+        conn.execute(ADVANCE, {"name": WATERMARK, "to": to})
+
+
+def our_records(pool: ConnectionPool, ids: Iterable[str]) -> dict[str, Ours]:
+    params = {"ids": sorted(set(ids)), "debit": LedgerEffect.DEBIT, "restore": LedgerEffect.RESTORE}
+    with pool.connection() as conn:
+        rows = conn.cursor(row_factory=dict_row).execute(OUR_RECORDS, params).fetchall()
+    return {
+        row["redemption_id"]: Ours(
+            row["status"], row["voucher_id"], row["has_debit"], row["has_restore"]
+        )
+        for row in rows
+    }
+
+
+def sweep(
+    pool: ConnectionPool,
+    api: VoucherifyApi,
+    settle_seconds: int,
+    overlap_seconds: int,
+    deadline: float,
+    heal: Callable[[Heal], None],
+    tally: dict[str, int],
+    page_limit: int = PAGE_LIMIT,
+    max_page: int = MAX_PAGE,
+    now: datetime | None = None,
+) -> bool:
+    """List the run's window and ``heal`` what disagrees; False when cut short.
+
+    ``BudgetExhausted`` and ``VoucherifyApiError`` go up to the job, the watermark left
+    where the last complete page put it.
+    """
+    start, end = read_window(pool, settle_seconds, overlap_seconds, now)
+    if start >= end:
+        return True
+    seen: set[str] = set()
+    listed: dict[str, dict[str, Any]] = {}  # this run's redemptions: parents of rollbacks
+    cursor = start
+    while True:
+        last: datetime | None = None
+        for page in range(1, max_page + 1):
+            if api.clock() >= deadline:
+                return False
+            items = api.list_redemptions(cursor, end, page, deadline, limit=page_limit)
+            tally["pages"] += 1
+            fresh = [i for i in items if isinstance(i.get("id"), str) and i["id"] not in seen]
+            seen.update(i["id"] for i in fresh)
+            compare_page(pool, api, fresh, listed, deadline, heal, tally)
+            if len(items) < page_limit:
+                advance(pool, end)
+                return True
+            last = _date(items[-1]) or last
+            if last is not None:
+                advance(pool, min(last, end))
+        # 99 full pages: list the rest of the window from the last instant seen.
+        if last is None or last - ONE_MS <= cursor:
+            raise VoucherifyApiError(
+                f"GET /v1/redemptions: more than {max_page * page_limit} items at one instant "
+                f"({cursor.isoformat()}), or items without dates: cannot page further"
+            )
+        cursor = last - ONE_MS
+        tally["windows_split"] += 1
+
+
+def compare_page(
+    pool: ConnectionPool,
+    api: VoucherifyApi,
+    items: list[dict[str, Any]],
+    listed: dict[str, dict[str, Any]],
+    deadline: float,
+    heal: Callable[[Heal], None],
+    tally: dict[str, int],
+) -> None:
+    """Compare one page with our rows (one query) and heal each item that disagrees."""
+    ids = [
+        str(item.get("redemption")) if compare.is_rollback(item) else str(item["id"])
+        for item in items
+    ]
+    ours = our_records(pool, ids)
+    for item, redemption_id in zip(items, ids, strict=True):
+        tally["listed"] += 1
+        if compare.is_rollback(item):
+            _compare_rollback(
+                api, item, redemption_id, ours.get(redemption_id), listed, deadline, heal
+            )
+        else:
+            listed[redemption_id] = item
+            _compare_redemption(item, redemption_id, ours.get(redemption_id), heal)
+
+
+def _compare_redemption(
+    item: dict[str, Any], redemption_id: str, ours: Ours | None, heal: Callable[[Heal], None]
+) -> None:
+    status = compare.status_from(item)
+    if compare.listed_disagreement(item, status, ours) is None:
+        return
+    events = compare.listed_events(item, status, ours)
+    heal(
+        Heal(
+            redemption_id,
+            item,
+            status,
+            None,
+            events,
+            lambda after: compare.listed_disagreement(item, status, after),
+        )
+    )
+
+
+def _compare_rollback(
+    api: VoucherifyApi,
+    rollback: dict[str, Any],
+    redemption_id: str,
+    ours: Ours | None,
+    listed: dict[str, dict[str, Any]],
+    deadline: float,
+    heal: Callable[[Heal], None],
+) -> None:
+    """A successful rollback: our record must be ROLLED_BACK, with the restore for a card."""
+    if not compare.succeeded(rollback) or not rollback.get("redemption"):
+        return  # a failed rollback moved nothing
+    rolled_back = RedemptionStatus.ROLLED_BACK
+    card = compare.is_card(rollback)
+    if ours is not None and ours.status == rolled_back and (ours.has_restore or not card):
+        return
+    # Our record misses the rollback: the redemption itself, as Voucherify has it now.
+    theirs = listed.get(redemption_id) or api.get_redemption(redemption_id, deadline)
+    if theirs is None:
+        unknown = f"Voucherify lists rollback {rollback.get('id')} of a redemption it does not know"
+        heal(Heal(redemption_id, {"id": redemption_id}, None, rollback, [], lambda _: unknown))
+        return
+    events = compare.missing_events(theirs, rolled_back, rollback, ours)
+    heal(
+        Heal(
+            redemption_id,
+            theirs,
+            rolled_back,
+            rollback,
+            events,
+            lambda after: compare.disagreement(theirs, rolled_back, rollback, after),
+        )
+    )
+
+
+def _date(item: dict[str, Any]) -> datetime | None:
+    value = item.get("date") or item.get("created_at")
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
