@@ -22,7 +22,10 @@ const, minLength/maxLength and type lists. Its readings:
 - Strings: any text a JSON string carries, ``\x00`` included; lone surrogates only with
   ``surrogates=True``. ``date-time``/``date``/``time``: RFC 3339 (upper-case ``T`` and ``Z``,
   0-6 fraction digits, offsets in whole minutes, no leap second); ``pattern``: ``from_regex``.
-- Integers are 64-bit; numbers are finite, integral ones written as a JavaScript sender does.
+- Integers are 64-bit and symmetric (from -(2**63 - 1)): a movement's amount must have
+  a negation (a restore mirrors its debit), and -2**63 has none in PostgreSQL's bigint.
+  That one value is a dead letter with its reason (SQLSTATE 22003), as hostile input is.
+  Numbers are finite, integral ones written as a JavaScript sender does.
 - Ignored: annotations (description, title, example, default), ``maxProperties`` and
   ``min`` (a typo for ``minimum``), each used once and not in the redemption family.
 """
@@ -38,7 +41,7 @@ from hypothesis.strategies import SearchStrategy
 REF = "#/components/schemas/"
 MAX_ITEMS = 3
 MAX_EXTRA_FIELDS = 3
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT64_MIN, INT64_MAX = -(2**63 - 1), 2**63 - 1
 _LOWER_BOUNDS = ("minimum", "minItems", "minLength")
 _UPPER_BOUNDS = ("maximum", "maxItems", "maxLength")
 
