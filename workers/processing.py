@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +121,21 @@ class Outcome:
     reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A delivery of a batch that was neither applied nor recorded: its savepoint rolled
+    back. ``transient``: the database could not take it now (a deadlock, a lock or
+    statement timeout), the task hands it to the single-delivery task; else a bug
+    (``error`` is the exception), the task records it ``failed`` for the re-drive job."""
+
+    delivery: Delivery
+    error: BaseException
+    transient: bool
+
+
+Result = Outcome | Deferred
+
+
 def process_delivery(
     pool: ConnectionPool,
     body: str,
@@ -127,28 +143,73 @@ def process_delivery(
     received_at: str,
     routes: Registry = registry,
 ) -> Outcome:
-    delivery = read_delivery(body, delivery_id, received_at)
+    """Apply one delivery (replay, re-drive, verify and drift healing call this): the batch
+    path with a batch of one. A transient fault raises ``TransientError``; a bug raises
+    as it came."""
+    [result] = process_batch(pool, [(body, delivery_id, received_at)], routes)
+    if isinstance(result, Deferred):
+        if result.transient:
+            raise TransientError(describe(result.error)) from result.error
+        raise result.error
+    return result
+
+
+def process_batch(
+    pool: ConnectionPool,
+    messages: Sequence[tuple[str, str, str]],
+    routes: Registry = registry,
+) -> list[Result]:
+    """Apply deliveries ``(body, delivery_id, received_at)`` in one transaction, one commit;
+    each in its own savepoint, so that a dead letter, a handler error or a deadlock rolls
+    back that delivery alone. The results are in the order of ``messages``.
+
+    A duplicate inside the batch finds the event its earlier twin claimed (same
+    transaction) final: recorded as a duplicate. One in another worker's batch waits on
+    the claim's row lock until that batch commits, then finds it final too.
+
+    Raises ``TransientError`` when the transaction as a whole failed (PostgreSQL gone,
+    the connection lost, the commit refused): nothing of the batch is applied.
+    """
+    deliveries = [read_delivery(*message) for message in messages]
     try:
-        reason = delivery.refused
-        # Applied with the body as jsonb, else -- a \u0000 escape or a lone surrogate
-        # that jsonb refuses, valid JSON all the same -- as text: refused that way too,
-        # the event is a dead letter.
+        with pool.connection() as conn:
+            storable_text(conn)
+            # Pipeline mode: statements go out without waiting for each answer; each
+            # delivery waits for its claim and for one sync at the end of its savepoint.
+            with conn.pipeline() as pipe, conn.transaction():
+                return [_apply_isolated(conn, pipe, delivery, routes) for delivery in deliveries]
+    except TRANSIENT_ERRORS as exc:
+        raise TransientError(describe(exc)) from exc
+
+
+def _apply_isolated(
+    conn: psycopg.Connection[Any], pipe: psycopg.Pipeline, delivery: Delivery, routes: Registry
+) -> Result:
+    """One delivery of a batch, in savepoints: applied with the body as jsonb, else -- a
+    \\u0000 escape or a lone surrogate that jsonb refuses, valid JSON all the same -- as
+    text; refused that way too, a dead letter. Raises only when the connection itself
+    is lost (the whole batch is then transient)."""
+    reason = delivery.refused
+    try:
         for form in delivery.kept_forms() if reason is None else []:
             try:
-                # Pipeline mode: statements go out without waiting for each answer; only
-                # the claim is waited for. One delivery costs two round trips, not ten.
-                with pool.connection() as conn, conn.pipeline(), conn.transaction():
-                    return _apply(storable_text(conn), delivery, routes, form)
+                with conn.transaction():
+                    outcome = _apply(conn, delivery, routes, form)
+                    pipe.sync()  # this delivery's errors surface here, in its savepoint
+                return outcome
             except STORAGE_ERRORS as exc:
                 reason = refusal(exc)
                 if reason is None:
                     raise
         assert reason is not None
-        # Permanent: the failed transaction is gone; dead-letter in a fresh one.
-        with pool.connection() as conn, conn.transaction():
-            return _dead_letter(storable_text(conn), delivery, reason)
-    except TRANSIENT_ERRORS as exc:
-        raise TransientError(describe(exc)) from exc
+        with conn.transaction():
+            outcome = _dead_letter(conn, delivery, reason)
+            pipe.sync()
+        return outcome
+    except Exception as exc:
+        if conn.closed or conn.pgconn.status != psycopg.pq.ConnStatus.OK:
+            raise  # the connection is gone: the whole batch is transient
+        return Deferred(delivery, exc, transient=isinstance(exc, TRANSIENT_ERRORS))
 
 
 def record_dead_letter(
