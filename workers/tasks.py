@@ -258,12 +258,13 @@ def hand_over(
     for message, retries in messages:
         attempt = retries + 1
         metrics.RETRIES.inc()
+        countdown = backoff_seconds(retries, settings.retry_backoff_max_seconds)
         try:
             task.app.send_task(
                 SINGLE_DELIVERY_TASK,
                 kwargs=message.kwargs(),
                 task_id=message.delivery_id,
-                countdown=backoff_seconds(retries, settings.retry_backoff_max_seconds),
+                countdown=countdown,
                 retries=attempt,
                 queue=queue.DELIVERY_QUEUE,
                 kwargsrepr=queue.safe_kwargsrepr(message.delivery_id),
@@ -274,4 +275,9 @@ def hand_over(
                 extra={"delivery_id": message.delivery_id, "error": type(exc).__name__},
             )
             unfinished.append(message.delivery_id)
+        else:
+            log.warning(
+                "delivery.handed_over",
+                extra={"delivery_id": message.delivery_id, "countdown": round(countdown, 2)},
+            )
     return unfinished
