@@ -155,7 +155,8 @@ def test_duplicates_across_two_workers_batches_at_once_apply_each_event_once(
     assert db.execute("SELECT count(*) FROM events WHERE attempts <> 1").fetchone() == (0,)
     logs = [(processes.log_dir / f"worker-{i}.log").read_text() for i in range(2)]
     assert all('"event.' in log for log in logs), "both workers applied some"
-    assert first.poll() is None and second.poll() is None
+    assert first.poll() is None
+    assert second.poll() is None
 
 
 def test_a_transient_fault_mid_batch_hands_that_delivery_over_and_loses_nothing(
