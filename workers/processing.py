@@ -1,9 +1,10 @@
-"""Apply one delivery: record it in the inbox and, unless its event was seen, apply the event.
+"""Apply deliveries: record each in the inbox and, unless its event was seen, apply the event.
 
-Everything for one delivery happens in one transaction: the inbox row of the event is
-claimed (inserted, or locked when it exists: a concurrent duplicate waits here), the
-handler's effects are written, and the event's final status and the delivery row are
-written last. They commit together or not at all.
+A batch of deliveries is one transaction (``process_batch``), each delivery in its own
+savepoint; ``process_delivery`` is a batch of one. For each delivery the inbox row of the
+event is claimed (inserted, or locked when it exists: a concurrent duplicate waits here),
+the handler's effects are written, and the event's final status and the delivery row are
+written last, in its savepoint: they commit together, with the batch, or not at all.
 
 Outcomes: ``processed``; ``duplicate`` (the event was already applied, ignored or dead:
 the delivery is recorded, nothing is applied); ``ignored`` (no handler for the type);

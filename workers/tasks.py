@@ -225,7 +225,7 @@ class ProcessBatch(BatchTask):
         deferred: list[tuple[queue.Message, int]] = []
         for (message, retries), result in zip(messages, results, strict=True):
             if isinstance(result, processing.Deferred):
-                if result.transient:
+                if result.transient or isinstance(result.error, SoftTimeLimitExceeded):
                     deferred.append((message, retries))
                 elif isinstance(result.error, Exception):
                     give_up_on_crash(settings, pool, message, result.error)
