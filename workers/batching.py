@@ -3,8 +3,10 @@
 The worker's consumer (the main process) does not send each message of a batch task to
 the pool: it buffers the requests, and sends one pool job per batch, when ``flush_every``
 requests are buffered or ``flush_interval`` seconds after the first one came, whichever
-is first. The job runs ``BatchTask.run_batch(items)`` in a pool process; each request is
-acknowledged after the job returned, or given back to the broker:
+is first, and at most one batch per pool process at a time (the others wait in the
+buffer, so under a backlog every batch is full). The job runs
+``BatchTask.run_batch(items)`` in a pool process; each request is acknowledged after the
+job returned, or given back to the broker:
 
 - the job returns the task ids it did not finish (neither applied, recorded nor parked):
   those are rejected with ``requeue`` (kombu pushes them back), the others acknowledged;
@@ -75,15 +77,24 @@ class BatchTask(Task):  # type: ignore[misc]  # celery ships no annotations
         )
         buffer: list[Request] = []
         deadline: list[Any] = []  # the pending flush timer, if any
+        # At most one batch per pool process: the rest waits here, unacknowledged, and
+        # fills the next batch (a warm shutdown hands it back at once).
+        limit = max(1, int(getattr(pool, "limit", 1) or 1))
+        in_flight = [0]
 
         def flush() -> None:
             if deadline:
                 deadline.pop().cancel()
-            if not buffer:
-                return
-            requests = buffer[:]
-            buffer.clear()
-            dispatch(task, pool, requests)
+            while buffer and in_flight[0] < limit:
+                requests = buffer[: task.flush_every]
+                del buffer[: task.flush_every]
+                in_flight[0] += 1
+                dispatch(task, pool, requests, done)
+
+        def done() -> None:
+            in_flight[0] -= 1
+            if buffer:
+                flush()
 
         def on_message(
             message: KombuMessage,
@@ -129,8 +140,9 @@ class BatchTask(Task):  # type: ignore[misc]  # celery ships no annotations
         return on_message
 
 
-def dispatch(task: BatchTask, pool: Any, requests: list[Request]) -> None:
-    """One pool job for ``requests``; each acknowledged or given back when it is over."""
+def dispatch(task: BatchTask, pool: Any, requests: list[Request], done: Callable[[], None]) -> None:
+    """One pool job for ``requests``; each acknowledged or given back when it is over,
+    then ``done()``."""
     items: list[Item] = []
     for request in requests:
         _, kwargs, _ = request._payload
@@ -142,10 +154,12 @@ def dispatch(task: BatchTask, pool: Any, requests: list[Request]) -> None:
             if request.id in given_back:
                 request.reject(requeue=True)
         acknowledge([r for r in requests if r.id not in given_back])
+        done()
 
     def on_error(_: BaseException) -> None:
         for request in requests:
             request.reject(requeue=True)
+        done()
 
     pool.apply_async(run_batch_job, (task, items), callback=on_return, error_callback=on_error)
 
