@@ -115,6 +115,15 @@ ON CONFLICT (delivery_id) DO NOTHING
 """
 
 
+BATCH_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '200ms'"
+"""A batch holds the rows it wrote until its commit, so two batches touching the same
+card (a redemption in one, its rollback in the other) wait on each other, and in turn
+deadlock (found by PostgreSQL only after ``deadlock_timeout``, 1 s). Waiting at most
+200 ms, a delivery whose row another batch holds is a transient fault of its own: its
+savepoint rolls back and it goes to the single-delivery task, which waits as long as it
+needs. A batch of one keeps PostgreSQL's default (wait)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     status: DeliveryOutcome
@@ -176,10 +185,20 @@ def process_batch(
     try:
         with pool.connection() as conn:
             storable_text(conn)
-            # Pipeline mode: statements go out without waiting for each answer; each
-            # delivery waits for its claim and for one sync at the end of its savepoint.
-            with conn.pipeline() as pipe, conn.transaction():
-                return [_apply_isolated(conn, pipe, delivery, routes) for delivery in deliveries]
+            # No server-side prepared statements in a batch: with savepoints rolled back by
+            # hand and long pipelines, psycopg's cache of prepared names drifted from the
+            # server's (InvalidSqlStatementName, bench.load, 2026-12-02); psycopg clears it
+            # only on its own rollbacks.
+            threshold, conn.prepare_threshold = conn.prepare_threshold, None
+            try:
+                # Pipeline mode: statements go out without waiting for each answer; each
+                # delivery waits for its claim and for one sync at the end of its savepoint.
+                with conn.pipeline() as pipe, conn.transaction():
+                    if len(deliveries) > 1:
+                        conn.execute(BATCH_LOCK_TIMEOUT)
+                    return [_apply_isolated(conn, pipe, d, routes) for d in deliveries]
+            finally:
+                conn.prepare_threshold = threshold
     except TRANSIENT_ERRORS as exc:
         raise TransientError(describe(exc)) from exc
 
