@@ -1,6 +1,7 @@
 """Load figures of the whole pipeline, against a bare Flask app in the same run.
 
     .venv/bin/python -m bench.load [--deliveries 20000] [--concurrency 50] [--quick]
+        [--worker-batch-size 100] [--compare-unbatched] [--steady 40 --steady-seconds 30]
 
 Starts its own PostgreSQL (fsync on) and Redis (AOF, appendfsync everysec: the README's
 settings), then the ``web`` (gunicorn with ``web/gunicorn.py``, WEB_CONCURRENCY=2) and
@@ -16,6 +17,13 @@ worker consumes while the deliveries arrive. Measured:
 - drain time: from the last 202 to the last event processed;
 - peak RSS (VmHWM) of every process: web master and workers, Celery main and pool children,
   redis-server.
+
+With ``--compare-unbatched``, the same deliveries again to the same web, the database and
+Redis emptied, with a worker of ``WORKER_BATCH_SIZE=1`` (one task and one transaction per
+delivery, as before issue 12): its drain time beside the batched one. With ``--steady
+RATE``, a paced stream of ``RATE`` deliveries per second for ``--steady-seconds`` to the
+pipeline (emptied again, the batched worker): the end-to-end lag p50 / p99 at a low rate,
+where each batch waits for its flush deadline (``WORKER_BATCH_FLUSH_MS``).
 
 Then, in the same run, the same deliveries from the same sender to ``bench.bare_app:app``
 (a Flask view that only answers 202) under the same gunicorn settings: the ratio is what
@@ -40,6 +48,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
+import psycopg
+import redis
 
 from bench.common import APPS, ROOT, conclude
 from bench.figures import FIGURES, Records, plot_fault_run, plot_run
@@ -61,6 +71,10 @@ class Measured:
     drain: float
     """Seconds from the last 202 to the last event processed."""
     problems: list[str]
+    unbatched_drain: float | None = None
+    """The same, with ``WORKER_BATCH_SIZE=1`` (``--compare-unbatched``)."""
+    steady_lag_ms: list[float] | None = None
+    """End-to-end lag of each event of the paced stream (``--steady``)."""
 
 
 def write_records(run: SendRun, lags: Lags) -> Records:
@@ -102,13 +116,68 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--web-concurrency", type=int, default=2)
     parser.add_argument("--worker-concurrency", type=int, default=2)
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--worker-batch-size", type=int, default=None, help="WORKER_BATCH_SIZE (default 100)"
+    )
+    parser.add_argument(
+        "--compare-unbatched", action="store_true", help="also drain with WORKER_BATCH_SIZE=1"
+    )
+    parser.add_argument("--steady", type=float, default=None, help="a paced phase, deliveries/s")
+    parser.add_argument("--steady-seconds", type=float, default=30.0)
     return parser.parse_args()
+
+
+def batch_env(args: argparse.Namespace) -> dict[str, str]:
+    size = args.worker_batch_size
+    return {} if size is None else {"WORKER_BATCH_SIZE": str(size)}
+
+
+def empty_stores(bench: Bench) -> None:
+    """The inbox and the queues emptied (every process but the web stopped)."""
+    with psycopg.connect(bench.postgres.url(), autocommit=True) as conn:
+        conn.execute(
+            "TRUNCATE events, deliveries, dead_letters, orders, redemptions, ledger_entries,"
+            " card_balances, flags RESTART IDENTITY CASCADE"
+        )
+    client = redis.Redis.from_url(bench.broker.url())
+    client.flushdb()
+    client.close()
+
+
+def unbatched_drain(bench: Bench, port: int, n: int, stream: Stream, warm: Stream) -> float:
+    """The drain time of the same deliveries with a worker of ``WORKER_BATCH_SIZE=1``."""
+    empty_stores(bench)
+    worker = bench.worker(WORKER_BATCH_SIZE="1")
+    print("sending to the pipeline, batching off ...", flush=True)
+    run = send_and_settle(bench, "unbatched", warm, stream, port, settle=True)
+    _, _, drain = settle_pipeline(bench, run, n)
+    bench.stop(worker)
+    return drain
+
+
+def steady_lags(
+    bench: Bench, args: argparse.Namespace, port: int, warm: Stream
+) -> tuple[list[float], list[str]]:
+    """Lag (ms) of each event of a paced stream; problems of the phase."""
+    empty_stores(bench)
+    worker = bench.worker(**batch_env(args))
+    stream = build_stream(int(args.steady * args.steady_seconds), seed=13, prefix="steady")
+    print(f"sending to the pipeline at {args.steady:.0f}/s ...", flush=True)
+    warm_run = bench.send("steady warm-up", warm, port)
+    warm_ids = [a.delivery_id for a in warm_run.sender.accepted().values() if a.delivery_id]
+    bench.wait_settled(warm_ids, timeout=120)
+    run = bench.send("steady", stream, port, rate=args.steady)
+    ids = [a.delivery_id for a in run.sender.accepted().values() if a.delivery_id]
+    bench.wait_settled(ids, timeout=300)
+    lags = [(p - r) * 1000 for _, r, p in bench.lags("steady")]
+    bench.stop(worker)
+    return lags, run.problems()
 
 
 def measure(bench: Bench, n: int, stream: Stream, warm: Stream) -> Measured:
     """The pipeline, then the same web with its worker stopped, then the bare Flask app."""
     bench.start_servers()
-    worker = bench.worker()
+    worker = bench.worker(**batch_env(bench.args))
     web, port = bench.web(APPS["ours"])
     print("sending to the pipeline ...", flush=True)
     ours = send_and_settle(bench, "ours", warm, stream, port, settle=True)
@@ -117,6 +186,14 @@ def measure(bench: Bench, n: int, stream: Stream, warm: Stream) -> Measured:
     if bench.broker.process is not None:
         ours.rss += peak_rss("redis-server", bench.broker.process.pid)
     bench.stop(worker)
+    unbatched = (
+        unbatched_drain(bench, port, n, stream, warm) if bench.args.compare_unbatched else None
+    )
+    steady: list[float] | None = None
+    steady_problems: list[str] = []
+    if bench.args.steady:
+        steady, steady_problems = steady_lags(bench, bench.args, port, warm)
+        empty_stores(bench)
 
     # The same web with no worker beside it: what the receiver does with both cores.
     print("sending to the receiver alone (worker stopped) ...", flush=True)
@@ -129,11 +206,11 @@ def measure(bench: Bench, n: int, stream: Stream, warm: Stream) -> Measured:
     bare = send_and_settle(bench, "bare", warm, stream, bare_port, settle=False)
     bare.rss = peak_rss("web master", bare_web)
     bench.stop(bare_web)
-    problems = ours.problems() + alone.problems() + bare.problems()
+    problems = ours.problems() + alone.problems() + bare.problems() + steady_problems
     expected_events = len(stream.event_ids)
     if outcomes != {"processed": expected_events}:
         problems.append(f"events: {outcomes}, expected {expected_events} processed")
-    return Measured((ours, alone, bare), lags, drain, problems)
+    return Measured((ours, alone, bare), lags, drain, problems, unbatched, steady)
 
 
 def settle_pipeline(bench: Bench, ours: SendRun, n: int) -> tuple[Lags, dict[str, int], float]:
@@ -179,6 +256,7 @@ def main() -> int:
 
     lag_ms = [(p - r) * 1000 for _, r, p in measured.lags]
     report(args, n, stream, measured.runs, lag_ms, measured.drain)
+    report_batching(args, measured)
     if not args.no_plots:
         plot(args, n, measured.runs[0], measured.lags)
     return conclude(
@@ -236,6 +314,24 @@ def report(
     for name, mb in ours.rss:
         other = f"{bare_rss[name]:.0f}" if name in bare_rss else "-"
         row(f"peak RSS MB {name}", f"{mb:.0f}", "", other, "", "")
+
+
+def report_batching(args: argparse.Namespace, measured: Measured) -> None:
+    size = args.worker_batch_size or 100
+    print(f"\nbatching (WORKER_BATCH_SIZE={size}), load average {os.getloadavg()[0]:.2f}:")
+    if measured.unbatched_drain is not None:
+        ratio = measured.unbatched_drain / measured.drain if measured.drain > 0 else float("inf")
+        print(
+            f"  drain s: batched {measured.drain:.1f}, WORKER_BATCH_SIZE=1 "
+            f"{measured.unbatched_drain:.1f}: {ratio:.1f}x shorter (target >= 3x)"
+        )
+    if measured.steady_lag_ms:
+        lags = measured.steady_lag_ms
+        p50, p99 = percentile(lags, 50), percentile(lags, 99)
+        print(
+            f"  steady {args.steady:.0f}/s for {args.steady_seconds:.0f} s, {len(lags)} events: "
+            f"lag p50 {p50:.0f} ms (target <= 60), p99 {p99:.0f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -105,11 +105,11 @@ class Bench:
         wait_for_port(port, timeout=30)
         return proc, port
 
-    def worker(self) -> subprocess.Popen[bytes]:
+    def worker(self, **extra: str) -> subprocess.Popen[bytes]:
         args = celery_worker_command(
             "workers.app", "deliveries,jobs", self.args.worker_concurrency, "INFO"
         )
-        return self.spawn("worker", args, self.env())
+        return self.spawn("worker", args, self.env(**extra))
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:
@@ -128,8 +128,8 @@ class Bench:
 
     # -- measuring -----------------------------------------------------------------------
 
-    def send(self, label: str, stream: Stream, port: int) -> SendRun:
-        sender = Sender(stream.deliveries, port, threads=self.args.concurrency)
+    def send(self, label: str, stream: Stream, port: int, rate: float | None = None) -> SendRun:
+        sender = Sender(stream.deliveries, port, threads=self.args.concurrency, rate=rate)
         me = psutil.Process()
         cpu_before = sum(me.cpu_times()[:2])
         ok = sender.run(timeout=len(stream.deliveries) / 20 + 300)

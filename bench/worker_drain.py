@@ -1,27 +1,37 @@
 """Worker drain rate: how fast a worker applies a queue of real events, against a no-op.
 
-    .venv/bin/python -m bench.worker_drain [--events 10000] [--concurrency 2]
+    .venv/bin/python -m bench.worker_drain [--events 10000] [--concurrency 2] [--rounds 3]
+        [--batch-size 100] [--unbatched]
 
 Starts its own PostgreSQL (fsync on) and Redis (AOF everysec), fills the queue with N
 signed-fixture deliveries (gift and loyalty card redemptions and rollbacks, 10 % of them
 duplicates), starts ``celery worker`` as the Procfile does, and times the drain from the
 first message taken to the last event recorded. In the same run, the same worker
-configuration drains N no-op tasks of the same size. Prints events/s, the ratio to the
-no-op rate and the peak RSS of every worker process.
+configuration (same ``WORKER_BATCH_SIZE``, hence the same prefetch) drains N no-op tasks
+of the same size. Each of ``--rounds`` rounds drains both (the database emptied between
+rounds); ``--unbatched`` adds a drain with ``WORKER_BATCH_SIZE=1`` (one task and one
+transaction per delivery, as before issue 12) to each round. Prints the medians: events/s,
+the ratio to the no-op rate, the CPU per event of the worker (main process and pool
+children) and of PostgreSQL (every server process), and the peak RSS of every worker
+process (the largest over the rounds).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import statistics
 import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import psycopg
 import redis
 
@@ -37,8 +47,18 @@ from devtools.servers import EmbeddedPostgres, EmbeddedRedis
 from devtools.webhooks import body_of, card_redemption, card_rollback, envelope
 from workers.queue import DELIVERY_QUEUE, Message, celery_message
 
-Drained = tuple[float, list[float]]
-"""Seconds to drain the queue, peak RSS in MB of each worker process."""
+
+@dataclass(frozen=True)
+class Drained:
+    seconds: float
+    rss: list[float]
+    """Peak RSS in MB of each worker process."""
+    worker_cpu: float
+    """CPU seconds of the worker (main process and pool children) during the drain."""
+    main_cpu: float
+    """CPU seconds of the worker's main process (the consumer) alone."""
+    postgres_cpu: float
+    """CPU seconds of every PostgreSQL process during the drain."""
 
 
 def build_bodies(n: int, seed: int = 7) -> list[str]:
@@ -87,6 +107,19 @@ def start_worker(
         return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """User + system CPU seconds of a process and (``children``) of its live children."""
+    total = 0.0
+    parent = psutil.Process(pid)
+    for p in [parent, *(parent.children(recursive=True) if children else [])]:
+        try:
+            times = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def drain(
     name: str,
     app: str,
@@ -96,6 +129,7 @@ def drain(
     concurrency: int,
     done: Callable[[], bool],
     workdir: Path,
+    postgres_pid: int,
 ) -> Drained:
     client.flushdb()
     fill(client, messages)
@@ -107,22 +141,32 @@ def drain(
                 raise SystemExit(f"{name} worker exited: see {workdir / (name + '.log')}")
             time.sleep(0.005)
         started = time.perf_counter()
+        worker_before, pg_before = cpu_seconds(proc.pid), cpu_seconds(postgres_pid)
+        main_before = cpu_seconds(proc.pid, children=False)
         while not done():
             if proc.poll() is not None:
                 raise SystemExit(f"{name} worker exited: see {workdir / (name + '.log')}")
-            time.sleep(0.05)
+            time.sleep(0.02)
         elapsed = time.perf_counter() - started
+        worker_cpu = cpu_seconds(proc.pid) - worker_before
+        pg_cpu = cpu_seconds(postgres_pid) - pg_before
+        main_cpu = cpu_seconds(proc.pid, children=False) - main_before
         rss = [mb for _, mb in peak_rss_mb(proc.pid)]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    return elapsed, rss
+    return Drained(elapsed, rss, worker_cpu, main_cpu, pg_cpu)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=100, help="WORKER_BATCH_SIZE")
+    parser.add_argument(
+        "--unbatched", action="store_true", help="also drain with WORKER_BATCH_SIZE=1"
+    )
     return parser.parse_args()
 
 
@@ -141,13 +185,29 @@ def build_messages(bodies: list[str]) -> tuple[list[bytes], list[bytes]]:
     return event_messages, noop_messages
 
 
+Round = dict[str, Drained]
+"""One round: ``noop``, ``events`` and (``--unbatched``) ``unbatched``."""
+
+
+def postmaster_pid(postgres: EmbeddedPostgres) -> int:
+    with psycopg.connect(postgres.url(), autocommit=True) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    return psutil.Process(row[0]).ppid()
+
+
 def run(
-    n: int, concurrency: int, postgres: EmbeddedPostgres, broker: EmbeddedRedis, workdir: Path
-) -> tuple[Drained, Drained, dict[str, int]]:
-    """Drain N no-op tasks, then N deliveries; the deliveries' outcomes."""
+    args: argparse.Namespace, postgres: EmbeddedPostgres, broker: EmbeddedRedis, workdir: Path
+) -> tuple[list[Round], dict[str, int]]:
+    """``args.rounds`` rounds of drains; the deliveries' outcomes of the last one."""
+    n = args.events
     client = redis.Redis.from_url(broker.url())
-    env = stores_env(postgres, broker, LOG_LEVEL="WARNING")
+    batched = stores_env(
+        postgres, broker, LOG_LEVEL="WARNING", WORKER_BATCH_SIZE=str(args.batch_size)
+    )
+    unbatched = {**batched, "WORKER_BATCH_SIZE": "1"}
     event_messages, noop_messages = build_messages(build_bodies(n))
+    pg_pid = postmaster_pid(postgres)
 
     def queue_empty() -> bool:
         return client.llen(DELIVERY_QUEUE) == 0 and client.hlen("unacked") == 0  # type: ignore[return-value]
@@ -158,50 +218,83 @@ def run(
         row = poll.execute("SELECT count(*) FROM deliveries").fetchone()
         return row is not None and row[0] >= n
 
-    noop = drain(
-        "noop", "bench.noop_app", noop_messages, env, client, concurrency, queue_empty, workdir
-    )
-    events = drain(
-        "events", "workers.app", event_messages, env, client, concurrency, all_recorded, workdir
-    )
-    poll.close()
-    with psycopg.connect(postgres.url()) as conn:
-        statuses: dict[str, int] = dict(
-            conn.execute("SELECT outcome, count(*) FROM deliveries GROUP BY 1").fetchall()
+    def empty_database() -> None:
+        poll.execute(
+            "TRUNCATE events, deliveries, dead_letters, orders, redemptions, ledger_entries,"
+            " card_balances, flags RESTART IDENTITY CASCADE"
         )
+
+    rounds: list[Round] = []
+    statuses: dict[str, int] = {}
+    for _ in range(args.rounds):
+        measured: Round = {}
+        common = (client, args.concurrency)
+        measured["noop"] = drain(
+            "noop", "bench.noop_app", noop_messages, batched, *common, queue_empty, workdir, pg_pid
+        )
+        empty_database()
+        measured["events"] = drain(
+            "events", "workers.app", event_messages, batched, *common, all_recorded, workdir, pg_pid
+        )
+        statuses = dict(
+            poll.execute("SELECT outcome, count(*) FROM deliveries GROUP BY 1").fetchall()
+        )
+        if args.unbatched:
+            empty_database()
+            measured["unbatched"] = drain(
+                "unbatched", "workers.app", event_messages, unbatched, *common, all_recorded,
+                workdir, pg_pid,
+            )  # fmt: skip
+        rounds.append(measured)
+    poll.close()
     client.close()
-    return noop, events, statuses
+    return rounds, statuses
 
 
-def report(
-    n: int, concurrency: int, noop: Drained, events: Drained, statuses: dict[str, int]
-) -> None:
-    (noop_s, noop_rss), (events_s, events_rss) = noop, events
-    noop_rate, events_rate = n / noop_s, n / events_s
-    print(f"worker drain, N={n} deliveries (10 % duplicates), prefork concurrency {concurrency}")
-    print(f"{'run':<8}{'seconds':>10}{'per second':>12}   peak RSS MB per process")
-    for name, secs, rate, rss in (
-        ("no-op", noop_s, noop_rate, noop_rss),
-        ("events", events_s, events_rate, events_rss),
-    ):
-        print(f"{name:<8}{secs:>10.2f}{rate:>12.0f}   {', '.join(f'{m:.0f}' for m in rss)}")
-    print(f"ratio events/no-op: {events_rate / noop_rate:.0%} (target >= 70 %)")
-    print(f"delivery outcomes: {statuses}")
+def report(args: argparse.Namespace, rounds: list[Round], statuses: dict[str, int]) -> None:
+    n = args.events
+    print(
+        f"worker drain, N={n} deliveries (10 % duplicates), prefork concurrency "
+        f"{args.concurrency}, WORKER_BATCH_SIZE={args.batch_size}, medians of {len(rounds)} rounds"
+    )
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"{'run':<10}{'seconds':>9}{'per second':>12}{'worker ms/ev':>14}{'of it main':>12}"
+        f"{'pg ms/ev':>10}"
+        "   peak RSS MB per process"
+    )
+    rates: dict[str, float] = {}
+    for name in rounds[0]:
+        drained = [r[name] for r in rounds]
+        secs = statistics.median(d.seconds for d in drained)
+        rates[name] = n / secs
+        worker_ms = statistics.median(d.worker_cpu for d in drained) / n * 1000
+        pg_ms = statistics.median(d.postgres_cpu for d in drained) / n * 1000
+        main_ms = statistics.median(d.main_cpu for d in drained) / n * 1000
+        rss = [max(col) for col in zip(*(d.rss for d in drained), strict=False)]
+        print(
+            f"{name:<10}{secs:>9.2f}{rates[name]:>12.0f}{worker_ms:>14.2f}{main_ms:>12.2f}"
+            f"{pg_ms:>10.2f}   " + ", ".join(f"{m:.0f}" for m in rss)
+        )
+    print(f"ratio events/no-op: {rates['events'] / rates['noop']:.2f}x (target >= 1.0x)")
+    if "unbatched" in rates:
+        print(f"ratio events/unbatched: {rates['events'] / rates['unbatched']:.2f}x")
+    per_round = ", ".join(f"{n / r['events'].seconds:.0f}" for r in rounds)
+    print(f"per-round events/s: {per_round}")
+    print(f"delivery outcomes (last round): {statuses}")
 
 
 def main() -> None:
     args = parse_args()
-    n = args.events
-
     workdir = Path(tempfile.mkdtemp(prefix="vfy-bench-drain-"))
     postgres, broker = embedded_stores(workdir, durable=True)
     try:
         start_stores(postgres, broker)
-        noop, events, statuses = run(n, args.concurrency, postgres, broker, workdir)
+        rounds, statuses = run(args, postgres, broker, workdir)
     finally:
         broker.stop()
         postgres.stop()
-    report(n, args.concurrency, noop, events, statuses)
+    report(args, rounds, statuses)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,12 @@ class Settings:
     event_max_retries: int = 12
     retry_backoff_max_seconds: int = 120
     broker_visibility_timeout_seconds: int = 300
+    worker_batch_size: int = 100
+    """Deliveries applied in one PostgreSQL transaction by one batch (``WORKER_BATCH_SIZE``);
+    1: no batching, one task and one transaction per delivery, as before issue 12."""
+    worker_batch_flush_ms: int = 50
+    """Longest wait of a delivery for its batch to fill before the batch is applied anyway
+    (``WORKER_BATCH_FLUSH_MS``): the lag a low rate adds."""
     worker_metrics_port: int = 9808
     """Port of the worker's Prometheus endpoint (multi-process mode); 0: none."""
     worker_metrics_host: str = "127.0.0.1"
@@ -275,6 +281,8 @@ def _workers(env: Env, pool_max_size: int) -> dict[str, Any]:
         broker_visibility_timeout_seconds=env.get(
             "BROKER_VISIBILITY_TIMEOUT_SECONDS", parse.int_range(10, 86400), 300
         ),
+        worker_batch_size=env.get("WORKER_BATCH_SIZE", parse.int_range(1, 1000), 100),
+        worker_batch_flush_ms=env.get("WORKER_BATCH_FLUSH_MS", parse.int_range(1, 10_000), 50),
         worker_metrics_port=env.get("WORKER_METRICS_PORT", parse.int_range(0, 65535), 9808),
         worker_metrics_host=env.get("WORKER_METRICS_HOST", parse.host, "127.0.0.1"),
         database_pooler=env.get("DATABASE_POOLER", parse.database_pooler, "none"),

@@ -6,9 +6,12 @@ Reliability settings, each on purpose:
   received, so a worker that dies mid-task leaves the message to be delivered again.
 - ``task_reject_on_worker_lost``: when a pool process is killed (SIGKILL, OOM), its message
   goes back to the queue instead of being acknowledged as failed.
-- ``worker_prefetch_multiplier = 4``: each process reserves a few messages ahead so it
-  never waits on the broker between events; small, so a dead worker strands few and a
-  long retry countdown never holds many.
+- ``worker_prefetch_multiplier``: 4 without batching (``WORKER_BATCH_SIZE=1``): each
+  process reserves a few messages ahead so it never waits on the broker between events.
+  With batching, twice the batch size (``prefetch_multiplier``): a batch can only fill
+  from messages the worker holds unacknowledged, so each process needs room for one
+  batch being applied and one filling. A worker SIGKILLed whole strands that many until
+  the visibility timeout (they are then delivered again, and recorded once).
 - ``visibility_timeout`` (``BROKER_VISIBILITY_TIMEOUT_SECONDS``, default 300 s): a message
   reserved by a worker that vanished (its whole process group SIGKILLed) is handed out
   again after this long (plus a sweep of at most 5 s), instead of kombu's default of one
@@ -78,6 +81,7 @@ def make_celery(settings: Settings) -> Celery:
     import workers.jobs.schedule
     import workers.tasks
 
+    workers.tasks.register(app, settings)
     workers.jobs.schedule.connect_signals()
 
     @signals.setup_logging.connect(weak=False)
@@ -103,7 +107,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_max_retries": None,  # a worker waits for Redis, it does not exit
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 4,
+        "worker_prefetch_multiplier": prefetch_multiplier(settings),
         "task_time_limit": 60,
         "task_soft_time_limit": 50,
         "task_serializer": "json",
@@ -156,6 +160,13 @@ def _sentinel_options(settings: Settings) -> dict[str, Any]:
         "master_name": target.master,
         "sentinel_kwargs": sentinel_options(target.url, target.password, timeouts),
     }
+
+
+def prefetch_multiplier(settings: Settings) -> int:
+    """4 without batching; with it, room for two batches per process (one being applied,
+    one filling), else the window caps every batch below its size and each waits out
+    the flush deadline."""
+    return max(4, 2 * settings.worker_batch_size)
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:

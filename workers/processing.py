@@ -1,9 +1,10 @@
-"""Apply one delivery: record it in the inbox and, unless its event was seen, apply the event.
+"""Apply deliveries: record each in the inbox and, unless its event was seen, apply the event.
 
-Everything for one delivery happens in one transaction: the inbox row of the event is
-claimed (inserted, or locked when it exists: a concurrent duplicate waits here), the
-handler's effects are written, and the event's final status and the delivery row are
-written last. They commit together or not at all.
+A batch of deliveries is one transaction (``process_batch``), each delivery in its own
+savepoint; ``process_delivery`` is a batch of one. For each delivery the inbox row of the
+event is claimed (inserted, or locked when it exists: a concurrent duplicate waits here),
+the handler's effects are written, and the event's final status and the delivery row are
+written last, in its savepoint: they commit together, with the batch, or not at all.
 
 Outcomes: ``processed``; ``duplicate`` (the event was already applied, ignored or dead:
 the delivery is recorded, nothing is applied); ``ignored`` (no handler for the type);
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,12 +115,36 @@ ON CONFLICT (delivery_id) DO NOTHING
 """
 
 
+BATCH_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '200ms'"
+"""A batch holds the rows it wrote until its commit, so two batches touching the same
+card (a redemption in one, its rollback in the other) wait on each other, and in turn
+deadlock (found by PostgreSQL only after ``deadlock_timeout``, 1 s). Waiting at most
+200 ms, a delivery whose row another batch holds is a transient fault of its own: its
+savepoint rolls back and it goes to the single-delivery task, which waits as long as it
+needs. A batch of one keeps PostgreSQL's default (wait)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     status: DeliveryOutcome
     event_id: str
     type: str
     reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A delivery of a batch that was neither applied nor recorded: its savepoint rolled
+    back. ``transient``: the database could not take it now (a deadlock, a lock or
+    statement timeout), the task hands it to the single-delivery task; else a bug
+    (``error`` is the exception), the task records it ``failed`` for the re-drive job."""
+
+    delivery: Delivery
+    error: BaseException
+    transient: bool
+
+
+Result = Outcome | Deferred
 
 
 def process_delivery(
@@ -127,28 +154,79 @@ def process_delivery(
     received_at: str,
     routes: Registry = registry,
 ) -> Outcome:
-    delivery = read_delivery(body, delivery_id, received_at)
+    """Apply one delivery (replay, re-drive, verify and drift healing call this): the batch
+    path with a batch of one. A transient fault raises ``TransientError``; a bug raises
+    as it came."""
+    [result] = process_batch(pool, [(body, delivery_id, received_at)], routes)
+    if isinstance(result, Deferred):
+        if result.transient:
+            raise TransientError(describe(result.error)) from result.error
+        raise result.error
+    return result
+
+
+def process_batch(
+    pool: ConnectionPool,
+    messages: Sequence[tuple[str, str, str]],
+    routes: Registry = registry,
+) -> list[Result]:
+    """Apply deliveries ``(body, delivery_id, received_at)`` in one transaction, one commit;
+    each in its own savepoint, so that a dead letter, a handler error or a deadlock rolls
+    back that delivery alone. The results are in the order of ``messages``.
+
+    A duplicate inside the batch finds the event its earlier twin claimed (same
+    transaction) final: recorded as a duplicate. One in another worker's batch waits on
+    the claim's row lock until that batch commits, then finds it final too.
+
+    Raises ``TransientError`` when the transaction as a whole failed (PostgreSQL gone,
+    the connection lost, the commit refused): nothing of the batch is applied.
+    """
+    deliveries = [read_delivery(*message) for message in messages]
     try:
-        reason = delivery.refused
-        # Applied with the body as jsonb, else -- a \u0000 escape or a lone surrogate
-        # that jsonb refuses, valid JSON all the same -- as text: refused that way too,
-        # the event is a dead letter.
+        with pool.connection() as conn:
+            storable_text(conn)
+            # No server-side prepared statements in a batch: with savepoints rolled back by
+            # hand and long pipelines, psycopg's cache of prepared names drifted from the
+            # server's (InvalidSqlStatementName, bench.load, 2026-12-02); psycopg clears it
+            # only on its own rollbacks.
+            threshold, conn.prepare_threshold = conn.prepare_threshold, None
+            try:
+                # Pipeline mode: statements go out without waiting for each answer; each
+                # delivery waits for its claim and for one sync at the end of its savepoint.
+                with conn.pipeline() as pipe, conn.transaction():
+                    if len(deliveries) > 1:
+                        conn.execute(BATCH_LOCK_TIMEOUT)
+                    return [_apply_isolated(conn, pipe, d, routes) for d in deliveries]
+            finally:
+                conn.prepare_threshold = threshold
+    except TRANSIENT_ERRORS as exc:
+        raise TransientError(describe(exc)) from exc
+
+
+def _apply_isolated(
+    conn: psycopg.Connection[Any], pipe: psycopg.Pipeline, delivery: Delivery, routes: Registry
+) -> Result:
+    """One delivery of a batch, in savepoints: applied with the body as jsonb, else -- a
+    \\u0000 escape or a lone surrogate that jsonb refuses, valid JSON all the same -- as
+    text; refused that way too, a dead letter. Raises only when the connection itself
+    is lost (the whole batch is then transient)."""
+    reason = delivery.refused
+    try:
         for form in delivery.kept_forms() if reason is None else []:
             try:
-                # Pipeline mode: statements go out without waiting for each answer; only
-                # the claim is waited for. One delivery costs two round trips, not ten.
-                with pool.connection() as conn, conn.pipeline(), conn.transaction():
-                    return _apply(storable_text(conn), delivery, routes, form)
+                with _savepoint(conn, pipe):
+                    return _apply(conn, delivery, routes, form)
             except STORAGE_ERRORS as exc:
                 reason = refusal(exc)
                 if reason is None:
                     raise
         assert reason is not None
-        # Permanent: the failed transaction is gone; dead-letter in a fresh one.
-        with pool.connection() as conn, conn.transaction():
-            return _dead_letter(storable_text(conn), delivery, reason)
-    except TRANSIENT_ERRORS as exc:
-        raise TransientError(describe(exc)) from exc
+        with _savepoint(conn, pipe):
+            return _dead_letter(conn, delivery, reason)
+    except Exception as exc:
+        if conn.closed or conn.pgconn.status != psycopg.pq.ConnStatus.OK:
+            raise  # the connection is gone: the whole batch is transient
+        return Deferred(delivery, exc, transient=isinstance(exc, TRANSIENT_ERRORS))
 
 
 def record_dead_letter(
@@ -163,6 +241,30 @@ def record_dead_letter(
             return _dead_letter(conn, delivery, reason)
     except TRANSIENT_ERRORS as exc:
         raise TransientError(describe(exc)) from exc
+
+
+@contextmanager
+def _savepoint(conn: psycopg.Connection[Any], pipe: psycopg.Pipeline) -> Iterator[None]:
+    """A savepoint around one delivery, in pipeline mode, with one sync at its end: the
+    delivery's errors surface there, inside it, and roll back only what it wrote.
+
+    Not psycopg's nested ``conn.transaction()``: in pipeline mode that wraps itself in
+    two nested pipelines, whose exits sync, three round trips per delivery instead of one.
+    """
+    conn.execute("SAVEPOINT delivery")
+    try:
+        yield
+        conn.execute("RELEASE SAVEPOINT delivery")
+        pipe.sync()
+    except BaseException:
+        # Out of the aborted-pipeline state first (statements after an error are skipped
+        # until a sync), then back to the savepoint.
+        with suppress(psycopg.Error):
+            pipe.sync()
+        conn.execute("ROLLBACK TO SAVEPOINT delivery")
+        conn.execute("RELEASE SAVEPOINT delivery")
+        pipe.sync()
+        raise
 
 
 def _apply(

@@ -1,12 +1,23 @@
 """The entry task the receiver publishes to, and the decision to retry, park or give up.
 
-Registered at import under its stable name (``voucherify.process_delivery``) for every
-Celery app the process builds; it reads the settings from its app
-(``workers.celery_app.settings_of``). Thin on purpose: bind the log context, run
-``process_delivery`` (one transaction), and on a transient fault retry with exponential
-backoff and jitter, bounded. Nothing is lost: an event out of retries is left ``failed``
-in the inbox for the re-drive job, and when even that cannot be written (PostgreSQL down
-all along) the message is parked in Redis, where the re-drive job picks it up again.
+The entry task has a stable name (``voucherify.process_delivery``); ``register`` (called by
+``make_celery``) binds it, by the app's ``WORKER_BATCH_SIZE``, to one of two bodies:
+
+- ``ProcessBatch`` (batch size above 1, the default): the consumer hands it up to
+  ``WORKER_BATCH_SIZE`` deliveries at once (``workers.batching``), applied in one
+  transaction (``processing.process_batch``), their accepted copies forgotten in one
+  Redis pipeline. A delivery the batch could not take (a transient fault of its own, or
+  of the whole batch) goes to the single-delivery task (``voucherify.process_delivery.one``)
+  with a countdown: the bounded retries below take over from there.
+- ``process_delivery`` (batch size 1): one task, one transaction per delivery.
+
+The single-delivery task is always registered (as ``voucherify.process_delivery.one``).
+Thin on purpose: bind the log context, run ``process_delivery`` (one transaction), and on
+a transient fault retry with exponential backoff and jitter, bounded. Nothing is lost: an
+event out of retries is left ``failed`` in the inbox for the re-drive job, and when even
+that cannot be written (PostgreSQL down all along) the message is parked in Redis, where
+the re-drive job picks it up again. Each task reads the settings from its app
+(``workers.celery_app.settings_of``).
 """
 
 from __future__ import annotations
@@ -15,8 +26,9 @@ import logging
 import random
 import time
 import traceback
+from collections.abc import Sequence
 
-from celery import Task, shared_task
+from celery import Celery, Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from psycopg_pool import ConnectionPool
 
@@ -24,6 +36,7 @@ from config import logs
 from config.settings import Settings
 from schemas.vocabulary import DeliveryOutcome
 from workers import metrics, processing, queue
+from workers.batching import BatchTask, Item
 from workers.celery_app import settings_of
 from workers.db import get_pool
 from workers.faults import TransientError
@@ -37,8 +50,31 @@ def backoff_seconds(retries: int, cap: int) -> float:
     return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
 
 
-@shared_task(name=queue.PROCESS_DELIVERY_TASK, bind=True)
-def process_delivery(task: Task, body: str, delivery_id: str, received_at: str) -> str:
+SINGLE_DELIVERY_TASK = queue.PROCESS_DELIVERY_TASK + ".one"
+"""The single-delivery task a batch hands the deliveries it could not take to."""
+
+
+def register(app: Celery, settings: Settings) -> None:
+    """Bind the entry task's name to the batch task or, batch size 1, the single one."""
+    if settings.worker_batch_size > 1:
+        app.task(
+            name=queue.PROCESS_DELIVERY_TASK,
+            base=ProcessBatch,
+            bind=True,
+            flush_every=settings.worker_batch_size,
+            flush_interval=settings.worker_batch_flush_ms / 1000,
+            shared=False,
+        )(_not_called)
+    else:
+        app.task(name=queue.PROCESS_DELIVERY_TASK, bind=True, shared=False)(process_one)
+
+
+def _not_called(task: Task, **_: str) -> None:
+    raise NotImplementedError("the batch task runs through ProcessBatch.run_batch")
+
+
+def process_one(task: Task, body: str, delivery_id: str, received_at: str) -> str:
+    """One delivery, one transaction; a transient fault retries this task, bounded."""
     settings = settings_of(task.app)
     message = queue.Message(body, delivery_id, received_at)
     retries = int(task.request.retries or 0)
@@ -68,6 +104,9 @@ def process_delivery(task: Task, body: str, delivery_id: str, received_at: str) 
             },
         )
         return outcome.status
+
+
+process_delivery = shared_task(name=SINGLE_DELIVERY_TASK, bind=True)(process_one)
 
 
 def retry_or_give_up(
@@ -148,3 +187,97 @@ def park(settings: Settings, message: queue.Message) -> None:
     raising makes Celery keep the message (late ack): not lost."""
     queue.park(queue.process_client(settings.redis_url), message)
     metrics.PARKED.inc()
+
+
+class ProcessBatch(BatchTask):
+    """The entry task with batching on: ``run_batch`` runs in a pool process."""
+
+    abstract = True
+
+    def run_batch(self, items: Sequence[Item]) -> list[str]:
+        """Apply a batch; the delivery ids not finished (the consumer gives them back).
+
+        Every delivery ends applied or recorded (forgotten in Redis at once), handed to
+        the single-delivery task, or -- when not even that could be published -- given
+        back to the broker unacknowledged. Never raises for one delivery's sake.
+        """
+        settings = settings_of(self.app)
+        started = time.perf_counter()
+        pool = get_pool(
+            settings.database_url,
+            settings.db_pool_max_size,
+            prepare_threshold=settings.db_prepare_threshold,
+        )
+        messages = [
+            (queue.Message(kw["body"], kw["delivery_id"], kw["received_at"]), retries)
+            for _, kw, retries in items
+        ]
+        try:
+            results = processing.process_batch(
+                pool, [(m.body, m.delivery_id, m.received_at) for m, _ in messages]
+            )
+        except (TransientError, SoftTimeLimitExceeded) as exc:
+            pool.check()  # drop connections a restarted PostgreSQL left broken
+            log.warning("batch.transient", extra={"error": str(exc), "size": len(items)})
+            return hand_over(self, settings, messages)
+        elapsed = time.perf_counter() - started
+        done: list[str] = []
+        deferred: list[tuple[queue.Message, int]] = []
+        for (message, retries), result in zip(messages, results, strict=True):
+            if isinstance(result, processing.Deferred):
+                if result.transient or isinstance(result.error, SoftTimeLimitExceeded):
+                    deferred.append((message, retries))
+                elif isinstance(result.error, Exception):
+                    give_up_on_crash(settings, pool, message, result.error)
+                continue
+            done.append(message.delivery_id)
+            metrics.observe_outcome(result, message.received_at, elapsed / len(items))
+            with logs.bind(delivery_id=message.delivery_id, attempt=retries + 1):
+                log.info(
+                    "event." + result.status,
+                    extra={
+                        "event_id": result.event_id,
+                        "type": result.type,
+                        "reason": result.reason,
+                        "ms": round(elapsed * 1000, 2),
+                        "batch": len(items),
+                    },
+                )
+        # Recorded in PostgreSQL: the copies have done their job (one round trip).
+        queue.forget(queue.process_client(settings.redis_url, timeout=2), done)
+        return hand_over(self, settings, deferred) if deferred else []
+
+
+def hand_over(
+    task: Task, settings: Settings, messages: Sequence[tuple[queue.Message, int]]
+) -> list[str]:
+    """Give deliveries the batch could not take to the single-delivery task, after a
+    backoff with jitter (the batch was their attempt ``retries + 1``); the ids that could
+    not even be published (Redis gone): the consumer gives those back to the broker."""
+    unfinished: list[str] = []
+    for message, retries in messages:
+        attempt = retries + 1
+        metrics.RETRIES.inc()
+        countdown = backoff_seconds(retries, settings.retry_backoff_max_seconds)
+        try:
+            task.app.send_task(
+                SINGLE_DELIVERY_TASK,
+                kwargs=message.kwargs(),
+                task_id=message.delivery_id,
+                countdown=countdown,
+                retries=attempt,
+                queue=queue.DELIVERY_QUEUE,
+                kwargsrepr=queue.safe_kwargsrepr(message.delivery_id),
+            )
+        except Exception as exc:  # noqa: BLE001 - kept unacknowledged instead
+            log.warning(
+                "delivery.hand_over_failed",
+                extra={"delivery_id": message.delivery_id, "error": type(exc).__name__},
+            )
+            unfinished.append(message.delivery_id)
+        else:
+            log.warning(
+                "delivery.handed_over",
+                extra={"delivery_id": message.delivery_id, "countdown": round(countdown, 2)},
+            )
+    return unfinished

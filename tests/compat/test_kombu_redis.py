@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -43,6 +45,58 @@ def test_acks_that_fail_on_a_dead_connection_still_free_the_window() -> None:
             qos.ack(tag)
     # The consumer asks Redis for more, finds the connection gone and reconnects.
     assert qos.can_consume()
+
+
+def test_a_batch_ack_that_fails_still_frees_every_slot_of_the_batch() -> None:
+    qos = full_window(3)
+    qos.pipe_or_acquire = _dead_pipe  # type: ignore[method-assign]
+    with pytest.raises(redis.ConnectionError):
+        qos.ack_many(["tag-0", "tag-1"])
+    assert qos.can_consume()
+    assert qos._dirty == {"tag-0", "tag-1"}  # freed; tag-2 still in hand
+
+
+def test_a_batch_ack_removes_every_message_from_the_unacked_hash_in_one_round_trip(
+    redis_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.hset("unacked", mapping={"a": "1", "b": "2", "c": "3"})
+    client.zadd("unacked_index", {"a": 1, "b": 2, "c": 3})
+    qos = QoS(ClientChannel(client), prefetch_count=3)
+    for tag in ("a", "b", "c"):
+        virtual.QoS.append(qos, object(), tag)
+
+    qos.ack_many(["a", "b"])
+
+    assert client.hkeys("unacked") == [b"c"]
+    assert client.zrange("unacked_index", 0, -1) == [b"c"]
+    assert qos._dirty == {"a", "b"}
+    client.close()
+
+
+class ClientChannel(StubChannel):
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.unacked_key, self.unacked_index_key = "unacked", "unacked_index"
+
+    @contextlib.contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[redis.Redis]:
+        yield self.client
+
+
+@contextlib.contextmanager
+def _dead_pipe(*_: Any, **__: Any) -> Iterator[Any]:
+    class Pipe:
+        def zrem(self, *_: Any) -> Pipe:
+            return self
+
+        def hdel(self, *_: Any) -> Pipe:
+            return self
+
+        def execute(self) -> None:
+            raise redis.ConnectionError("Connection refused.")
+
+    yield Pipe()
 
 
 @pytest.mark.parametrize("requeue", [False, True])

@@ -79,6 +79,9 @@ def test_a_worker_whose_acks_fail_during_a_redis_restart_goes_on_consuming(
         BROKER_VISIBILITY_TIMEOUT_SECONDS="10",
         RETRY_BACKOFF_MAX_SECONDS="4",
         WORKER_METRICS_PORT="0",
+        # Batches of 2 keep the window of this test at 8 (the multiplier is twice the
+        # batch size, at least 4): the acks that fail are then a batch's acknowledgement.
+        WORKER_BATCH_SIZE="2",
     )
     # The tasks block on a lock, so the worker fills its prefetch window (4 per process,
     # 2 processes) and holds it: the moment a Redis restart under load makes likely.

@@ -26,14 +26,14 @@ from workers.celery_app import make_celery
 from workers.db import close_pool, get_pool
 from workers.faults import TransientError
 from workers.queue import ACCEPTED_HASH, ACCEPTED_PUSHES, PARKED_QUEUE, DeliveryPublisher, Message
-from workers.tasks import record_failure, retry_or_give_up
+from workers.tasks import SINGLE_DELIVERY_TASK, record_failure, retry_or_give_up
 
 
 @pytest.fixture
 def task(settings: Settings) -> Iterator[Task]:
     """The entry task of a real app; the process's pool is closed after the test."""
     app = make_celery(settings)
-    yield app.tasks["voucherify.process_delivery"]
+    yield app.tasks[SINGLE_DELIVERY_TASK]
     close_pool()
 
 

@@ -1,0 +1,190 @@
+"""A Celery task that is handed its messages in batches: ``BatchTask``.
+
+The worker's consumer (the main process) does not send each message of a batch task to
+the pool: it buffers the requests, and sends one pool job per batch, when ``flush_every``
+requests are buffered or ``flush_interval`` seconds after the first one came, whichever
+is first, and at most one batch per pool process at a time (the others wait in the
+buffer, so under a backlog every batch is full). The job runs
+``BatchTask.run_batch(items)`` in a pool process; each request is acknowledged after the
+job returned, or given back to the broker:
+
+- the job returns the task ids it did not finish (neither applied, recorded nor parked):
+  those are rejected with ``requeue`` (kombu pushes them back), the others acknowledged;
+- the job failed or its process died (an exception, a hard time limit, a SIGKILL: billiard
+  calls the error callback with ``WorkerLostError``): every request of the batch is
+  rejected with ``requeue``, as ``task_reject_on_worker_lost`` does for a single task;
+- the worker stopped with requests still buffered: they were never acknowledged, and
+  kombu's Redis transport restores its unacknowledged messages when its channel closes
+  (or, after a SIGKILL of the whole worker, after the visibility timeout).
+
+Modelled on ``celery-batches`` (``celery_batches.Batches``; see docs/architecture.md,
+"Batches"), which it does not depend on: that package pins ``celery<5.7`` (we run 5.7),
+acknowledges every request of a batch whose task raised (its trace swallows the error,
+then its ``on_return`` acks), passes no error callback (the requests of a batch whose
+process died stay unacknowledged in the worker, holding their prefetch slots, until the
+visibility timeout), and flushes on a repeating timer rather than a deadline counted
+from the first buffered request.
+
+The prefetch window must hold more than a batch, or no batch ever fills:
+``workers.celery_app`` sets the multiplier from the batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from celery import Celery, Task
+from celery.utils.imports import symbol_by_name
+from celery.worker.consumer import Consumer
+from celery.worker.request import Request, create_request_cls
+from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
+from kombu.message import Message as KombuMessage
+
+log = logging.getLogger(__name__)
+
+Item = tuple[str, dict[str, Any], int]
+"""One request as the pool process receives it: task id, keyword arguments, retries."""
+
+
+class BatchTask(Task):  # type: ignore[misc]  # celery ships no annotations
+    """A task whose ``run_batch(items)`` applies a list of requests in one pool job."""
+
+    abstract = True
+    typing = False
+
+    flush_every: int = 100
+    """Requests per batch, at most."""
+    flush_interval: float = 0.05
+    """Seconds a request waits, at most, for its batch to fill."""
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("a batch task runs through run_batch(items)")
+
+    def run_batch(self, items: Sequence[Item]) -> Sequence[str]:
+        """Apply ``items``; the task ids not finished (they are given back to the broker)."""
+        raise NotImplementedError
+
+    def Strategy(self, task: BatchTask, app: Celery, consumer: Consumer) -> Callable[..., None]:
+        pool = consumer.pool
+        timer = consumer.timer
+        hostname = consumer.hostname
+        eventer = consumer.event_dispatcher
+        connection_errors = consumer.connection_errors
+        request_cls = create_request_cls(
+            symbol_by_name(task.Request), task, pool, hostname, eventer, app=app
+        )
+        buffer: list[Request] = []
+        deadline: list[Any] = []  # the pending flush timer, if any
+        # At most one batch per pool process: the rest waits here, unacknowledged, and
+        # fills the next batch (a warm shutdown hands it back at once).
+        limit = max(1, int(getattr(pool, "limit", 1) or 1))
+        in_flight = [0]
+
+        def flush() -> None:
+            if deadline:
+                deadline.pop().cancel()
+            while buffer and in_flight[0] < limit:
+                requests = buffer[: task.flush_every]
+                del buffer[: task.flush_every]
+                in_flight[0] += 1
+                dispatch(task, pool, requests, done)
+
+        def done() -> None:
+            in_flight[0] -= 1
+            if buffer:
+                flush()
+
+        def on_message(
+            message: KombuMessage,
+            body: Any,
+            ack: Any,
+            reject: Any,
+            callbacks: Any,
+            **_: Any,
+        ) -> None:
+            # As celery.worker.strategy.default reads the three protocol versions.
+            if body is None and "args" not in message.payload:
+                body, headers, decoded, utc = (
+                    message.body,
+                    message.headers,
+                    False,
+                    app.uses_utc_timezone(),
+                )
+            elif "args" in message.payload:
+                body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
+            else:
+                body, headers, decoded, utc = proto1_to_proto2(message, body)
+            buffer.append(
+                request_cls(
+                    message,
+                    on_ack=ack,
+                    on_reject=reject,
+                    app=app,
+                    hostname=hostname,
+                    eventer=eventer,
+                    task=task,
+                    body=body,
+                    headers=headers,
+                    decoded=decoded,
+                    utc=utc,
+                    connection_errors=connection_errors,
+                )
+            )
+            if len(buffer) >= task.flush_every:
+                flush()
+            elif not deadline:
+                deadline.append(timer.call_after(task.flush_interval, flush))
+
+        return on_message
+
+
+def dispatch(task: BatchTask, pool: Any, requests: list[Request], done: Callable[[], None]) -> None:
+    """One pool job for ``requests``; each acknowledged or given back when it is over,
+    then ``done()``."""
+    items: list[Item] = []
+    for request in requests:
+        _, kwargs, _ = request._payload
+        items.append((request.id, kwargs, int(request.request_dict.get("retries") or 0)))
+
+    def on_return(unfinished: Sequence[str] | None) -> None:
+        given_back = set(unfinished or ())
+        for request in requests:
+            if request.id in given_back:
+                request.reject(requeue=True)
+        acknowledge([r for r in requests if r.id not in given_back])
+        done()
+
+    def on_error(_: BaseException) -> None:
+        for request in requests:
+            request.reject(requeue=True)
+        done()
+
+    pool.apply_async(run_batch_job, (task, items), callback=on_return, error_callback=on_error)
+
+
+def acknowledge(requests: list[Request]) -> None:
+    """Acknowledge ``requests`` in one Redis round trip when the transport can
+    (``compat.kombu_redis.QoS.ack_many``), else one by one. A failed acknowledgement is
+    logged, as Celery logs its own: the messages stay unacknowledged in Redis and are
+    delivered again after the visibility timeout, then recorded as duplicates."""
+    if not requests:
+        return
+    qos: Any = getattr(requests[0].message.channel, "qos", None)
+    if not hasattr(qos, "ack_many"):
+        for request in requests:
+            request.acknowledge()
+        return
+    try:
+        qos.ack_many([r.message.delivery_tag for r in requests])
+    except Exception as exc:  # noqa: BLE001 - as Celery's own "Couldn't ack"
+        log.error("batch.ack_failed", extra={"error": type(exc).__name__, "size": len(requests)})
+    for request in requests:  # as Message.ack and Request.acknowledge mark them
+        request.message._state = "ACK"
+        request.acknowledged = True
+
+
+def run_batch_job(task: BatchTask, items: Sequence[Item]) -> list[str]:
+    """What a pool process runs (module level: the prefork pool pickles it by name)."""
+    return list(task.run_batch(items))
