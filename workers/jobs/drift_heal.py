@@ -12,7 +12,6 @@ ledger by the same handler, keyed by the same transaction id as the real webhook
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -24,10 +23,10 @@ from psycopg_pool import ConnectionPool
 
 from schemas.vocabulary import DeliveryOutcome, LedgerKind
 from workers import processing
+from workers.jobs import synthetic
 
 log = logging.getLogger(__name__)
 
-SOURCE = {"id": "drift", "object": "reconciliation"}
 MAX_PAGES = 20
 """At most 2,000 transactions back per card and run: the quota is the shop's."""
 
@@ -67,15 +66,7 @@ def webhook_body(card: Card, transaction: dict[str, Any]) -> tuple[str, str]:
         "voucher": {"id": card.voucher_id, "code": card.voucher_code, "holder_id": card.holder_id},
         "holder": {"id": card.holder_id} if card.holder_id else None,
     }
-    body = {
-        "id": event_id,
-        "created_at": created_at,
-        "type": event_type,
-        "data": data,
-        "source": SOURCE,
-        "event": {"id": event_id, "type": event_type, "created_at": created_at},
-    }
-    return event_id, json.dumps(body, separators=(",", ":"))
+    return event_id, synthetic.webhook_body("drift", event_id, event_type, data, created_at)
 
 
 def _created(transaction: dict[str, Any]) -> datetime | None:

@@ -9,10 +9,10 @@ wraps it in the v2024-01-01 envelope.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from schemas.vocabulary import RedemptionStatus
+from workers.jobs import synthetic
 from workers.jobs.verify.compare import (
     EVENT_STATUS,
     ROLLBACK_SUCCEEDED,
@@ -20,8 +20,6 @@ from workers.jobs.verify.compare import (
     card_type,
     status_from,
 )
-
-SOURCE = {"id": "verify", "object": "reconciliation"}
 
 
 def customer_of(theirs: dict[str, Any]) -> dict[str, Any] | None:
@@ -117,14 +115,4 @@ def event_id(redemption_id: str, event_type: str) -> str:
 
 def webhook_body(event_id: str, event_type: str, data: dict[str, Any], created_at: str) -> str:
     """The raw body of the webhook, v2024-01-01 envelope, as a delivery carries it."""
-    return json.dumps(
-        {
-            "id": event_id,
-            "created_at": created_at,
-            "type": event_type,
-            "data": data,
-            "source": SOURCE,
-            "event": {"id": event_id, "type": event_type, "created_at": created_at},
-        },
-        separators=(",", ":"),
-    )
+    return synthetic.webhook_body("verify", event_id, event_type, data, created_at)
