@@ -14,6 +14,8 @@ upgrade inside the pinned series (``pyproject.toml``) cannot break delivery sile
   after an early import.
 - ``redis_raw``: redis-py connections' ``send_packed_command`` / ``read_response``: the
   receiver's push in one write.
+- ``psycopg_prepared``: ``psycopg.Connection._prepared.clear()``: a statement whose
+  ``Parse`` PostgreSQL skipped after an error in a pipeline is not reused as prepared.
 
 Nothing here imports the project's own packages.
 """

@@ -41,6 +41,7 @@ from marshmallow import ValidationError
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from compat.psycopg_prepared import forget_prepared
 from schemas.envelope import LEGACY_FORMAT
 from schemas.vocabulary import FINAL_STATUSES, UNFINISHED_STATUSES, DeliveryOutcome, EventStatus
 from workers import handlers  # noqa: F401 - importing registers the handlers
@@ -185,20 +186,14 @@ def process_batch(
     try:
         with pool.connection() as conn:
             storable_text(conn)
-            # No server-side prepared statements in a batch: with savepoints rolled back by
-            # hand and long pipelines, psycopg's cache of prepared names drifted from the
-            # server's (InvalidSqlStatementName, bench.load, 2026-12-02); psycopg clears it
-            # only on its own rollbacks.
-            threshold, conn.prepare_threshold = conn.prepare_threshold, None
-            try:
-                # Pipeline mode: statements go out without waiting for each answer; each
-                # delivery waits for its claim and for one sync at the end of its savepoint.
-                with conn.pipeline() as pipe, conn.transaction():
-                    if len(deliveries) > 1:
-                        conn.execute(BATCH_LOCK_TIMEOUT)
-                    return [_apply_isolated(conn, pipe, d, routes) for d in deliveries]
-            finally:
-                conn.prepare_threshold = threshold
+            # Pipeline mode: statements go out without waiting for each answer; each
+            # delivery waits for its claim and for one sync at the end of its savepoint.
+            # Prepared statements stay on (the pool's threshold): ``_savepoint`` makes
+            # psycopg forget its prepared names when a delivery fails.
+            with conn.pipeline() as pipe, conn.transaction():
+                if len(deliveries) > 1:
+                    conn.execute(BATCH_LOCK_TIMEOUT)
+                return [_apply_isolated(conn, pipe, d, routes) for d in deliveries]
     except TRANSIENT_ERRORS as exc:
         raise TransientError(describe(exc)) from exc
 
@@ -261,8 +256,14 @@ def _savepoint(conn: psycopg.Connection[Any], pipe: psycopg.Pipeline) -> Iterato
         # until a sync), then back to the savepoint.
         with suppress(psycopg.Error):
             pipe.sync()
-        conn.execute("ROLLBACK TO SAVEPOINT delivery")
-        conn.execute("RELEASE SAVEPOINT delivery")
+        # The server skipped the Parse of any statement psycopg chose to prepare in that
+        # stretch, yet psycopg recorded it prepared: its next run would name a statement
+        # the server lacks (InvalidSqlStatementName, bench.load, 2026-12-02). Forget them
+        # all before queuing anything (ROLLBACK TO, RELEASE could be among them); these
+        # two go unprepared, as psycopg's DEALLOCATE ALL follows the first of them.
+        forget_prepared(conn)
+        conn.execute("ROLLBACK TO SAVEPOINT delivery", prepare=False)
+        conn.execute("RELEASE SAVEPOINT delivery", prepare=False)
         pipe.sync()
         raise
 

@@ -11,12 +11,14 @@ import billiard.pool
 import celery.apps.worker
 import kombu.transport
 import prometheus_client.values
+import psycopg
 import redis
 from celery import Celery
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from psycopg._preparing import PrepareManager
 
-from compat import billiard_pool, celery_worker, prometheus, redis_raw
+from compat import billiard_pool, celery_worker, prometheus, psycopg_prepared, redis_raw
 from workers.queue import DELIVERY_QUEUE, PROCESS_DELIVERY_TASK, Message
 
 
@@ -103,3 +105,23 @@ def test_the_delivery_message_is_what_celery_itself_would_send() -> None:
     assert set(embed) == set(theirs.body[2])
     assert ours["properties"]["delivery_info"]["routing_key"] == DELIVERY_QUEUE
     assert ours["content-type"] == "application/json"
+
+
+def test_psycopg_still_keeps_its_prepared_names_where_forget_prepared_clears_them(
+    database_url: str,
+) -> None:
+    # compat.psycopg_prepared clears ``Connection._prepared`` (a PrepareManager): psycopg
+    # deallocates the server's copies with its next statement, then prepares them anew.
+    assert "_prepared.clear()" in inspect.getsource(psycopg_prepared.forget_prepared)
+    with psycopg.connect(database_url, prepare_threshold=0) as conn:
+        assert isinstance(conn._prepared, PrepareManager)
+        conn.execute("SELECT 1")
+        assert conn._prepared._names
+        psycopg_prepared.forget_prepared(conn)
+        assert not conn._prepared._names
+        conn.execute("SELECT 2", prepare=False)  # DEALLOCATE ALL goes out after it
+        assert conn.execute(
+            "SELECT count(*) FROM pg_prepared_statements", prepare=False
+        ).fetchone() == (0,)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # by the name prepared anew

@@ -16,7 +16,7 @@ from psycopg_pool import ConnectionPool
 from devtools.servers import free_port
 from devtools.webhooks import VOUCHERIFY, body_of, card_redemption, card_rollback, envelope, fixture
 from workers.faults import TransientError
-from workers.processing import process_delivery, record_failure
+from workers.processing import Outcome, Result, process_batch, process_delivery, record_failure
 from workers.registry import Handler, Registry
 
 
@@ -482,3 +482,43 @@ def test_an_amount_whose_negation_bigint_cannot_hold_is_a_dead_letter_at_once(
         process_delivery(pool, body_of(doc).decode(), "d_ok", datetime.now(UTC).isoformat()).status
         == "processed"
     )
+
+
+def divide_by_the_events_last_digit(event: Any, conn: psycopg.Connection[Any]) -> None:
+    """A handler whose statement fails (division by zero) for an event id ending in 0;
+    its result is not read, so the statements queued after it go out in the pipeline."""
+    conn.execute("SELECT 1 / %(v)s::integer", {"v": int(event[0][-1])})
+
+
+def status_or_error(result: Result) -> str:
+    """An outcome's status; for a delivery handed back, its error (the assertion shows it)."""
+    return result.status if isinstance(result, Outcome) else repr(result.error)
+
+
+@pytest.mark.parametrize("prepare_threshold", [0, 1, 5])
+def test_batches_with_failing_deliveries_keep_prepared_statements_on_and_valid(
+    database_url: str, prepare_threshold: int
+) -> None:
+    """A delivery failing inside a batch aborts the pipeline: PostgreSQL skips the Parse of
+    any statement psycopg chose to prepare after the error, until the next sync. Reused
+    later (the rest of the batch, the next batches on the connection), such a statement
+    must not be run by a name the server lacks (InvalidSqlStatementName: the delivery
+    handed back, or the whole batch transient); and statements are still prepared in
+    batches."""
+    routes = routes_to(divide_by_the_events_last_digit)
+    with ConnectionPool(
+        database_url, min_size=1, max_size=1, kwargs={"prepare_threshold": prepare_threshold}
+    ) as one:
+        for batch in range(8):
+            docs = [redemption_succeeded(f"ev_{batch}_{i}{i % 2}") for i in range(6)]
+            messages = [(body_of(d).decode(), uuid.uuid4().hex, now()) for d in docs]
+            results = process_batch(one, messages, routes)
+            assert [status_or_error(r) for r in results] == ["dead", "processed"] * 3
+        good = [redemption_succeeded(f"ev_good_{i}") for i in range(1, 7)]
+        messages = [(body_of(d).decode(), uuid.uuid4().hex, now()) for d in good]
+        results = process_batch(one, messages, routes)
+        assert [status_or_error(r) for r in results] == ["processed"] * 6
+        with one.connection() as conn:
+            prepared = conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()
+    assert prepared is not None
+    assert prepared[0] > 0
