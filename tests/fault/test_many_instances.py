@@ -47,7 +47,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from datetime import timedelta
@@ -68,7 +67,7 @@ from tests.fault.servers import (
     normal_job_runs,
     slow_job_runs,
 )
-from tests.fault.test_under_fire import UNRECORDED, pipeline_state, query, reached, read_logs
+from tests.fault.test_under_fire import query, reached, read_logs, settled_probe
 from workers.jobs.runner import JOBS
 
 pytestmark = pytest.mark.fault
@@ -309,18 +308,7 @@ def test_two_webs_three_workers_and_a_second_beat_apply_every_delivery_exactly_o
     accepted = sender.accepted()
     accepted_ids = [a.delivery_id for a in accepted.values() if a.delivery_id]
     state: dict[str, int] = {}
-    quiet: list[float] = []
-
-    def settled() -> bool:
-        state.clear()
-        state.update(pipeline_state(url, redis_url, accepted_ids))
-        if any(n for what, n in state.items() if what != UNRECORDED):
-            quiet.clear()
-            return False
-        if not state.get(UNRECORDED):
-            return True
-        quiet.append(time.monotonic())  # nothing in flight: what is missing is lost
-        return quiet[-1] - quiet[0] >= 5
+    settled = settled_probe(url, redis_url, accepted_ids, state)
 
     # Long enough for a lock left by a killed run to expire (JobSpec.lock_ttl_seconds),
     # should the kill have hit one after all, and the sweep to run after it.

@@ -224,6 +224,28 @@ def pipeline_state(url: str, redis_url: str, accepted_ids: list[str]) -> dict[st
         return {f"unreachable: {exc}": 1}
 
 
+def settled_probe(
+    url: str, redis_url: str, accepted_ids: list[str], state: dict[str, int]
+) -> Callable[[], bool]:
+    """A ``wait_until`` condition: True once every accepted delivery is recorded, or once
+    nothing has been queued, parked, in a worker's hands or unfinished in the inbox for
+    5 s (what is still not recorded can no longer arrive). ``state`` holds the last look."""
+    quiet: list[float] = []
+
+    def settled() -> bool:
+        state.clear()
+        state.update(pipeline_state(url, redis_url, accepted_ids))
+        if any(n for what, n in state.items() if what != UNRECORDED):
+            quiet.clear()
+            return False
+        if not state.get(UNRECORDED):
+            return True
+        quiet.append(time.monotonic())
+        return quiet[-1] - quiet[0] >= 5
+
+    return settled
+
+
 def where_are(url: str, redis_url: str, sender: Sender, accepted: dict[int, Any]) -> list[str]:
     """For each accepted delivery not recorded: when it was sent and where Redis has it."""
     ids = {a.delivery_id: i for i, a in accepted.items() if a.delivery_id}
@@ -355,20 +377,7 @@ def test_every_accepted_delivery_is_applied_exactly_once_under_fire(
     accepted = sender.accepted()
     accepted_ids = [a.delivery_id for a in accepted.values() if a.delivery_id]
     state: dict[str, int] = {}
-    quiet: list[float] = []
-
-    def settled() -> bool:
-        state.clear()
-        state.update(pipeline_state(url, redis_url, accepted_ids))
-        if any(n for what, n in state.items() if what != UNRECORDED):
-            quiet.clear()
-            return False
-        if not state.get(UNRECORDED):
-            return True
-        # Nothing queued, parked, in a worker's hands or unfinished in the inbox: what is
-        # still not recorded can no longer arrive (after a few seconds for stragglers).
-        quiet.append(time.monotonic())
-        return quiet[-1] - quiet[0] >= 5
+    settled = settled_probe(url, redis_url, accepted_ids, state)
 
     try:
         # Longer than kombu's restore lock (unacked_mutex_expire, 300 s), so that a worker
