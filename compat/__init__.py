@@ -8,6 +8,9 @@ upgrade inside the pinned series (``pyproject.toml``) cannot break delivery sile
   ``kombu.transport.TRANSPORT_ALIASES``: a failed ack frees its prefetch slot.
 - ``billiard_pool``: ``billiard.pool.GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT``: a warm
   shutdown takes 2 s, not 30 s.
+- ``celery_asynpool``: ``AsynPool.flush``, ``._flush_writer``, ``._active_writers`` and a
+  job's ``_write_to``: a warm shutdown finishes writing a batch job before the pool is
+  joined.
 - ``celery_worker``: ``celery.apps.worker.safe_say``: the lines Celery writes from its
   signal handlers come out as JSON.
 - ``prometheus``: ``prometheus_client.values.ValueClass``: multi-process mode chosen even

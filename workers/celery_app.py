@@ -34,6 +34,8 @@ Reliability settings, each on purpose:
 - No result backend: nobody reads task results; the outcome lives in PostgreSQL.
 - A pool process waits at most 2 s, not billiard's 30 s, for the main process to read its
   last results before it exits (``compat.billiard_pool``): a warm shutdown stays quick.
+- A warm shutdown finishes writing the batch job on its way to a pool process before the
+  pool is joined (``compat.celery_asynpool``): half a job would hold the join forever.
 
 The tasks (``workers.tasks``, ``workers.jobs.schedule``) register themselves at import by
 name and read the settings from the app they run in: ``settings_of(app)``.
@@ -48,7 +50,7 @@ from urllib.parse import urlsplit
 
 from celery import Celery, signals
 
-from compat import billiard_pool, kombu_redis
+from compat import billiard_pool, celery_asynpool, kombu_redis
 from config import logs
 from config.settings import Settings
 from workers.queue import DELIVERY_QUEUE, JOBS_QUEUE
@@ -73,6 +75,7 @@ def make_celery(settings: Settings) -> Celery:
     # keeps consuming after a Redis restart under load (see compat/kombu_redis.py).
     kombu_redis.use_for_redis_urls()
     billiard_pool.shorten_pool_exit_wait()
+    celery_asynpool.finish_started_writes_on_flush()  # a warm shutdown joins whole batch jobs
     app = Celery("voucherify_pipeline", set_as_current=False)
     app.conf.update(celery_config(settings))
     app.conf[SETTINGS_KEY] = settings

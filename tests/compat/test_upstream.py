@@ -14,11 +14,19 @@ import prometheus_client.values
 import psycopg
 import redis
 from celery import Celery
+from celery.concurrency import asynpool
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from psycopg._preparing import PrepareManager
 
-from compat import billiard_pool, celery_worker, prometheus, psycopg_prepared, redis_raw
+from compat import (
+    billiard_pool,
+    celery_asynpool,
+    celery_worker,
+    prometheus,
+    psycopg_prepared,
+    redis_raw,
+)
 from workers.queue import DELIVERY_QUEUE, PROCESS_DELIVERY_TASK, Message
 
 
@@ -48,6 +56,27 @@ def test_billiard_still_reads_its_exit_wait_constant_at_exit() -> None:
         assert billiard.pool.GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT == 20
     finally:
         billiard.pool.GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT = before
+
+
+def test_celery_pool_still_writes_jobs_in_pieces_that_finish_started_writes_completes() -> None:
+    # compat.celery_asynpool finds a job's writer generator and its process, and runs the
+    # rest of it as AsynPool.flush does; the join still appends a sentinel to each pipe.
+    assert callable(asynpool._get_job_writer)
+    assert asynpool.gen_not_started((lambda: (yield))())
+    assert callable(asynpool.AsynPool._flush_writer)
+    create_write_handlers = inspect.getsource(asynpool.AsynPool._create_write_handlers)
+    assert "job._write_to = proc" in create_write_handlers
+    assert "_active_writers" in create_write_handlers
+    assert "proc.inq.put(None)" in inspect.getsource(asynpool.AsynPool._stop_task_handler)
+    assert "self.outbound_buffer = deque()" in inspect.getsource(asynpool.AsynPool.__init__)
+    assert "pop_message = outbound.popleft" in create_write_handlers
+    # flush finishes started writes only while the pool runs (the bug worked around).
+    flush = getattr(asynpool.AsynPool.flush, "__wrapped__", asynpool.AsynPool.flush)
+    assert "if self._state == RUN:" in inspect.getsource(flush)
+    assert celery_asynpool.finish_started_writes(object()) == 0  # no writers: nothing
+    celery_asynpool.finish_started_writes_on_flush()
+    celery_asynpool.finish_started_writes_on_flush()  # idempotent: wrapped once
+    assert asynpool.AsynPool.flush.__wrapped__ is flush
 
 
 def test_celery_signal_handlers_still_say_through_the_module_attribute() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import redis
 
 from devtools.webhooks import body_of, card_redemption, envelope, wait_until
 from tests.conftest import Processes, process_env
-from tests.fault.servers import Servers
+from tests.fault.servers import Servers, unacked
 from workers.queue import ACCEPTED_HASH, DeliveryPublisher
 
 pytestmark = pytest.mark.fault
@@ -175,6 +176,49 @@ def test_a_worker_stopped_with_sigterm_mid_batch_hands_its_messages_back_at_once
     assert count(url, "SELECT count(*) FROM events") < len(event_ids)
 
     # With a one-hour visibility timeout, only a clean hand-back lets this finish quickly.
+    processes.worker(env)
+    wait_until_all_processed(url, len(event_ids), processes, timeout=90, after="the restart")
+    assert_applied_exactly_once(url, event_ids, tries=1)
+
+
+def pool_processes(pid: int) -> list[int]:
+    """The pool processes of the worker whose main process is ``pid``."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def test_a_worker_stopped_with_sigterm_while_a_batch_is_half_written_to_its_pool_still_exits(
+    servers: Servers, processes: Processes
+) -> None:
+    """A batch job is larger than a pipe's buffer: stopped pool processes (SIGSTOP) read
+    none of it, so the job is half written when SIGTERM comes. Celery's shutdown forgot
+    the rest and the pool processes waited for it forever (compat/celery_asynpool.py)."""
+    env = {**worker_env(servers), "BROKER_VISIBILITY_TIMEOUT_SECONDS": "3600"}
+    url = servers.postgres.url()
+    first = processes.worker(env)
+    wait_until(lambda: len(pool_processes(first.pid)) == 2, timeout=60, what="the pool")
+    pool = pool_processes(first.pid)
+    for pid in pool:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        event_ids = enqueue_card_redemptions(servers.redis.url(), "half", 300)
+        # The consumer takes its prefetch window and sends a batch job to each process.
+        wait_until(lambda: unacked(servers.redis.url()) >= 200, timeout=60, what="prefetch")
+        time.sleep(1)
+        first.terminate()
+        time.sleep(1)  # the warm shutdown reaches the pool's flush and join
+    finally:
+        for pid in pool:
+            os.kill(pid, signal.SIGCONT)
+    try:
+        assert first.wait(timeout=15) == 0
+    except subprocess.TimeoutExpired:
+        pytest.fail("the worker held SIGTERM\n" + processes.log_of(first).read_text()[-4000:])
+    # The case it proves was there: the shutdown found half-written jobs and finished them.
+    assert '"event":"pool.writes_finished"' in processes.log_of(first).read_text()
+
     processes.worker(env)
     wait_until_all_processed(url, len(event_ids), processes, timeout=90, after="the restart")
     assert_applied_exactly_once(url, event_ids, tries=1)
