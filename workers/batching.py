@@ -4,7 +4,10 @@ The worker's consumer (the main process) does not send each message of a batch t
 the pool: it buffers the requests, and sends one pool job per batch, when ``flush_every``
 requests are buffered or ``flush_interval`` seconds after the first one came, whichever
 is first, and at most one batch per pool process at a time (the others wait in the
-buffer, so under a backlog every batch is full). The job runs
+buffer, so under a backlog every batch is full). Two batches in flight never share a
+key (``BatchTask.keys_of``: for a delivery, the ids of the rows its event writes): a
+request whose keys a batch in flight holds waits in the buffer until that batch is over,
+so two pool processes never wait on each other's row locks. The job runs
 ``BatchTask.run_batch(items)`` in a pool process; each request is acknowledged after the
 job returned, or given back to the broker:
 
@@ -16,6 +19,10 @@ job returned, or given back to the broker:
 - the worker stopped with requests still buffered: they were never acknowledged, and
   kombu's Redis transport restores its unacknowledged messages when its channel closes
   (or, after a SIGKILL of the whole worker, after the visibility timeout).
+
+Once a shutdown began no batch is dispatched: what is buffered goes back to the queue. (A
+batch job is larger than a pipe's buffer, so one already on its way to a pool process is
+written in pieces: ``compat.celery_asynpool`` makes the shutdown finish it.)
 
 Modelled on ``celery-batches`` (``celery_batches.Batches``; see docs/architecture.md,
 "Batches"), which it does not depend on: that package pins ``celery<5.7`` (we run 5.7),
@@ -31,12 +38,14 @@ The prefetch window must hold more than a batch, or no batch ever fills:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, bootsteps
 from celery.utils.imports import symbol_by_name
+from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request, create_request_cls
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
@@ -66,6 +75,12 @@ class BatchTask(Task):  # type: ignore[misc]  # celery ships no annotations
         """Apply ``items``; the task ids not finished (they are given back to the broker)."""
         raise NotImplementedError
 
+    def keys_of(self, kwargs: dict[str, Any]) -> frozenset[str]:
+        """What a request's job would contend for with another batch (row locks): two
+        batches in flight never share a key. Computed in the consumer, once per request;
+        none by default."""
+        return frozenset()
+
     def Strategy(self, task: BatchTask, app: Celery, consumer: Consumer) -> Callable[..., None]:
         pool = consumer.pool
         timer = consumer.timer
@@ -75,24 +90,30 @@ class BatchTask(Task):  # type: ignore[misc]  # celery ships no annotations
         request_cls = create_request_cls(
             symbol_by_name(task.Request), task, pool, hostname, eventer, app=app
         )
-        buffer: list[Request] = []
+        buffer: list[tuple[Request, frozenset[str]]] = []
         deadline: list[Any] = []  # the pending flush timer, if any
         # At most one batch per pool process: the rest waits here, unacknowledged, and
         # fills the next batch (a warm shutdown hands it back at once).
         limit = max(1, int(getattr(pool, "limit", 1) or 1))
         in_flight = [0]
+        held: set[str] = set()  # the keys of the batches in flight
 
         def flush() -> None:
             if deadline:
                 deadline.pop().cancel()
+            if stopping(consumer):
+                return  # what is buffered goes back to the queue with the channel
             while buffer and in_flight[0] < limit:
-                requests = buffer[: task.flush_every]
-                del buffer[: task.flush_every]
+                requests, keys = take_batch(buffer, held, task.flush_every)
+                if not requests:
+                    return  # all of it waits on a batch in flight; its end flushes
+                held.update(keys)
                 in_flight[0] += 1
-                dispatch(task, pool, requests, done)
+                dispatch(task, pool, requests, functools.partial(done, keys))
 
-        def done() -> None:
+        def done(keys: set[str]) -> None:
             in_flight[0] -= 1
+            held.difference_update(keys)
             if buffer:
                 flush()
 
@@ -116,28 +137,57 @@ class BatchTask(Task):  # type: ignore[misc]  # celery ships no annotations
                 body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
             else:
                 body, headers, decoded, utc = proto1_to_proto2(message, body)
-            buffer.append(
-                request_cls(
-                    message,
-                    on_ack=ack,
-                    on_reject=reject,
-                    app=app,
-                    hostname=hostname,
-                    eventer=eventer,
-                    task=task,
-                    body=body,
-                    headers=headers,
-                    decoded=decoded,
-                    utc=utc,
-                    connection_errors=connection_errors,
-                )
+            request = request_cls(
+                message,
+                on_ack=ack,
+                on_reject=reject,
+                app=app,
+                hostname=hostname,
+                eventer=eventer,
+                task=task,
+                body=body,
+                headers=headers,
+                decoded=decoded,
+                utc=utc,
+                connection_errors=connection_errors,
             )
+            buffer.append((request, task.keys_of(request._payload[1])))
             if len(buffer) >= task.flush_every:
                 flush()
             elif not deadline:
                 deadline.append(timer.call_after(task.flush_interval, flush))
 
         return on_message
+
+
+def take_batch(
+    buffer: list[tuple[Request, frozenset[str]]], held: set[str], size: int
+) -> tuple[list[Request], set[str]]:
+    """Take from ``buffer``, in order, up to ``size`` requests that share no key with
+    ``held`` (the batches in flight); the rest stays, in order. Two requests of one batch
+    may share keys: one transaction applies them in turn."""
+    taken: list[Request] = []
+    keys: set[str] = set()
+    kept: list[tuple[Request, frozenset[str]]] = []
+    for entry in buffer:
+        request, its_keys = entry
+        if len(taken) < size and held.isdisjoint(its_keys):
+            taken.append(request)
+            keys.update(its_keys)
+        else:
+            kept.append(entry)
+    buffer[:] = kept
+    return taken, keys
+
+
+def stopping(consumer: Consumer) -> bool:
+    """Whether the worker is shutting down: a signal asked it to (``should_stop``,
+    ``should_terminate``: set in the handler, before the event loop ends), or its consumer
+    is being stopped."""
+    asked = (worker_state.should_stop, worker_state.should_terminate)
+    return any(flag is not None and flag is not False for flag in asked) or (
+        consumer.blueprint is not None and consumer.blueprint.state != bootsteps.RUN
+    )
 
 
 def dispatch(task: BatchTask, pool: Any, requests: list[Request], done: Callable[[], None]) -> None:

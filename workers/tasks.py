@@ -27,6 +27,7 @@ import random
 import time
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from celery import Celery, Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -39,6 +40,7 @@ from workers import metrics, processing, queue
 from workers.batching import BatchTask, Item
 from workers.celery_app import settings_of
 from workers.db import get_pool
+from workers.delivery import contention_keys
 from workers.faults import TransientError
 
 log = logging.getLogger(__name__)
@@ -193,6 +195,10 @@ class ProcessBatch(BatchTask):
     """The entry task with batching on: ``run_batch`` runs in a pool process."""
 
     abstract = True
+
+    def keys_of(self, kwargs: dict[str, Any]) -> frozenset[str]:
+        body = kwargs.get("body")
+        return contention_keys(body) if isinstance(body, str) else frozenset()
 
     def run_batch(self, items: Sequence[Item]) -> list[str]:
         """Apply a batch; the delivery ids not finished (the consumer gives them back).
