@@ -1,7 +1,7 @@
 """Worker drain rate: how fast a worker applies a queue of real events, against a no-op.
 
     .venv/bin/python -m bench.worker_drain [--events 10000] [--concurrency 2] [--rounds 3]
-        [--batch-size 100] [--unbatched]
+        [--batch-size 100] [--unbatched] [--py-spy DIR]
 
 Starts its own PostgreSQL (fsync on) and Redis (AOF everysec), fills the queue with N
 signed-fixture deliveries (gift and loyalty card redemptions and rollbacks, 10 % of them
@@ -13,7 +13,10 @@ rounds); ``--unbatched`` adds a drain with ``WORKER_BATCH_SIZE=1`` (one task and
 transaction per delivery, as before issue 12) to each round. Prints the medians: events/s,
 the ratio to the no-op rate, the CPU per event of the worker (main process and pool
 children) and of PostgreSQL (every server process), and the peak RSS of every worker
-process (the largest over the rounds).
+process (the largest over the rounds). ``--py-spy DIR`` samples every drain's worker
+(main process and pool children) with py-spy into ``DIR/<drain>-<round>.txt``, collapsed
+stacks, one line per stack with its sample count (``--nonblocking``: the process is not
+paused, so the figures stay close to an unprofiled run's).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -130,6 +134,7 @@ def drain(
     done: Callable[[], bool],
     workdir: Path,
     postgres_pid: int,
+    profile: Path | None = None,
 ) -> Drained:
     client.flushdb()
     fill(client, messages)
@@ -140,6 +145,7 @@ def drain(
             if proc.poll() is not None:
                 raise SystemExit(f"{name} worker exited: see {workdir / (name + '.log')}")
             time.sleep(0.005)
+        sampler = None if profile is None else start_py_spy(proc.pid, profile)
         started = time.perf_counter()
         worker_before, pg_before = cpu_seconds(proc.pid), cpu_seconds(postgres_pid)
         main_before = cpu_seconds(proc.pid, children=False)
@@ -152,10 +158,21 @@ def drain(
         pg_cpu = cpu_seconds(postgres_pid) - pg_before
         main_cpu = cpu_seconds(proc.pid, children=False) - main_before
         rss = [mb for _, mb in peak_rss_mb(proc.pid)]
+        if sampler is not None:
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            sampler.wait(timeout=30)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     return Drained(elapsed, rss, worker_cpu, main_cpu, pg_cpu)
+
+
+def start_py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling ``pid`` and its children until SIGINT, collapsed stacks to ``output``."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    args = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--nonblocking"]
+    args += ["--rate", "250", "--format", "raw", "--output", str(output)]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def parse_args() -> argparse.Namespace:
@@ -166,6 +183,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=100, help="WORKER_BATCH_SIZE")
     parser.add_argument(
         "--unbatched", action="store_true", help="also drain with WORKER_BATCH_SIZE=1"
+    )
+    parser.add_argument(
+        "--py-spy", type=Path, default=None, metavar="DIR", help="sample each drain with py-spy"
     )
     return parser.parse_args()
 
@@ -226,16 +246,22 @@ def run(
 
     rounds: list[Round] = []
     statuses: dict[str, int] = {}
-    for _ in range(args.rounds):
+    for number in range(1, args.rounds + 1):
         measured: Round = {}
         common = (client, args.concurrency)
+
+        def sampled(name: str, number: int = number) -> Path | None:
+            return None if args.py_spy is None else args.py_spy / f"{name}-{number}.txt"
+
         measured["noop"] = drain(
-            "noop", "bench.noop_app", noop_messages, batched, *common, queue_empty, workdir, pg_pid
-        )
+            "noop", "bench.noop_app", noop_messages, batched, *common, queue_empty, workdir,
+            pg_pid, sampled("noop"),
+        )  # fmt: skip
         empty_database()
         measured["events"] = drain(
-            "events", "workers.app", event_messages, batched, *common, all_recorded, workdir, pg_pid
-        )
+            "events", "workers.app", event_messages, batched, *common, all_recorded, workdir,
+            pg_pid, sampled("events"),
+        )  # fmt: skip
         statuses = dict(
             poll.execute("SELECT outcome, count(*) FROM deliveries GROUP BY 1").fetchall()
         )
@@ -243,7 +269,7 @@ def run(
             empty_database()
             measured["unbatched"] = drain(
                 "unbatched", "workers.app", event_messages, unbatched, *common, all_recorded,
-                workdir, pg_pid,
+                workdir, pg_pid, sampled("unbatched"),
             )  # fmt: skip
         rounds.append(measured)
     poll.close()
