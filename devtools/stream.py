@@ -178,7 +178,9 @@ def _events(
         if (draw < 0.08 or draw > 0.98) and len(events) < n_unique:
             failed_id = f"ev_{prefix}_{pair}_rf"
             code = "already_rolled_back" if rolled_back else rng.choice(REVIEW_CODES)
-            data = card_rollback_failed(rid, f"rrf_{prefix}_{pair}", code=code)
+            data = card_rollback_failed(
+                rid, f"rrf_{prefix}_{pair}", code=code, order_id=order_id, voucher_id=voucher_id
+            )
             events.append((failed_id, "redemption.rollback.failed", data))
             stream.rollback_failures.add(failed_id)
         pair += 1

@@ -202,14 +202,26 @@ def card_rollback(
     if include_amount:
         rollback["amount"] = -abs(amount)
     rollback["order"]["id"] = order_id
+    rollback["voucher"]["id"] = voucher["id"]  # the published payload's own card otherwise
     return data
 
 
 def card_rollback_failed(
-    redemption_id: str, rollback_id: str, code: str = "already_rolled_back"
+    redemption_id: str,
+    rollback_id: str,
+    code: str = "already_rolled_back",
+    order_id: str | None = None,
+    voucher_id: str | None = None,
 ) -> dict[str, Any]:
+    """``data`` of a redemption.rollback.failed; ``order_id`` and ``voucher_id``, when
+    given, replace the published payload's own order and card (one for every event)."""
     data = copy.deepcopy(fixture("redemption.rollback.failed"))
     data["redemption"]["id"] = redemption_id
+    if order_id is not None:
+        data["redemption"]["order"]["id"] = order_id
+    if voucher_id is not None:
+        for holder in (data, data["redemption"], data["redemption_rollback"]):
+            holder["voucher"]["id"] = voucher_id
     data["redemption_rollback"].update(
         {
             "id": rollback_id,
