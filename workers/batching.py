@@ -2,9 +2,10 @@
 
 The worker's consumer (the main process) does not send each message of a batch task to
 the pool: it buffers the requests, and sends one pool job per batch, when ``flush_every``
-requests are buffered or ``flush_interval`` seconds after the first one came, whichever
-is first, and at most one batch per pool process at a time (the others wait in the
-buffer, so under a backlog every batch is full). Two batches in flight never share a
+requests are buffered or once the oldest buffered one has waited ``flush_interval``
+seconds, whichever is first, and at most one batch per pool process at a time (the others
+wait in the buffer, so under a backlog every batch is full; the end of a batch is no
+reason to send the next one half empty before its deadline). Two batches in flight never share a
 key (``BatchTask.keys_of``: for a delivery, the ids of the rows its event writes): a
 request whose keys a batch in flight holds waits in the buffer until that batch is over,
 so two pool processes never wait on each other's row locks. The job runs
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,6 +57,9 @@ log = logging.getLogger(__name__)
 
 Item = tuple[str, dict[str, Any], int]
 """One request as the pool process receives it: task id, keyword arguments, retries."""
+
+Entry = tuple[Request, frozenset[str], float]
+"""One buffered request: the request, its keys, when it came (``time.monotonic()``)."""
 
 
 class BatchTask(Task):  # type: ignore[misc]  # celery ships no annotations
@@ -90,7 +95,7 @@ class BatchTask(Task):  # type: ignore[misc]  # celery ships no annotations
         request_cls = create_request_cls(
             symbol_by_name(task.Request), task, pool, hostname, eventer, app=app
         )
-        buffer: list[tuple[Request, frozenset[str]]] = []
+        buffer: list[Entry] = []  # in order of arrival
         deadline: list[Any] = []  # the pending flush timer, if any
         # At most one batch per pool process: the rest waits here, unacknowledged, and
         # fills the next batch (a warm shutdown hands it back at once).
@@ -104,6 +109,12 @@ class BatchTask(Task):  # type: ignore[misc]  # celery ships no annotations
             if stopping(consumer):
                 return  # what is buffered goes back to the queue with the channel
             while buffer and in_flight[0] < limit:
+                if len(buffer) < task.flush_every:
+                    # Not full: it goes once its oldest request waited its time.
+                    left = task.flush_interval - (time.monotonic() - buffer[0][2])
+                    if left > 0:
+                        deadline.append(timer.call_after(left, flush))
+                        return
                 requests, keys = take_batch(buffer, held, task.flush_every)
                 if not requests:
                     return  # all of it waits on a batch in flight; its end flushes
@@ -151,7 +162,7 @@ class BatchTask(Task):  # type: ignore[misc]  # celery ships no annotations
                 utc=utc,
                 connection_errors=connection_errors,
             )
-            buffer.append((request, task.keys_of(request._payload[1])))
+            buffer.append((request, task.keys_of(request._payload[1]), time.monotonic()))
             if len(buffer) >= task.flush_every:
                 flush()
             elif not deadline:
@@ -160,17 +171,15 @@ class BatchTask(Task):  # type: ignore[misc]  # celery ships no annotations
         return on_message
 
 
-def take_batch(
-    buffer: list[tuple[Request, frozenset[str]]], held: set[str], size: int
-) -> tuple[list[Request], set[str]]:
+def take_batch(buffer: list[Entry], held: set[str], size: int) -> tuple[list[Request], set[str]]:
     """Take from ``buffer``, in order, up to ``size`` requests that share no key with
     ``held`` (the batches in flight); the rest stays, in order. Two requests of one batch
     may share keys: one transaction applies them in turn."""
     taken: list[Request] = []
     keys: set[str] = set()
-    kept: list[tuple[Request, frozenset[str]]] = []
+    kept: list[Entry] = []
     for entry in buffer:
-        request, its_keys = entry
+        request, its_keys, _ = entry
         if len(taken) < size and held.isdisjoint(its_keys):
             taken.append(request)
             keys.update(its_keys)

@@ -48,8 +48,8 @@ def test_bodies_orjson_cannot_read_name_nothing() -> None:
         assert contention_keys(body) == frozenset(), body
 
 
-def entries(*keys: set[str]) -> list[tuple[Any, frozenset[str]]]:
-    return [(f"req{i}", frozenset(k)) for i, k in enumerate(keys)]
+def entries(*keys: set[str]) -> list[tuple[Any, frozenset[str], float]]:
+    return [(f"req{i}", frozenset(k), float(i)) for i, k in enumerate(keys)]
 
 
 def test_a_batch_skips_what_a_batch_in_flight_holds_and_keeps_it_in_order() -> None:
@@ -57,7 +57,7 @@ def test_a_batch_skips_what_a_batch_in_flight_holds_and_keeps_it_in_order() -> N
     taken, keys = take_batch(buffer, held={"a"}, size=10)
     assert taken == ["req1", "req3"]
     assert keys == {"b", "d"}
-    assert [request for request, _ in buffer] == ["req0", "req2", "req4"]
+    assert [request for request, _, _ in buffer] == ["req0", "req2", "req4"]
 
 
 def test_requests_sharing_keys_go_into_one_batch_together() -> None:
@@ -72,7 +72,7 @@ def test_a_batch_holds_at_most_size_requests_and_the_rest_waits() -> None:
     buffer = entries(*({str(i)} for i in range(5)))
     taken, _ = take_batch(buffer, held=set(), size=3)
     assert taken == ["req0", "req1", "req2"]
-    assert [request for request, _ in buffer] == ["req3", "req4"]
+    assert [request for request, _, _ in buffer] == ["req3", "req4"]
 
 
 def test_requests_without_keys_never_wait() -> None:

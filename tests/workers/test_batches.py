@@ -227,3 +227,46 @@ def test_at_a_low_rate_a_delivery_waits_for_the_flush_deadline_not_for_a_full_ba
     ]
     assert len(lags) == 4
     assert all(low <= lag < high for lag in lags), lags
+
+
+def test_a_delivery_that_came_while_a_batch_was_in_flight_still_waits_for_its_own_deadline(
+    processes: Processes,
+    pipeline_env: PipelineEnv,
+    db: psycopg.Connection[Any],
+    database_url: str,
+    redis_url: str,
+) -> None:
+    # The end of a batch is no reason to send the next one half empty: a delivery that
+    # came while the pool was busy waits for its batch to fill or for its own deadline
+    # (then goes at once). One pool process; its batch waits on a row lock held here.
+    blocker = psycopg.connect(database_url)
+    blocker.execute(
+        "INSERT INTO events (event_id, type, received_at) VALUES ('ev_first', 'x', now())"
+    )
+    env = pipeline_env(WORKER_BATCH_FLUSH_MS="1500", PGOPTIONS="-c lock_timeout=30000")
+    processes.worker(env, concurrency=1)
+    queue_bodies(redis_url, [redemption("ev_first")])
+    try:
+        wait_until(
+            lambda: (
+                db.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                ).fetchone()
+                == (1,)
+            ),
+            timeout=60,
+            what=processes.logs,
+        )
+        queue_bodies(redis_url, [redemption("ev_second")])
+        time.sleep(0.3)  # the consumer has it in its buffer, the pool process is busy
+    finally:
+        blocker.rollback()
+        blocker.close()
+
+    wait_until(lambda: recorded(db, 2), timeout=30, what=processes.logs)
+    row = db.execute(
+        "SELECT extract(epoch FROM recorded_at - received_at)::float FROM deliveries"
+        " WHERE event_id = 'ev_second'"
+    ).fetchone()
+    assert row is not None
+    assert 1.4 <= row[0] < 3.5, row
