@@ -111,10 +111,8 @@ def _sentinel_client(
         k: params[k] for k in ("db", "username", "password") if params.get(k) is not None
     }
     primary["connection_class"] = SentinelManagedSSLConnection if tls else SentinelManagedConnection
-    manager = Sentinel(  # type: ignore[no-untyped-call]
-        list(sentinels), sentinel_kwargs=sentinel_options(url, password, timeouts)
-    )
-    client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
+    manager = Sentinel(list(sentinels), sentinel_kwargs=sentinel_options(url, password, timeouts))
+    client: redis.Redis = manager.master_for(
         master, health_check_interval=HEALTH_CHECK_SECONDS, **timeouts, **tls, **primary
     )
     return client
