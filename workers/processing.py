@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from billiard.exceptions import SoftTimeLimitExceeded
 from marshmallow import ValidationError
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
@@ -186,16 +187,49 @@ def process_batch(
     try:
         with pool.connection() as conn:
             storable_text(conn)
+            if len(deliveries) > 1 and all(_plain(d) for d in deliveries):
+                together = _apply_together(conn, deliveries, routes)
+                if together is not None:
+                    return together
             # Pipeline mode: statements go out without waiting for each answer; each
             # delivery waits for its claim and for one sync at the end of its savepoint.
             # Prepared statements stay on (the pool's threshold): ``_savepoint`` makes
             # psycopg forget its prepared names when a delivery fails.
             with conn.pipeline() as pipe, conn.transaction():
                 if len(deliveries) > 1:
-                    conn.execute(BATCH_LOCK_TIMEOUT)
+                    conn.execute(BATCH_LOCK_TIMEOUT, prepare=False)
                 return [_apply_isolated(conn, pipe, d, routes) for d in deliveries]
     except TRANSIENT_ERRORS as exc:
         raise TransientError(describe(exc)) from exc
+
+
+def _plain(delivery: Delivery) -> bool:
+    """Whether a delivery can go in a batch without savepoints: storable, its body kept as
+    jsonb at the first try (what else it may need is a savepoint's business)."""
+    return delivery.refused is None and delivery.jsonb
+
+
+def _apply_together(
+    conn: psycopg.Connection[Any], deliveries: Sequence[Delivery], routes: Registry
+) -> list[Result] | None:
+    """The batch applied in one transaction without a savepoint per delivery: two
+    statements and one round trip fewer per delivery, for the batches where nothing fails
+    (nearly all). None when a statement failed: the transaction rolled back (psycopg's own
+    rollback forgets its prepared names), and the batch is applied again, each delivery in
+    its savepoint, so that the one that failed is rolled back alone. Raises when the
+    connection is lost or the soft time limit came: the batch as a whole is then the
+    caller's business."""
+    try:
+        with conn.pipeline(), conn.transaction():
+            conn.execute(BATCH_LOCK_TIMEOUT, prepare=False)
+            return [_apply(conn, d, routes, "jsonb") for d in deliveries]
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as exc:
+        if conn.closed or conn.pgconn.status != psycopg.pq.ConnStatus.OK:
+            raise  # the connection is gone: the whole batch is transient
+        log.info("batch.isolating", extra={"size": len(deliveries), "error": describe(exc)})
+        return None
 
 
 def _apply_isolated(

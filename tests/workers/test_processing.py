@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -522,3 +523,41 @@ def test_batches_with_failing_deliveries_keep_prepared_statements_on_and_valid(
             prepared = conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()
     assert prepared is not None
     assert prepared[0] > 0
+
+
+def test_a_batch_without_failures_goes_in_one_pass_and_one_failure_sends_it_to_savepoints(
+    pool: ConnectionPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Batches are applied first without a savepoint per delivery; only when a statement
+    fails is the batch rolled back and applied again, each delivery in its savepoint: the
+    failing one alone is a dead letter, the others are applied once."""
+    routes = routes_to(divide_by_the_events_last_digit)
+    clean = [redemption_succeeded(f"ev_clean_{i}1") for i in range(5)]
+    with caplog.at_level(logging.INFO, logger="workers.processing"):
+        results = process_batch(
+            pool, [(body_of(d).decode(), uuid.uuid4().hex, now()) for d in clean], routes
+        )
+    assert [status_or_error(r) for r in results] == ["processed"] * 5
+    assert not [r for r in caplog.records if r.msg == "batch.isolating"]
+
+    mixed = [redemption_succeeded(f"ev_mixed_{i}{int(i != 2)}") for i in range(5)]
+    with caplog.at_level(logging.INFO, logger="workers.processing"):
+        results = process_batch(
+            pool, [(body_of(d).decode(), uuid.uuid4().hex, now()) for d in mixed], routes
+        )
+    assert [status_or_error(r) for r in results] == ["processed", "processed", "dead"] + [
+        "processed"
+    ] * 2
+    [isolating] = [r for r in caplog.records if r.msg == "batch.isolating"]
+    assert isolating.size == 5  # type: ignore[attr-defined]
+    assert "DivisionByZero" in isolating.error  # type: ignore[attr-defined]
+    with pool.connection() as conn:
+        row = conn.execute(
+            "SELECT count(*) FILTER (WHERE status = 'processed'), count(*) FROM events"
+            " WHERE event_id LIKE 'ev_mixed_%%'"
+        ).fetchone()
+        assert row == (4, 5)
+        deliveries = conn.execute(
+            "SELECT count(*) FROM deliveries WHERE event_id LIKE 'ev_mixed_%%'"
+        ).fetchone()
+        assert deliveries == (5,)
