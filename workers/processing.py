@@ -1,10 +1,11 @@
 """Apply deliveries: record each in the inbox and, unless its event was seen, apply the event.
 
-A batch of deliveries is one transaction (``process_batch``), each delivery in its own
+A batch of deliveries is one transaction (``process_batch``): applied in one pass, and
+if a statement fails, rolled back and applied again with each delivery in its own
 savepoint; ``process_delivery`` is a batch of one. For each delivery the inbox row of the
 event is claimed (inserted, or locked when it exists: a concurrent duplicate waits here),
 the handler's effects are written, and the event's final status and the delivery row are
-written last, in its savepoint: they commit together, with the batch, or not at all.
+written last: they commit together, with the batch, or not at all.
 
 Outcomes: ``processed``; ``duplicate`` (the event was already applied, ignored or dead:
 the delivery is recorded, nothing is applied); ``ignored`` (no handler for the type);
@@ -172,9 +173,10 @@ def process_batch(
     messages: Sequence[tuple[str, str, str]],
     routes: Registry = registry,
 ) -> list[Result]:
-    """Apply deliveries ``(body, delivery_id, received_at)`` in one transaction, one commit;
-    each in its own savepoint, so that a dead letter, a handler error or a deadlock rolls
-    back that delivery alone. The results are in the order of ``messages``.
+    """Apply deliveries ``(body, delivery_id, received_at)`` in one transaction, one commit:
+    in one pass (``_apply_together``), or, once a statement failed, each in its own
+    savepoint, so that a dead letter, a handler error or a deadlock rolls back that
+    delivery alone. The results are in the order of ``messages``.
 
     A duplicate inside the batch finds the event its earlier twin claimed (same
     transaction) final: recorded as a duplicate. One in another worker's batch waits on
