@@ -55,67 +55,19 @@ from workers.faults import (
     describe,
     refusal,
 )
+from workers.inbox_sql import (
+    CLAIM_EVENT,
+    FINISH_EVENT,
+    INSERT_DEAD_LETTER,
+    RECORD_DUPLICATE,
+    RECORD_FAILURE,
+)
 from workers.registry import Registry, registry
 
 log = logging.getLogger(__name__)
 
 SETTLED = (EventStatus.PROCESSED, EventStatus.IGNORED)
 """Final statuses that stamp ``processed_at``: the event was applied or had nothing to apply."""
-
-
-CLAIM_EVENT = """
-INSERT INTO events AS e (event_id, type, payload, raw_body, event_created_at, received_at)
-VALUES (%(event_id)s, %(type)s, %(payload)s::jsonb, %(raw_body)s, %(event_created_at)s,
-        %(received_at)s)
-ON CONFLICT (event_id) DO UPDATE SET updated_at = now()  -- takes the row lock
-RETURNING status
-"""
-
-FINISH_EVENT = """
-WITH finished AS (
-    UPDATE events
-    SET status = %(status)s,
-        attempts = attempts + 1,
-        processed_at = CASE WHEN %(settled)s THEN now() END,
-        last_error = %(error)s,
-        updated_at = now()
-    WHERE event_id = %(event_id)s
-)
-INSERT INTO deliveries (delivery_id, event_id, received_at, outcome)
-VALUES (%(delivery_id)s, %(event_id)s, %(received_at)s, %(outcome)s)
-ON CONFLICT (delivery_id) DO UPDATE SET outcome = EXCLUDED.outcome
-"""
-
-RECORD_DUPLICATE = """
-INSERT INTO deliveries (delivery_id, event_id, received_at, outcome)
-VALUES (%(delivery_id)s, %(event_id)s, %(received_at)s, %(outcome)s)
-ON CONFLICT (delivery_id) DO NOTHING
-"""
-
-INSERT_DEAD_LETTER = """
-INSERT INTO dead_letters (event_id, delivery_id, type, reason)
-VALUES (%(event_id)s, %(delivery_id)s, %(type)s, %(reason)s)
-"""
-
-# An event already final is not touched (the WHERE of the upsert): its delivery is then a
-# duplicate, as when the worker's own claim finds it final.
-RECORD_FAILURE = """
-WITH failed AS (
-    INSERT INTO events AS e (event_id, type, payload, raw_body, event_created_at, received_at,
-                             status, attempts, last_error)
-    VALUES (%(event_id)s, %(type)s, %(payload)s::jsonb, %(raw_body)s, %(event_created_at)s,
-            %(received_at)s, %(status)s, 1, %(error)s)
-    ON CONFLICT (event_id) DO UPDATE
-    SET status = %(status)s, attempts = e.attempts + 1, last_error = EXCLUDED.last_error,
-        updated_at = now()
-    WHERE e.status = ANY(%(unfinished)s)
-    RETURNING e.event_id
-)
-INSERT INTO deliveries (delivery_id, event_id, received_at, outcome)
-SELECT %(delivery_id)s::text, %(event_id)s::text, %(received_at)s::timestamptz,
-       CASE WHEN EXISTS (SELECT FROM failed) THEN %(outcome)s ELSE %(duplicate)s END
-ON CONFLICT (delivery_id) DO NOTHING
-"""
 
 
 BATCH_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '200ms'"
@@ -199,7 +151,7 @@ def process_batch(
             # psycopg forget its prepared names when a delivery fails.
             with conn.pipeline() as pipe, conn.transaction():
                 if len(deliveries) > 1:
-                    conn.execute(BATCH_LOCK_TIMEOUT, prepare=False)
+                    conn.execute(BATCH_LOCK_TIMEOUT)
                 return [_apply_isolated(conn, pipe, d, routes) for d in deliveries]
     except TRANSIENT_ERRORS as exc:
         raise TransientError(describe(exc)) from exc
@@ -223,13 +175,13 @@ def _apply_together(
     caller's business."""
     try:
         with conn.pipeline(), conn.transaction():
-            conn.execute(BATCH_LOCK_TIMEOUT, prepare=False)
+            conn.execute(BATCH_LOCK_TIMEOUT)
             return [_apply(conn, d, routes, "jsonb") for d in deliveries]
     except SoftTimeLimitExceeded:
         raise
     except Exception as exc:
-        if conn.closed or conn.pgconn.status != psycopg.pq.ConnStatus.OK:
-            raise  # the connection is gone: the whole batch is transient
+        if _connection_lost(conn):
+            raise  # the whole batch is transient
         log.info("batch.isolating", extra={"size": len(deliveries), "error": describe(exc)})
         return None
 
@@ -255,9 +207,13 @@ def _apply_isolated(
         with _savepoint(conn, pipe):
             return _dead_letter(conn, delivery, reason)
     except Exception as exc:
-        if conn.closed or conn.pgconn.status != psycopg.pq.ConnStatus.OK:
-            raise  # the connection is gone: the whole batch is transient
+        if _connection_lost(conn):
+            raise  # the whole batch is transient
         return Deferred(delivery, exc, transient=isinstance(exc, TRANSIENT_ERRORS))
+
+
+def _connection_lost(conn: psycopg.Connection[Any]) -> bool:
+    return conn.closed or conn.pgconn.status != psycopg.pq.ConnStatus.OK
 
 
 def record_dead_letter(
