@@ -30,6 +30,9 @@ and the transport options apply unchanged.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import kombu.transport
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
@@ -89,3 +92,23 @@ def use_for_redis_urls() -> None:
         # kombu caches the class it resolved for a name; none is resolved before the app
         # connects, but a stale entry would silently keep kombu's own class.
         getattr(kombu.transport, "_transport_cache", {}).pop(scheme, None)
+
+
+def held_task_ids(client: Any) -> set[str]:
+    """The task ids of the messages kombu's Redis transport holds as delivered and not yet
+    acknowledged (its ``unacked`` hash: tag -> ``[message, exchange, routing_key]`` as
+    JSON), read in one round trip. A message a worker took is there until its ack, and
+    kombu restores it to its queue after the visibility timeout if the worker died.
+
+    The key and the value's shape are kombu's storage format (``QoS.append``, checked on
+    kombu 5.7; ``tests/compat`` reads back a message Celery's own worker holds).
+    """
+    held: set[str] = set()
+    for raw in client.hvals(kombu_redis.Channel.unacked_key):
+        try:
+            task_id = json.loads(raw)[0]["headers"]["id"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue
+        if task_id is not None:
+            held.add(str(task_id))
+    return held

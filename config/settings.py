@@ -56,7 +56,7 @@ class Settings:
     port: int = 8000
     ops_api_token: str | None = None
     """At least ``MIN_TOKEN_CHARS`` characters; without it the ``/ops/`` tree answers 404."""
-    max_body_bytes: int = 262_144
+    max_body_bytes: int = 1_048_576
     """Real webhooks are 6-10 KB; a larger body is answered 413 before it is read."""
     log_level: str = "INFO"
 
@@ -112,7 +112,7 @@ class Settings:
     # --- reconciliation jobs -----------------------------------------------------------
     redrive_after_seconds: int = 600
     redrive_max_attempts: int = 5
-    redrive_interval_seconds: int = 300
+    redrive_interval_seconds: int = 60
     verify_interval_seconds: int = 900
     verify_after_seconds: int = 3600
     drift_interval_seconds: int = 3600
@@ -219,7 +219,7 @@ def _contract(env: Env) -> dict[str, Any]:
         webhook_secrets=env.get("VOUCHERIFY_WEBHOOK_SECRET", parse.secrets, NO_SECRETS),
         port=env.get("PORT", parse.int_range(1, 65535), 8000),
         ops_api_token=env.get("OPS_API_TOKEN", parse.long_token, None),
-        max_body_bytes=env.get("MAX_BODY_BYTES", parse.int_range(1, 1 << 30), 262_144),
+        max_body_bytes=env.get("MAX_BODY_BYTES", parse.int_range(1, 1 << 30), 1_048_576),
         log_level=env.get("LOG_LEVEL", parse.log_level, "INFO"),
     )
 
@@ -295,7 +295,7 @@ def _jobs(env: Env) -> dict[str, Any]:
         redrive_after_seconds=env.get("REDRIVE_AFTER_SECONDS", parse.int_range(1, 10**7), 600),
         redrive_max_attempts=env.get("REDRIVE_MAX_ATTEMPTS", parse.int_range(1, 1000), 5),
         redrive_interval_seconds=env.get(
-            "REDRIVE_INTERVAL_SECONDS", parse.int_range(1, 10**7), 300
+            "REDRIVE_INTERVAL_SECONDS", parse.int_range(1, 10**7), 60
         ),
         verify_interval_seconds=env.get("VERIFY_INTERVAL_SECONDS", parse.int_range(1, 10**7), 900),
         verify_after_seconds=env.get("VERIFY_AFTER_SECONDS", parse.int_range(1, 10**7), 3600),

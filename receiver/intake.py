@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,7 +34,7 @@ from werkzeug.wsgi import get_content_length, get_input_stream
 from receiver import metrics
 from receiver.signature import is_well_formed_signature, verify_signature
 from workers.queue import BrokerUnavailable, DeliveryPublisher
-from workers.queue.body import NOT_AN_OBJECT, NotAWebhook, read_object
+from workers.queue.body import read_webhook
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,6 @@ def json_answer(code: int, payload: dict[str, Any], *extra: tuple[str, str]) -> 
 
 UNSUPPORTED_MEDIA_TYPE = json_answer(415, {"error": "unsupported_media_type"})
 INVALID_SIGNATURE = json_answer(401, {"error": "invalid_signature"})
-NOT_AN_OBJECT_ANSWER = json_answer(400, {"error": NOT_AN_OBJECT})
 BROKER_UNAVAILABLE = json_answer(
     503, {"error": "broker_unavailable"}, ("Retry-After", RETRY_AFTER_SECONDS)
 )
@@ -117,7 +117,7 @@ def answer(it: Intake, environ: dict[str, Any]) -> Answer:
         return too_large(limit)
     signature = environ.get(SIGNATURE_ENVIRON)
     if not is_well_formed_signature(signature):
-        return _invalid_signature()  # the body is not read, no HMAC is computed
+        return _invalid_signature(environ)  # the body is not read, no HMAC is computed
     try:
         body = get_input_stream(environ, max_content_length=limit + 1).read()
     except RequestEntityTooLarge:
@@ -125,29 +125,53 @@ def answer(it: Intake, environ: dict[str, Any]) -> Answer:
     if len(body) > limit:
         return too_large(limit)
     if not verify_signature(body, signature, it.secrets):
-        return _invalid_signature()
-    try:
-        text = read_object(body)
-    except NotAWebhook as exc:
-        log.info("delivery.rejected", extra={"reason": "not_a_webhook", "detail": str(exc)})
-        return json_answer(400, {"error": str(exc)})
-    except Exception as exc:  # noqa: BLE001 - the edge: no body is ever a 5xx
-        log.warning(
-            "delivery.rejected", extra={"reason": "unparsable", "detail": type(exc).__name__}
-        )
-        return NOT_AN_OBJECT_ANSWER
+        return _invalid_signature(environ)
+    webhook = read_webhook(body)  # never raises: a signed body is always enqueued
+    if webhook.refused is not None:
+        metrics.UNPROCESSABLE.inc()
+        log.warning("delivery.unprocessable", extra={"reason": webhook.refused})
     delivery_id = uuid.uuid4().hex
     received_at = datetime.now(UTC).isoformat()
     try:
-        it.publisher.publish(text, delivery_id, received_at)
+        carried_by = it.publisher.publish(webhook.text, delivery_id, received_at, webhook.event_id)
     except BrokerUnavailable:
         metrics.ENQUEUE_FAILURES.inc()
         log.error("delivery.enqueue_gave_up", extra={"delivery_id": delivery_id})
         return BROKER_UNAVAILABLE
+    if carried_by != delivery_id:
+        metrics.REPEATS.inc()
+        log.debug("delivery.repeat", extra={"delivery_id": carried_by})
+        return accepted(carried_by)
     log.debug("delivery.enqueued", extra={"delivery_id": delivery_id})
     return Answer(202, _ACCEPTED_HEAD + delivery_id.encode() + _ACCEPTED_TAIL, _ACCEPTED_HEADERS)
 
 
-def _invalid_signature() -> Answer:
-    log.info("delivery.rejected", extra={"reason": "invalid_signature"})
+def accepted(delivery_id: str) -> Answer:
+    return json_answer(202, {"status": "accepted", "delivery_id": delivery_id})
+
+
+REJECTION_LOG_SECONDS = 60.0
+"""A source's 401s are logged at most once in this long (each is counted in the metrics)."""
+_last_logged: dict[str, tuple[float, int]] = {}
+"""source -> (when its last 401 was logged, 401s since then): per process, bounded."""
+_MAX_SOURCES = 10_000
+
+
+def _invalid_signature(environ: dict[str, Any]) -> Answer:
+    """The 401, counted; logged at most once a minute per source (a flood of them must not
+    write the disk full), with how many were not logged since."""
+    metrics.INVALID_SIGNATURES.inc()
+    source = str(environ.get("REMOTE_ADDR") or "unknown")
+    now = time.monotonic()
+    last, suppressed = _last_logged.get(source, (-REJECTION_LOG_SECONDS, 0))
+    if now - last < REJECTION_LOG_SECONDS:
+        _last_logged[source] = (last, suppressed + 1)
+        return INVALID_SIGNATURE
+    if len(_last_logged) >= _MAX_SOURCES:
+        _last_logged.clear()
+    _last_logged[source] = (now, 0)
+    log.info(
+        "delivery.rejected",
+        extra={"reason": "invalid_signature", "source": source, "not_logged": suppressed},
+    )
     return INVALID_SIGNATURE

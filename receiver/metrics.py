@@ -25,6 +25,19 @@ ENQUEUE_FAILURES = Counter(
     "receiver_enqueue_failures_total", "Deliveries answered 503 because the broker failed"
 )
 
+INVALID_SIGNATURES = Counter(
+    "receiver_invalid_signatures_total", "Webhooks answered 401: no signature, or none matching"
+)
+UNPROCESSABLE = Counter(
+    "receiver_unprocessable_total",
+    "Signed bodies that break the body rule (not UTF-8, not a JSON object, too deep, NaN):"
+    " answered 202 and enqueued for a dead letter",
+)
+REPEATS = Counter(
+    "receiver_repeats_total",
+    "Signed bodies of an event id accepted before: answered 202, nothing enqueued",
+)
+
 _answers: dict[tuple[str, int], Counter] = {}
 
 

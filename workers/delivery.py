@@ -23,7 +23,7 @@ import psycopg
 from psycopg.adapt import Dumper
 
 from schemas.envelope import Envelope, read_envelope
-from workers.queue.body import MAX_NESTING, nests_deeper_than
+from workers.queue.body import MAX_NESTING, NOT_UTF8, nests_deeper_than
 
 MAX_ID_LENGTH = 255
 """Longest event id or type stored as it came: far below the btree limit (2704 bytes) even
@@ -105,6 +105,9 @@ def read_delivery(body: str, delivery_id: str, received_at: str) -> Delivery:
     problem = id_problem or type_problem
     if problem is None and too_deep:
         problem = f"JSON nested over {MAX_NESTING} levels deep"
+    if problem is None and _SURROGATE.search(body):
+        # Valid UTF-8 never decodes to a surrogate: bytes the receiver kept as such.
+        problem = NOT_UTF8
     return Delivery(
         delivery_id=delivery_id,
         received_at=parse_time(received_at) or datetime.now(UTC),

@@ -216,20 +216,6 @@ def _connection_lost(conn: psycopg.Connection[Any]) -> bool:
     return conn.closed or conn.pgconn.status != psycopg.pq.ConnStatus.OK
 
 
-def record_dead_letter(
-    pool: ConnectionPool, body: str, delivery_id: str, received_at: str, reason: str
-) -> Outcome:
-    """Dead-letter a delivery for a reason of the caller's (the accepted-set sweep gave up
-    on it), its event kept with its body; a duplicate when its event is already final.
-    Raises ``TransientError`` when PostgreSQL cannot be reached."""
-    delivery = read_delivery(body, delivery_id, received_at)
-    try:
-        with pool.connection() as conn, conn.transaction():
-            return _dead_letter(conn, delivery, reason)
-    except TRANSIENT_ERRORS as exc:
-        raise TransientError(describe(exc)) from exc
-
-
 @contextmanager
 def _savepoint(conn: psycopg.Connection[Any], pipe: psycopg.Pipeline) -> Iterator[None]:
     """A savepoint around one delivery, in pipeline mode, with one sync at its end: the

@@ -65,7 +65,7 @@ def test_defaults_of_an_environment_with_only_the_urls() -> None:
     assert settings.webhook_secrets == ()
     assert settings.port == 8000
     assert settings.ops_api_token is None
-    assert settings.max_body_bytes == 262_144  # real webhooks are 6-10 KB
+    assert settings.max_body_bytes == 1_048_576  # a 500-item order is about 400 KB
     assert settings.log_level == "INFO"
     # The receiver's and workers' own.
     assert settings.enqueue_timeout_seconds == 5.0

@@ -26,6 +26,7 @@ from devtools.servers import free_port
 from devtools.webhooks import SECRET, body_of, envelope, fixture, sign
 from web.app import create_app
 from workers.queue import DELIVERY_QUEUE, PROCESS_DELIVERY_TASK
+from workers.queue.body import read_webhook
 
 WEBHOOK = "/webhooks/voucherify"
 
@@ -140,9 +141,11 @@ def test_valid_delivery_is_accepted_and_the_raw_body_is_in_redis(
 
 
 def test_each_delivery_gets_its_own_id(client: FlaskClient, redis_client: redis.Redis) -> None:
-    body = redemption_body()
-    first = post(client, body).get_json()["delivery_id"]
-    second = post(client, body).get_json()["delivery_id"]
+    first = post(client, redemption_body()).get_json()["delivery_id"]
+    other = body_of(
+        envelope("redemption.succeeded", fixture("redemption.succeeded"), event_id="ev_other")
+    )
+    second = post(client, other).get_json()["delivery_id"]
     assert first != second
     assert [m["decoded_body"][1]["delivery_id"] for m in queued(redis_client)] == [first, second]
 
@@ -293,50 +296,88 @@ def test_app_cannot_be_built_without_a_secret(make_settings: Callable[..., Setti
         create_app(make_settings(VOUCHERIFY_WEBHOOK_SECRET=None))
 
 
-# --- 400 ----------------------------------------------------------------------------------
+# --- signed bodies that break the body rule: 202, enqueued for a dead letter ------------
+# A 4xx to a signed body would be retried by Voucherify, 12 times, then the endpoint
+# disabled: every correctly signed body is enqueued, and the worker dead-letters what it
+# cannot process (tests/e2e/test_hostile_input.py follows them to their dead letter).
 
 
 NOT_AN_OBJECT = "body must be a JSON object"
 NOT_JSON = "body is not JSON"
 NAN = "NaN and Infinity are not JSON"
 TOO_DEEP = "nesting deeper than 64"  # workers.queue.body.MAX_NESTING
+NOT_UTF8 = "body is not UTF-8"
 
 
-@pytest.mark.parametrize(
-    ("body", "error"),
-    [
-        (b"[1,2,3]", NOT_AN_OBJECT),
-        (b'"a string"', NOT_AN_OBJECT),
-        (b"42", NOT_AN_OBJECT),
-        (b"null", NOT_AN_OBJECT),
-        (b'{"a":', NOT_JSON),
-        (b"", NOT_JSON),
-        (b'{"a":1} {"b":2}', NOT_JSON),
-        (b'\xef\xbb\xbf{"a":1}', NOT_JSON),  # a UTF-8 byte order mark
-        (b'{"a":"tab\there"}', NOT_JSON),  # a raw control character inside a string
-        (b'{"a":' + b"9" * 5000 + b"}", "number too long"),  # Python's int limit
-        (b'{"a":"\xff\xfe"}', "body is not UTF-8"),
-        (b'{"a":"\xed\xa0\x80"}', "body is not UTF-8"),  # an encoded surrogate
-    ],
-    ids=[
-        "array",
-        "string",
-        "number",
-        "null",
-        "invalid-json",
-        "empty",
-        "two-documents",
-        "bom",
-        "control-character",
-        "5000-digit-integer",
-        "invalid-utf8",
-        "utf8-surrogate",
-    ],
-)
-def test_signed_body_that_is_not_a_json_object_is_400_naming_why(
-    client: FlaskClient, redis_client: redis.Redis, body: bytes, error: str
+def assert_enqueued_as_sent(
+    client: FlaskClient, redis_client: redis.Redis, body: bytes
+) -> dict[str, Any]:
+    """``body`` signed is answered 202 and enqueued as it came (bytes that are not UTF-8
+    as lone surrogates, which the worker refuses); the message's kwargs."""
+    response = post(client, body)
+    assert response.status_code == 202, response.get_data()
+    assert set(response.get_json()) == {"status", "delivery_id"}
+    [message] = queued(redis_client)
+    kwargs: dict[str, Any] = message["decoded_body"][1]
+    assert kwargs["body"].encode("utf-8", "surrogateescape") == body
+    assert kwargs["delivery_id"] == response.get_json()["delivery_id"]
+    assert redis_client.hexists("deliveries.accepted", kwargs["delivery_id"])
+    return kwargs
+
+
+UNPROCESSABLE = [
+    (b"[1,2,3]", NOT_AN_OBJECT),
+    (b'"a string"', NOT_AN_OBJECT),
+    (b"42", NOT_AN_OBJECT),
+    (b"null", NOT_AN_OBJECT),
+    (b'{"a":', NOT_JSON),
+    (b"", NOT_JSON),
+    (b'{"a":1} {"b":2}', NOT_JSON),
+    (b'\xef\xbb\xbf{"a":1}', NOT_JSON),  # a UTF-8 byte order mark
+    (b'{"a":"tab\there"}', NOT_JSON),  # a raw control character inside a string
+    (b'{"a":' + b"9" * 5000 + b"}", "number too long"),  # Python's int limit
+    (b'{"a":"\xff\xfe"}', NOT_UTF8),
+    (b'{"a":"\xed\xa0\x80"}', NOT_UTF8),  # an encoded surrogate
+    (b'{"a":NaN}', NAN),
+    (b'{"a":[Infinity,2]}', NAN),
+    (b'{"data":{"amount":-Infinity},"type":"redemption.succeeded"}', NAN),
+]
+UNPROCESSABLE_IDS = [
+    "array",
+    "string",
+    "number",
+    "null",
+    "invalid-json",
+    "empty",
+    "two-documents",
+    "bom",
+    "control-character",
+    "5000-digit-integer",
+    "invalid-utf8",
+    "utf8-surrogate",
+    "nan",
+    "infinity-in-array",
+    "minus-infinity-in-envelope",
+]
+
+
+@pytest.mark.parametrize(("body", "reason"), UNPROCESSABLE, ids=UNPROCESSABLE_IDS)
+def test_a_signed_body_that_breaks_the_rule_is_202_and_enqueued_with_its_reason_counted(
+    client: FlaskClient, redis_client: redis.Redis, body: bytes, reason: str
 ) -> None:
-    assert_refused(client, redis_client, body, 400, error)
+    assert read_webhook(body).refused == reason  # what the receiver logs and counts
+    before = metric_value(client, "receiver_unprocessable_total")
+    assert_enqueued_as_sent(client, redis_client, body)
+    assert metric_value(client, "receiver_unprocessable_total") == before + 1
+
+
+def metric_value(client: FlaskClient, name: str) -> float:
+    text = client.get("/metrics").get_data(as_text=True)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return 0.0
 
 
 def nested(depth: int, opener: str) -> bytes:
@@ -347,21 +388,11 @@ def nested(depth: int, opener: str) -> bytes:
     return f'{{"a":{inner}}}'.encode()
 
 
-@pytest.mark.parametrize("opener", ["[", "{"], ids=["arrays", "objects"])
-def test_nesting_up_to_the_limit_is_accepted_and_one_past_it_is_400(
-    client: FlaskClient, redis_client: redis.Redis, opener: str
-) -> None:
-    assert json.loads(nested(64, opener))  # what the receiver accepts, Python reads
-    assert post(client, nested(64, opener)).status_code == 202
-    response = post(client, nested(65, opener))
-    assert response.status_code == 400
-    assert response.get_json() == {"error": TOO_DEEP}
-    assert redis_client.llen(DELIVERY_QUEUE) == 1
-
-
 @pytest.mark.parametrize(
     "body",
     [
+        nested(65, "["),
+        nested(65, "{"),
         nested(2_000, "["),
         nested(2_000, "{"),
         b"[" * 100_000,
@@ -369,14 +400,31 @@ def test_nesting_up_to_the_limit_is_accepted_and_one_past_it_is_400(
         b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}",
         b'{"a":' * 20_000 + b"1" + b"}" * 20_000,
     ],
-    ids=["2000-arrays", "2000-objects", "100000-open", "object-100000-open", "balanced", "keys"],
+    ids=[
+        "65-arrays",
+        "65-objects",
+        "2000-arrays",
+        "2000-objects",
+        "100000-open",
+        "object-100000-open",
+        "balanced",
+        "keys",
+    ],
 )
-def test_deep_nesting_is_400_not_a_server_error(
+def test_deep_nesting_is_202_and_enqueued_not_a_server_error(
     client: FlaskClient, redis_client: redis.Redis, body: bytes
 ) -> None:
     # Python's json raises RecursionError (not a ValueError) past ~1,000 levels: the
     # nesting is counted first, without recursion, in time linear in the body.
-    assert_refused(client, redis_client, body, 400, TOO_DEEP)
+    assert read_webhook(body).refused == TOO_DEEP
+    assert_enqueued_as_sent(client, redis_client, body)
+
+
+@pytest.mark.parametrize("opener", ["[", "{"], ids=["arrays", "objects"])
+def test_nesting_up_to_the_limit_keeps_the_rule(opener: str) -> None:
+    assert json.loads(nested(64, opener))  # what the rule accepts, Python reads
+    assert read_webhook(nested(64, opener)).refused is None
+    assert read_webhook(nested(65, opener)).refused == TOO_DEEP
 
 
 @pytest.mark.parametrize(
@@ -389,32 +437,9 @@ def test_deep_nesting_is_400_not_a_server_error(
     ],
     ids=["in-a-string", "after-escaped-quote", "in-a-key", "after-escaped-backslash"],
 )
-def test_brackets_inside_strings_are_not_nesting(
-    client: FlaskClient, redis_client: redis.Redis, body: bytes
-) -> None:
+def test_brackets_inside_strings_are_not_nesting(body: bytes) -> None:
     assert isinstance(json.loads(body), dict)
-    assert post(client, body).status_code == 202
-    assert redis_client.llen(DELIVERY_QUEUE) == 1
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        b'{"a":NaN}',
-        b'{"a":Infinity}',
-        b'{"a":-Infinity}',
-        b'{"a":[1,NaN]}',
-        b'{"a":[Infinity,2]}',
-        b'{"a":{"b":[0,-Infinity]}}',
-        b'{"data":{"amount":NaN},"type":"redemption.succeeded"}',
-    ],
-    ids=["nan", "infinity", "minus-infinity", "nan-in-array", "inf-in-array", "deep", "envelope"],
-)
-def test_nan_and_infinity_are_400(
-    client: FlaskClient, redis_client: redis.Redis, body: bytes
-) -> None:
-    json.loads(body)  # Python reads them; PostgreSQL's jsonb would not
-    assert_refused(client, redis_client, body, 400, NAN)
+    assert read_webhook(body).refused is None
 
 
 @pytest.mark.parametrize(
@@ -422,15 +447,12 @@ def test_nan_and_infinity_are_400(
     [b'{"a":"NaN"}', b'{"NaN":"Infinity","b":["-Infinity"]}', b'{"a":"x NaN y"}'],
     ids=["value", "key-and-array", "inside-text"],
 )
-def test_nan_and_infinity_as_strings_are_accepted(
-    client: FlaskClient, redis_client: redis.Redis, body: bytes
-) -> None:
-    assert post(client, body).status_code == 202
-    assert redis_client.llen(DELIVERY_QUEUE) == 1
+def test_nan_and_infinity_as_strings_keep_the_rule(body: bytes) -> None:
+    assert read_webhook(body).refused is None
 
 
 @pytest.mark.parametrize("error", [RecursionError, MemoryError, KeyError, RuntimeError])
-def test_any_failure_reading_the_body_is_400_not_500(
+def test_any_failure_reading_the_body_is_still_202_and_enqueued(
     client: FlaskClient,
     redis_client: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
@@ -439,11 +461,8 @@ def test_any_failure_reading_the_body_is_400_not_500(
     def fail(body: bytes) -> str:
         raise error("from the parser")
 
-    monkeypatch.setattr("receiver.intake.read_object", fail)
-    response = post(client, b'{"a":1}')
-    assert response.status_code == 400
-    assert set(response.get_json()) == {"error"}
-    assert redis_client.dbsize() == 0
+    monkeypatch.setattr("workers.queue.body._read", fail)
+    assert_enqueued_as_sent(client, redis_client, b'{"a":1}')
 
 
 # A function-scoped client shared by a property's examples is fine: the app keeps no state
@@ -466,12 +485,12 @@ json_values = st.recursive(
 
 @PROPERTY
 @given(json_values, st.sampled_from([None, 2]), st.booleans())
-def test_any_json_document_signed_is_202_when_an_object_else_400(
-    client: FlaskClient, document: Any, indent: int | None, ensure_ascii: bool
+def test_any_json_document_keeps_the_rule_when_an_object(
+    document: Any, indent: int | None, ensure_ascii: bool
 ) -> None:
     body = json.dumps(document, indent=indent, ensure_ascii=ensure_ascii).encode()
-    response = post(client, body)
-    assert response.status_code == (202 if isinstance(document, dict) else 400)
+    refused = read_webhook(body).refused
+    assert (refused is None) == isinstance(document, dict)
 
 
 def depth_of(document: Any) -> int:
@@ -487,20 +506,15 @@ def depth_of(document: Any) -> int:
 
 @PROPERTY
 @given(json_values, st.lists(st.sampled_from(["[", "{"]), min_size=50, max_size=70))
-def test_nesting_is_counted_as_the_parser_sees_it(
-    client: FlaskClient, inner: Any, wrappers: list[str]
-) -> None:
+def test_nesting_is_counted_as_the_parser_sees_it(inner: Any, wrappers: list[str]) -> None:
     document: Any = inner
     for opener in wrappers:
         document = [document] if opener == "[" else {'"[{': document}
     document = {"w": document}
-    response = post(client, json.dumps(document).encode())
+    refused = read_webhook(json.dumps(document).encode()).refused
     too_deep = depth_of(document) > 64
     hypothesis.event("too deep" if too_deep else "within the limit")
-    if too_deep:
-        assert (response.status_code, response.get_json()) == (400, {"error": TOO_DEEP})
-    else:
-        assert response.status_code == 202
+    assert refused == (TOO_DEEP if too_deep else None)
 
 
 def refuse(constant: str) -> None:
@@ -527,13 +541,47 @@ runs = st.lists(
     | runs
     | runs.map(lambda b: b'{"a":' + b)
 )
-def test_any_bytes_signed_are_never_a_server_error(client: FlaskClient, body: bytes) -> None:
-    response = post(client, body)
-    assert response.status_code in (202, 400)
-    if response.status_code == 202:  # then it is a JSON object as the worker will read it
-        document = json.loads(body, parse_constant=refuse)
+def test_any_bytes_signed_are_202_and_enqueued_as_sent(
+    client: FlaskClient, redis_client: redis.Redis, body: bytes
+) -> None:
+    redis_client.delete(DELIVERY_QUEUE)
+    kwargs = assert_enqueued_as_sent(client, redis_client, body)
+    if read_webhook(body).refused is None:  # then it is a JSON object as the worker reads it
+        document = json.loads(kwargs["body"], parse_constant=refuse)
         assert isinstance(document, dict)
         assert depth_of(document) <= 64
+
+
+# --- repeats ---------------------------------------------------------------------------
+
+
+def test_a_repeat_of_an_accepted_event_id_is_202_with_the_first_delivery_and_nothing_queued(
+    client: FlaskClient, redis_client: redis.Redis
+) -> None:
+    body = redemption_body()
+    first = post(client, body)
+    assert first.status_code == 202
+    for _ in range(20):
+        again = post(client, body)
+        assert again.status_code == 202
+        assert again.get_json() == first.get_json()  # the same body
+    assert redis_client.llen(DELIVERY_QUEUE) == 1
+    assert redis_client.hlen("deliveries.accepted") == 1
+    assert metric_value(client, "receiver_repeats_total") >= 20
+    # Remembered for days, not for ever.
+    [key] = redis_client.keys("deliveries.seen:*")
+    assert 2 * 86_400 < redis_client.ttl(key) <= 3 * 86_400
+
+
+def test_another_event_is_queued_and_a_body_without_an_event_id_is_never_a_repeat(
+    client: FlaskClient, redis_client: redis.Redis
+) -> None:
+    one = body_of(envelope("redemption.failed", {}, event_id="ev_one"))
+    two = body_of(envelope("redemption.failed", {}, event_id="ev_two"))
+    assert post(client, one).get_json() != post(client, two).get_json()
+    for _ in range(2):
+        assert post(client, b"[1]").status_code == 202  # no id: each one queued
+    assert redis_client.llen(DELIVERY_QUEUE) == 4
 
 
 # --- 413 ----------------------------------------------------------------------------------

@@ -75,11 +75,11 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "401-missing": request(b'{"a":1}', signature=None),
     "401-malformed": request(b'{"a":1}', signature="sha256=abc"),
     "401-wrong": request(b'{"a":1}', signature="0" * 64),
-    "400-array": request(b"[1,2]"),
-    "400-not-json": request(b'{"a":'),
-    "400-nan": request(b'{"a":NaN}'),
-    "400-too-deep": request(b'{"a":' + b"[" * 100 + b"]" * 100 + b"}"),
-    "400-not-utf8": request(b'{"a":"\xff"}'),
+    "202-array": request(b"[1,2]"),
+    "202-not-json": request(b'{"a":'),
+    "202-nan": request(b'{"a":NaN}'),
+    "202-too-deep": request(b'{"a":' + b"[" * 100 + b"]" * 100 + b"}"),
+    "202-not-utf8": request(b'{"a":"\xff"}'),
     "400-client-gone": request(b'{"a":1}', declared=500),  # 7 bytes of 500 arrive
     "405-get": request(b"", method="GET"),
 }

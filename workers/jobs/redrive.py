@@ -15,10 +15,12 @@ body has nothing to re-drive and is dead-lettered at once.
 Then the deliveries parked in Redis (``deliveries.parked``: the worker could not even
 record them because PostgreSQL was gone) go back to the queue, now that PostgreSQL
 answers again. Last, the accepted set is swept (``workers.queue.sweep``): deliveries the
-receiver accepted that never reached the inbox -- lost by Celery's transport between its
-BRPOP and its bookkeeping -- are pushed again; one pushed ``queue.MAX_PUSHES`` times and
-still not in the inbox is dead-lettered here (``dead_letter_in``), its body kept, so that
-a delivery no worker manages to record ends visible instead of going round for ever.
+receiver accepted that never reached the inbox and are neither waiting in a list nor held
+by a worker -- lost by Celery's transport between its BRPOP and its bookkeeping -- are
+pushed again once ``ACCEPTED_GRACE_SECONDS`` old; one lost ``queue.MAX_PUSHES`` times is
+recorded ``failed`` here (``fail_in``), its body kept, and from then on is a stuck event
+like any other: re-driven, a bounded number of times, then dead-lettered. A waiting
+delivery is never touched, however long the backlog.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import redis
 from psycopg.rows import class_row, dict_row
 from psycopg_pool import ConnectionPool
 
-from schemas.vocabulary import UNFINISHED_STATUSES, DeliveryOutcome, EventStatus
+from compat.kombu_redis import held_task_ids
+from schemas.vocabulary import UNFINISHED_STATUSES, EventStatus
 from workers import metrics as worker_metrics
 from workers import processing, queue
 from workers.jobs.result import JobResult
@@ -43,6 +46,17 @@ from workers.jobs.result import JobResult
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 200
+ACCEPTED_GRACE_SECONDS = 30
+"""Age of an accepted copy before the sweep asks where its delivery is (at most half the
+visibility timeout: ``accepted_grace``). Only a delivery lost in flight is pushed again,
+so this covers only the instant between kombu's BRPOP and its bookkeeping (and clocks
+between hosts), not a backlog: a delivery lost by a SIGKILL or a failover comes back
+within this plus the job's interval, sooner than kombu restores what a dead worker held."""
+
+
+def accepted_grace(visibility_timeout_seconds: float) -> float:
+    return min(ACCEPTED_GRACE_SECONDS, visibility_timeout_seconds / 2)
+
 
 # The statuses are written out, not parameters: they are the predicate of the partial
 # index events_unfinished (migrations/0001_inbox.sql), and the planner matches a partial
@@ -100,7 +114,7 @@ class RedriveResult(JobResult):
     unparked: int = 0
     accepted_forgotten: int = 0
     accepted_repushed: int = 0
-    accepted_dead_lettered: int = 0
+    accepted_given_up: int = 0
 
 
 def redrive(
@@ -110,6 +124,7 @@ def redrive(
     max_attempts: int,
     deadline: float,
     batch_size: int = BATCH_SIZE,
+    grace_seconds: float = ACCEPTED_GRACE_SECONDS,
 ) -> RedriveResult:
     redriven = dead = 0
     while time.monotonic() < deadline:
@@ -129,10 +144,11 @@ def redrive(
     swept = queue.sweep(
         client,
         recorded_in(pool),
-        after_seconds,
+        grace_seconds,
         deadline,
         batch_size,
-        give_up=dead_letter_in(pool),
+        held=held_task_ids,
+        give_up=fail_in(pool),
     )
     result = RedriveResult(
         redriven=redriven,
@@ -140,7 +156,7 @@ def redrive(
         unparked=unparked,
         accepted_forgotten=swept.forgotten,
         accepted_repushed=swept.repushed,
-        accepted_dead_lettered=swept.given_up,
+        accepted_given_up=swept.given_up,
     )
     if redriven or dead or unparked or swept.repushed or swept.given_up:
         log.warning("redrive.done", extra=result.as_dict())
@@ -158,34 +174,30 @@ def recorded_in(pool: ConnectionPool) -> queue.Recorded:
     return recorded
 
 
-def dead_letter_in(pool: ConnectionPool) -> queue.GiveUp:
-    """The sweep's last word on deliveries it pushed too often: dead letters in the inbox,
-    bodies kept (a duplicate, when the event is final already). Raises
-    ``faults.TransientError`` when PostgreSQL is gone: the copies wait for a later run."""
+def fail_in(pool: ConnectionPool) -> queue.GiveUp:
+    """The sweep's last word on deliveries lost ``MAX_PUSHES`` times: their events recorded
+    ``failed`` in the inbox with the reason, bodies kept, for the re-drive of stuck events
+    (never a final status: a later delivery of the event still applies it; an event final
+    already only gains a duplicate delivery row). A delivery PostgreSQL could not take now
+    is not given up: its copy waits for a later run."""
 
     def give_up(unrecorded: Sequence[queue.Unrecorded]) -> set[str]:
         recorded: set[str] = set()
         for delivery in unrecorded:
-            reason = f"pushed {delivery.pushes} times by the accepted-set sweep and never recorded"
+            reason = f"lost {delivery.pushes} times in the queue (accepted-set sweep)"
             message = delivery.message
-            outcome = processing.record_dead_letter(
+            if not processing.record_failure(
                 pool,
                 message.body if message else "",
                 delivery.delivery_id,
                 message.received_at if message else "",
                 reason,
-            )
+            ):
+                continue
             recorded.add(delivery.delivery_id)
-            if outcome.status == DeliveryOutcome.DEAD:
-                worker_metrics.DEAD_LETTERS.labels(worker_metrics.type_label(outcome.type)).inc()
             log.error(
-                "redrive.accepted_dead_lettered",
-                extra={
-                    "delivery_id": delivery.delivery_id,
-                    "event_id": outcome.event_id,
-                    "outcome": outcome.status,
-                    "reason": reason,
-                },
+                "redrive.accepted_given_up",
+                extra={"delivery_id": delivery.delivery_id, "reason": reason},
             )
         return recorded
 

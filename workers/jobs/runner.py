@@ -39,7 +39,7 @@ from workers.faults import describe
 from workers.jobs import metrics
 from workers.jobs.drift import check_drift
 from workers.jobs.lock import JobLock
-from workers.jobs.redrive import redrive
+from workers.jobs.redrive import accepted_grace, redrive
 from workers.jobs.retention import apply_retention
 from workers.jobs.verify import verify
 from workers.jobs.voucherify_api import Budget, VoucherifyApi
@@ -72,7 +72,12 @@ class JobSpec:
 
 def _redrive(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:
     return redrive(
-        pool, client, s.redrive_after_seconds, s.redrive_max_attempts, deadline
+        pool,
+        client,
+        s.redrive_after_seconds,
+        s.redrive_max_attempts,
+        deadline,
+        grace_seconds=accepted_grace(s.broker_visibility_timeout_seconds),
     ).as_dict()
 
 

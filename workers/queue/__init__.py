@@ -30,6 +30,7 @@ is told which deliveries are recorded by its caller.
 from workers.queue.accepted import (
     MAX_PUSHES,
     GiveUp,
+    Held,
     Recorded,
     SweepResult,
     Unrecorded,
@@ -46,6 +47,8 @@ from workers.queue.keys import (
     PARKED_QUEUE,
     PROCESS_DELIVERY_TASK,
     QUEUES,
+    SEEN_PREFIX,
+    SEEN_SECONDS,
 )
 from workers.queue.lists import depths, park, requeue, unpark
 from workers.queue.message import Message, celery_message, safe_kwargsrepr
@@ -67,9 +70,12 @@ __all__ = [
     "PARKED_QUEUE",
     "PROCESS_DELIVERY_TASK",
     "QUEUES",
+    "SEEN_PREFIX",
+    "SEEN_SECONDS",
     "BrokerUnavailable",
     "DeliveryPublisher",
     "GiveUp",
+    "Held",
     "Message",
     "Recorded",
     "ReplicasUnconfirmed",

@@ -2,21 +2,33 @@
 
 The worker forgets a copy once the delivery is recorded in PostgreSQL, whatever the
 outcome (processed, duplicate, ignored, dead, or failed and left to the re-drive job).
-The sweep (run by the re-drive job) looks at copies older than a threshold: a delivery
-PostgreSQL has recorded is forgotten (the worker died after its commit); one it has not,
-and that is no longer waiting in the queue, is pushed again. A push too many is
-harmless: a delivery id already recorded is recorded once, its event applied once.
+The sweep (run by the re-drive job) looks at copies older than a short grace and asks
+what the delivery itself says, never what the head of the queue says:
+
+- recorded in PostgreSQL: forgotten (the worker died after its commit);
+- still waiting in one of the queue's lists (``deliveries``, ``deliveries.parked``), or
+  held by a worker (kombu's unacknowledged hash, which kombu itself restores after the
+  visibility timeout): left alone, however long a backlog keeps it waiting, never counted;
+- none of these: lost in flight (Celery's transport takes a message off the list with
+  BRPOP before it records it as unacknowledged; a worker SIGKILLed or a Redis failover
+  between the two loses it): pushed again.
+
+The lists are read once per sweep, from the left in chunks (a push at the left only
+shifts what is read next, so nothing waiting is missed), and kombu's hash after them, so
+a message taken meanwhile is found there. A push too many is harmless: a delivery id
+already recorded is recorded once, its event applied once.
 
 Pushing again is bounded: the sweep counts its pushes of each copy
-(``deliveries.accepted.pushes``), and a copy pushed ``MAX_PUSHES`` times that still never
-reached the inbox -- a delivery every worker that takes it fails to record, or one the
-transport keeps losing -- is not pushed again but handed to the caller's ``GiveUp``
-(the re-drive job dead-letters it, body kept), then forgotten. Nothing loops.
+(``deliveries.accepted.pushes``), and a copy pushed ``MAX_PUSHES`` times that was lost each
+time is not pushed again but handed to the caller's ``GiveUp`` (the re-drive job records
+its event failed, body kept, where the re-drive of stuck events takes over), then
+forgotten. Nothing loops.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
@@ -24,7 +36,13 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-from workers.queue.keys import ACCEPTED_HASH, ACCEPTED_INDEX, ACCEPTED_PUSHES, DELIVERY_QUEUE
+from workers.queue.keys import (
+    ACCEPTED_HASH,
+    ACCEPTED_INDEX,
+    ACCEPTED_PUSHES,
+    DELIVERY_QUEUE,
+    PARKED_QUEUE,
+)
 from workers.queue.message import Message, task_id_of
 
 log = logging.getLogger(__name__)
@@ -34,6 +52,10 @@ MAX_PUSHES = 3
 
 Recorded = Callable[[Sequence[str]], Collection[str]]
 """Which of these delivery ids PostgreSQL has recorded (the caller asks the inbox)."""
+
+Held = Callable[[redis.Redis], Collection[str]]
+"""The task ids the broker's transport holds as taken by a worker and not acknowledged
+(the worker passes ``compat.kombu_redis.held_task_ids``: kombu's format stays there)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,26 +104,32 @@ class SweepResult:
 def sweep(
     client: redis.Redis,
     recorded: Recorded,
-    after_seconds: int,
+    after_seconds: float,
     deadline: float,
     batch_size: int = 200,
     *,
+    held: Held,
     give_up: GiveUp | None = None,
 ) -> SweepResult:
-    """Forget copies PostgreSQL has recorded; push again the ones it never got, each at most
-    ``MAX_PUSHES`` times, then hand them to ``give_up``. Without ``give_up`` a copy out of
-    pushes is kept, not pushed (``depths`` shows it)."""
+    """Forget copies PostgreSQL has recorded; push again the ones lost in flight (neither
+    waiting in a list nor held by a worker), each at most ``MAX_PUSHES`` times, then hand
+    them to ``give_up``. Without ``give_up`` a copy out of pushes is kept, not pushed
+    (``depths`` shows it). Only copies older than ``after_seconds`` are looked at."""
     total = Counter[str]()
     now = time.time()
-    cutoff = min(now - after_seconds, _oldest_waiting(client))
+    cutoff = now - after_seconds
+    waiting = Waiting(client)
+    offset = 0  # copies left in place keep their score: page past them
     while time.monotonic() < deadline:
         members = client.zrangebyscore(
-            ACCEPTED_INDEX, "-inf", f"({cutoff}", start=0, num=batch_size
+            ACCEPTED_INDEX, "-inf", f"({cutoff}", start=offset, num=batch_size
         )
         ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
         if not ids:
             break
-        total.update(_sweep_batch(client, ids, recorded, give_up, now))
+        counts = _sweep_batch(client, ids, recorded, held, give_up, now, waiting, deadline)
+        offset += counts.pop("left", 0)
+        total.update(counts)
         if len(ids) < batch_size:
             break
     result = SweepResult(**total)
@@ -110,32 +138,105 @@ def sweep(
     return result
 
 
+class Waiting:
+    """Which deliveries wait in the queue's lists, read lazily: from the left (newest
+    first), a chunk at a time, only as far as a question needs, once per sweep.
+
+    Reading from the left, a concurrent push (always at the left) shifts the rest by one,
+    so an element may be read twice but none still waiting is missed; one taken from the
+    right before the reading reached it is in kombu's hash by then (read afterwards)."""
+
+    LISTS = (DELIVERY_QUEUE, PARKED_QUEUE)
+
+    def __init__(self, client: redis.Redis, chunk: int = 1000) -> None:
+        self._client = client
+        self._chunk = chunk
+        self._found: set[str] = set()
+        self._lists = list(self.LISTS)
+        self._position = 0
+
+    def among(self, ids: Collection[str]) -> set[str]:
+        """Those of ``ids`` waiting in a list (read on until all are found or none is left)."""
+        wanted = set(ids) - self._found
+        while wanted and self._lists:
+            raws = self._client.lrange(
+                self._lists[0], self._position, self._position + self._chunk - 1
+            )
+            if len(raws) < self._chunk:
+                self._lists.pop(0)
+                self._position = 0
+            else:
+                self._position += len(raws)
+            for raw in raws:
+                delivery_id = task_id_in(raw)
+                if delivery_id is not None:
+                    self._found.add(delivery_id)
+                    wanted.discard(delivery_id)
+        return {i for i in ids if i in self._found}
+
+    @property
+    def complete(self) -> bool:
+        """Whether every list was read to its end."""
+        return not self._lists
+
+
+_TASK_ID = re.compile(rb'"id":\s*"([^"\\]+)"')
+"""The first ``"id"`` key of a message: its headers' task id (the body before it is
+base64; ``Message.encode``, kombu's restore and Celery's ``send_task`` all write it so)."""
+
+
+def task_id_in(raw: bytes | str) -> str | None:
+    """A stored message's task id, by a search on its bytes (a backlog is read whole)."""
+    data = raw.encode() if isinstance(raw, str) else raw
+    match = _TASK_ID.search(data)
+    if match is not None:
+        return match.group(1).decode(errors="replace")
+    return task_id_of(raw)
+
+
 def _sweep_batch(
     client: redis.Redis,
     ids: list[str],
     recorded: Recorded,
+    held: Held,
     give_up: GiveUp | None,
     now: float,
+    waiting: Waiting,
+    deadline: float,
 ) -> Counter[str]:
-    """One batch of old copies, in one Redis transaction; every id leaves the swept range."""
+    """One batch of old copies, in one Redis transaction. ``left``: how many stay in place
+    (waiting or held): the caller pages past them."""
     counts = Counter[str]()
     done = set(recorded(ids))
-    missing = [i for i in ids if i not in done]
-    messages = client.hmget(ACCEPTED_HASH, missing) if missing else []
-    pushes = client.hmget(ACCEPTED_PUSHES, missing) if missing else []
+    unrecorded = [i for i in ids if i not in done]
+    alive: set[str] = set()
+    if unrecorded:
+        alive = waiting.among(unrecorded)
+        if not waiting.complete and time.monotonic() >= deadline:
+            alive.update(unrecorded)  # not read to the end in time: assume waiting
+        # Read after the lists: a message taken while they were read is held by now.
+        alive |= set(held(client)) & set(unrecorded)
+        lost = [i for i in unrecorded if i not in alive]
+        # Recorded meanwhile (a worker's commit since the first question): forgotten.
+        late = set(recorded(lost)) if lost else set()
+        done |= late
+        unrecorded = [i for i in lost if i not in late]
+    counts["left"] = len(alive)
+    messages = client.hmget(ACCEPTED_HASH, unrecorded) if unrecorded else []
+    pushes = client.hmget(ACCEPTED_PUSHES, unrecorded) if unrecorded else []
     pipe = client.pipeline(transaction=True)
     for delivery_id in done:
         _drop(pipe, delivery_id)
     counts["forgotten"] = len(done)
     exhausted: list[Unrecorded] = []
-    for delivery_id, message, count in zip(missing, messages, pushes, strict=True):
+    for delivery_id, message, count in zip(unrecorded, messages, pushes, strict=True):
         pushed = int(count or 0)
         if message is None:  # the index outlived its copy: nothing left to push
             _drop(pipe, delivery_id)
         elif pushed >= MAX_PUSHES:
             exhausted.append(Unrecorded(delivery_id, pushed, Message.decode(message)))
         else:
-            # Queued again, and judged again only after another full threshold.
+            # Queued again (waiting, so left alone until it is lost again).
             pipe.lpush(DELIVERY_QUEUE, message)
             pipe.zadd(ACCEPTED_INDEX, {delivery_id: now}, xx=True)
             pipe.hincrby(ACCEPTED_PUSHES, delivery_id, 1)
@@ -145,17 +246,17 @@ def _sweep_batch(
             )
             counts["repushed"] += 1
     given = set(give_up(exhausted)) if exhausted and give_up is not None else set()
-    for unrecorded in exhausted:
-        if unrecorded.delivery_id in given:
-            _drop(pipe, unrecorded.delivery_id)
+    for unrecorded_copy in exhausted:
+        if unrecorded_copy.delivery_id in given:
+            _drop(pipe, unrecorded_copy.delivery_id)
             counts["given_up"] += 1
             continue
         # Not recorded by the caller (or no caller to record it): kept, not pushed,
-        # offered again after another full threshold.
-        pipe.zadd(ACCEPTED_INDEX, {unrecorded.delivery_id: now}, xx=True)
+        # offered again after another grace.
+        pipe.zadd(ACCEPTED_INDEX, {unrecorded_copy.delivery_id: now}, xx=True)
         log.error(
             "redrive.unrecorded_delivery_kept",
-            extra={"delivery_id": unrecorded.delivery_id, "pushes": unrecorded.pushes},
+            extra={"delivery_id": unrecorded_copy.delivery_id, "pushes": unrecorded_copy.pushes},
         )
     pipe.execute()
     return counts
@@ -166,20 +267,3 @@ def _drop(pipe: redis.client.Pipeline, delivery_id: str) -> None:
     pipe.hdel(ACCEPTED_HASH, delivery_id)
     pipe.zrem(ACCEPTED_INDEX, delivery_id)
     pipe.hdel(ACCEPTED_PUSHES, delivery_id)
-
-
-def _oldest_waiting(client: redis.Redis) -> float:
-    """When the oldest delivery still waiting in the queue was accepted (inf: unknown).
-
-    The queue is FIFO (pushed left, taken right), so an accepted copy older than the
-    message at the right end is not waiting in the queue any more: it is in a worker's
-    hands (bounded by the visibility timeout), parked, or lost. A copy younger than it
-    may simply be waiting behind a backlog, and pushing it again would only double the
-    backlog, so the sweep leaves it alone.
-    """
-    raw = client.lindex(DELIVERY_QUEUE, -1)
-    delivery_id = task_id_of(raw) if raw is not None else None
-    if delivery_id is None:
-        return float("inf")
-    score = client.zscore(ACCEPTED_INDEX, delivery_id)
-    return float("inf") if score is None else float(score)

@@ -1,16 +1,23 @@
 """What a delivery's body may be: the one rule the receiver and the worker share.
 
 A JSON object, UTF-8, nested at most ``MAX_NESTING`` deep, without NaN or Infinity. The
-receiver refuses anything else with a 400 naming why (``read_object``); the worker, which
-may get bodies an older receiver, a re-drive or a replay let through, dead-letters what
-nests too deep (``nests_deeper_than``) instead of letting a parser recurse on it.
+receiver reads every signed body with ``read_webhook``: one that keeps the rule carries
+its event id (the receiver remembers it, so a replay costs nothing); one that breaks it is
+still enqueued, with the reason, and the worker dead-letters it (a 4xx to a signed body
+would make Voucherify disable the endpoint). The worker, which may get bodies from a
+re-drive or a replay too, dead-letters what nests too deep (``nests_deeper_than``) instead
+of letting a parser recurse on it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
+
+from schemas.envelope import read_envelope
 
 # The deepest nesting accepted. The published payloads (tests/fixtures/voucherify) nest at
 # most 8 deep (voucher.loyalty_card.pending_points.activated, its data alone), so 9 in the
@@ -43,6 +50,41 @@ def _refuse_constant(name: str) -> object:
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
+MAX_EVENT_ID_BYTES = 255
+"""Longest event id the receiver remembers (the worker stores longer ones cut)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """A signed body as the receiver enqueues it."""
+
+    text: str
+    """The body as text (bytes that are not UTF-8 kept as lone surrogates, which the
+    message carries as ``\\udcXX`` escapes and the worker refuses: ``NOT_UTF8``)."""
+    event_id: str | None
+    """``event.id``, else the envelope ``id``: what a repeat is recognised by; None for a
+    body that breaks the rule, or has no id the receiver can remember."""
+    refused: str | None
+    """Why it breaks the rule (``NotAWebhook``'s words); None when it keeps it."""
+
+
+NOT_UTF8 = "body is not UTF-8"
+
+
+def read_webhook(body: bytes) -> Webhook:
+    """``body`` read by the rule; never raises."""
+    try:
+        text, document = _read(body)
+    except NotAWebhook as exc:
+        return Webhook(body.decode("utf-8", "surrogateescape"), None, str(exc))
+    except Exception as exc:  # noqa: BLE001 - the edge: a signed body is always enqueued
+        return Webhook(body.decode("utf-8", "surrogateescape"), None, type(exc).__name__)
+    event_id = read_envelope(document).event_id
+    if event_id is not None and len(event_id.encode("utf-8", "surrogatepass")) > MAX_EVENT_ID_BYTES:
+        event_id = None
+    return Webhook(text, event_id, None)
+
+
 def read_object(body: bytes) -> str:
     """``body`` as text when it is a JSON object a webhook can be; else ``NotAWebhook``.
 
@@ -53,21 +95,27 @@ def read_object(body: bytes) -> str:
     RFC 8259 only, no NaN, no lone surrogate escape, no number past a double). Whatever it
     refuses is read again by the standard library, which accepts or names the reason.
     """
+    return _read(body)[0]
+
+
+def _read(body: bytes) -> tuple[str, dict[str, Any]]:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        raise NotAWebhook("body is not UTF-8") from None
+        raise NotAWebhook(NOT_UTF8) from None
     if nests_deeper_than(MAX_NESTING, body):
         raise NotAWebhook(f"nesting deeper than {MAX_NESTING}")
     try:
-        if isinstance(orjson.loads(body), dict):  # bytes: faster than the text for orjson
-            return text
+        document = orjson.loads(body)  # bytes: faster than the text for orjson
     except orjson.JSONDecodeError:
         pass
-    return _read_strictly(text)
+    else:
+        if isinstance(document, dict):
+            return text, document
+    return text, _read_strictly(text)
 
 
-def _read_strictly(text: str) -> str:
+def _read_strictly(text: str) -> dict[str, Any]:
     """``read_object`` by the standard library's parser alone: the rule itself."""
     try:
         document = _DECODER.decode(text)
@@ -79,7 +127,7 @@ def _read_strictly(text: str) -> str:
         raise NotAWebhook("number too long") from None
     if not isinstance(document, dict):
         raise NotAWebhook(NOT_AN_OBJECT)
-    return text
+    return document
 
 
 def nests_deeper_than(limit: int, body: bytes) -> bool:

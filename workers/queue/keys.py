@@ -14,6 +14,13 @@ ACCEPTED_INDEX = "deliveries.accepted.index"
 """delivery id -> accepted-at (unix seconds): which accepted copies are old."""
 ACCEPTED_PUSHES = "deliveries.accepted.pushes"
 """delivery id -> how many times the sweep pushed its accepted copy again (absent: never)."""
+SEEN_PREFIX = "deliveries.seen:"
+"""``deliveries.seen:<event id>`` -> the delivery id that first carried the event, for
+``SEEN_SECONDS``: a repeat of an accepted event id is answered 202 without a message."""
+SEEN_SECONDS = 3 * 86_400
+"""How long an accepted event id is remembered: Voucherify's retries of one message last a
+day or two (three days in its older policy); a repeat after that is a duplicate delivery
+the worker records, never a second application."""
 
 QUEUES = (DELIVERY_QUEUE, PARKED_QUEUE, JOBS_QUEUE)
 """The Redis lists whose depth the stats and gauges report (the accepted set beside them)."""

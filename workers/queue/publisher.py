@@ -35,18 +35,38 @@ from redis.connection import AbstractConnection
 
 from compat.redis_raw import drop, new_connection, pack_command, round_trip
 from workers.queue.client import BrokerUnavailable, connect, error_text, primary_address
-from workers.queue.keys import ACCEPTED_HASH, ACCEPTED_INDEX, DELIVERY_QUEUE
+from workers.queue.keys import (
+    ACCEPTED_HASH,
+    ACCEPTED_INDEX,
+    DELIVERY_QUEUE,
+    SEEN_PREFIX,
+    SEEN_SECONDS,
+)
 from workers.queue.message import Message
 
 log = logging.getLogger(__name__)
 
-# KEYS: queue, accepted hash, accepted index; ARGV: delivery id, accepted-at, message.
-# Redis runs a script atomically and writes its effects to the AOF as one MULTI/EXEC:
-# after a crash either both the queued message and its accepted copy exist, or neither.
+# KEYS: queue, accepted hash, accepted index[, seen key]; ARGV: delivery id, accepted-at,
+# message[, seen seconds]. Redis runs a script atomically and writes its effects to the
+# AOF as one MULTI/EXEC: after a crash either the queued message, its accepted copy and
+# the event id's mark all exist, or none does. A repeat of a marked event id pushes
+# nothing and answers the delivery id that carried it first; it rewrites the mark (same
+# value, same expiry) so that a ``WAIT`` after it confirms the first acceptance as well
+# (replicas apply one stream in order).
 ACCEPT_SCRIPT = b"""\
+if KEYS[4] then
+  local first = redis.call('GET', KEYS[4])
+  if first then
+    redis.call('SET', KEYS[4], first, 'XX', 'KEEPTTL')
+    return first
+  end
+end
 local length = redis.call('LPUSH', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+if KEYS[4] then
+  redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[4])
+end
 return length"""
 
 
@@ -54,19 +74,17 @@ class ReplicasUnconfirmed(BrokerUnavailable):
     """The delivery is in the primary, but fewer replicas than required confirmed it."""
 
 
-def accept_command(delivery_id: str, accepted_at: float, message: bytes) -> bytes:
-    """``EVAL`` of the accept script for one delivery, packed."""
-    return pack_command(
-        b"EVAL",
-        ACCEPT_SCRIPT,
-        b"3",
-        DELIVERY_QUEUE.encode(),
-        ACCEPTED_HASH.encode(),
-        ACCEPTED_INDEX.encode(),
-        delivery_id.encode(),
-        b"%.3f" % accepted_at,
-        message,
-    )
+def accept_command(
+    delivery_id: str, accepted_at: float, message: bytes, event_id: str | None = None
+) -> bytes:
+    """``EVAL`` of the accept script for one delivery, packed; with ``event_id``, a
+    repeat of it pushes nothing."""
+    keys = [DELIVERY_QUEUE.encode(), ACCEPTED_HASH.encode(), ACCEPTED_INDEX.encode()]
+    args = [delivery_id.encode(), b"%.3f" % accepted_at, message]
+    if event_id is not None:
+        keys.append((SEEN_PREFIX + event_id).encode("utf-8", "surrogatepass"))
+        args.append(b"%d" % SEEN_SECONDS)
+    return pack_command(b"EVAL", ACCEPT_SCRIPT, b"%d" % len(keys), *keys, *args)
 
 
 def wait_command(replicas: int, timeout_ms: int) -> bytes:
@@ -90,16 +108,21 @@ class DeliveryPublisher:
         self._client = connect(redis_url, timeout=timeout, retry=False)
         self._local = threading.local()
 
-    def publish(self, body: str, delivery_id: str, received_at: str) -> None:
+    def publish(
+        self, body: str, delivery_id: str, received_at: str, event_id: str | None = None
+    ) -> str:
+        """Enqueue one delivery; the delivery id that carries its event: ``delivery_id``,
+        or, for a repeat of an ``event_id`` accepted before, the first one's (nothing is
+        pushed then). Raises ``BrokerUnavailable`` when Redis did not take it."""
         message = Message(body, delivery_id, received_at).encode()
-        command = accept_command(delivery_id, time.time(), message)
+        command = accept_command(delivery_id, time.time(), message, event_id)
         deadline = time.monotonic() + self.budget_seconds
         delay = 0.05
         attempt = 0
         while True:
             attempt += 1
             try:
-                self._push(command)
+                carried_by = self._push(command, delivery_id)
             except redis.RedisError as exc:
                 remaining = deadline - time.monotonic()
                 error = error_text(exc)
@@ -113,7 +136,7 @@ class DeliveryPublisher:
                 delay = min(delay * 2, 1.0, remaining / 2)
                 continue
             self._confirm(delivery_id)
-            return
+            return carried_by
 
     def _confirm(self, delivery_id: str) -> None:
         """``WAIT`` for the replicas, when a minimum is set; never a second push."""
@@ -137,12 +160,15 @@ class DeliveryPublisher:
                 f"{confirmed} of {self.min_replicas} replicas confirmed the delivery"
             )
 
-    def _push(self, command: bytes) -> None:
+    def _push(self, command: bytes, delivery_id: str) -> str:
         connection = self._connection()
         reply = round_trip(connection, command)
-        if not isinstance(reply, int):  # the script answers the queue's new length
-            drop(connection)
-            raise redis.ResponseError(f"unexpected reply to the accept script: {reply!r}")
+        if isinstance(reply, int):  # pushed: the queue's new length
+            return delivery_id
+        if isinstance(reply, bytes):  # a repeat: the delivery id that carried it first
+            return reply.decode()
+        drop(connection)
+        raise redis.ResponseError(f"unexpected reply to the accept script: {reply!r}")
 
     def _connection(self) -> AbstractConnection:
         """This thread's connection (created after a fork, never shared across one)."""
