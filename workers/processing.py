@@ -203,7 +203,8 @@ def _apply_isolated(
                 reason = refusal(exc)
                 if reason is None:
                     raise
-        assert reason is not None
+        if reason is None:  # no form keeps it: not JSON, and NUL in it (text refuses it)
+            reason = _unusable(delivery) or "not storable: the body holds a NUL character"
         with _savepoint(conn, pipe):
             return _dead_letter(conn, delivery, reason)
     except Exception as exc:
@@ -214,6 +215,20 @@ def _apply_isolated(
 
 def _connection_lost(conn: psycopg.Connection[Any]) -> bool:
     return conn.closed or conn.pgconn.status != psycopg.pq.ConnStatus.OK
+
+
+def record_dead_letter(
+    pool: ConnectionPool, body: str, delivery_id: str, received_at: str, reason: str
+) -> Outcome:
+    """Dead-letter a delivery for a reason of the caller's (its worker process died on it
+    too often), its event kept with its body; a duplicate when its event is already final.
+    Raises ``TransientError`` when PostgreSQL cannot be reached."""
+    delivery = read_delivery(body, delivery_id, received_at)
+    try:
+        with pool.connection() as conn, conn.transaction():
+            return _dead_letter(conn, delivery, reason)
+    except TRANSIENT_ERRORS as exc:
+        raise TransientError(describe(exc)) from exc
 
 
 @contextmanager

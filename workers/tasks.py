@@ -87,6 +87,11 @@ def process_one(task: Task, body: str, delivery_id: str, received_at: str) -> st
             settings.db_pool_max_size,
             prepare_threshold=settings.db_prepare_threshold,
         )
+        [start] = queue.count_starts(
+            queue.process_client(settings.redis_url, timeout=2), [delivery_id]
+        )
+        if start > queue.MAX_STARTS:
+            return dead_letter_poison(settings, pool, message, start - 1)
         try:
             outcome = processing.process_delivery(pool, body, delivery_id, received_at)
         except (TransientError, SoftTimeLimitExceeded) as exc:
@@ -218,6 +223,11 @@ class ProcessBatch(BatchTask):
             (queue.Message(kw["body"], kw["delivery_id"], kw["received_at"]), retries)
             for _, kw, retries in items
         ]
+        messages, alone, unfinished = self.isolate(settings, pool, messages)
+        if alone:  # a previous start of theirs never finished: each applied on its own
+            unfinished += hand_over(self, settings, alone, isolate=True)
+        if not messages:
+            return unfinished
         try:
             results = processing.process_batch(
                 pool, [(m.body, m.delivery_id, m.received_at) for m, _ in messages]
@@ -225,7 +235,7 @@ class ProcessBatch(BatchTask):
         except (TransientError, SoftTimeLimitExceeded) as exc:
             pool.check()  # drop connections a restarted PostgreSQL left broken
             log.warning("batch.transient", extra={"error": str(exc), "size": len(items)})
-            return hand_over(self, settings, messages)
+            return unfinished + hand_over(self, settings, messages)
         elapsed = time.perf_counter() - started
         done: list[str] = []
         deferred: list[tuple[queue.Message, int]] = []
@@ -237,7 +247,7 @@ class ProcessBatch(BatchTask):
                     give_up_on_crash(settings, pool, message, result.error)
                 continue
             done.append(message.delivery_id)
-            metrics.observe_outcome(result, message.received_at, elapsed / len(items))
+            metrics.observe_outcome(result, message.received_at, elapsed / len(messages))
             with logs.bind(delivery_id=message.delivery_id, attempt=retries + 1):
                 log.info(
                     "event." + result.status,
@@ -246,25 +256,79 @@ class ProcessBatch(BatchTask):
                         "type": result.type,
                         "reason": result.reason,
                         "ms": round(elapsed * 1000, 2),
-                        "batch": len(items),
+                        "batch": len(messages),
                     },
                 )
         # Recorded in PostgreSQL: the copies have done their job (one round trip).
         queue.forget(queue.process_client(settings.redis_url, timeout=2), done)
-        return hand_over(self, settings, deferred) if deferred else []
+        return unfinished + (hand_over(self, settings, deferred) if deferred else [])
+
+    def isolate(
+        self,
+        settings: Settings,
+        pool: ConnectionPool,
+        messages: list[tuple[queue.Message, int]],
+    ) -> tuple[list[tuple[queue.Message, int]], list[tuple[queue.Message, int]], list[str]]:
+        """Count a start of each delivery (``queue.count_starts``, one round trip): those
+        a previous start of which never finished (its pool process died: a SIGKILL, the
+        OOM killer, a payload that kills it) go alone, so that one such payload cannot
+        take 99 others down with it again; one that died ``MAX_STARTS`` - 1 times is
+        dead-lettered. The batch, the ones to apply alone, and the ids left unfinished."""
+        client = queue.process_client(settings.redis_url, timeout=2)
+        starts = queue.count_starts(client, [m.delivery_id for m, _ in messages])
+        batch: list[tuple[queue.Message, int]] = []
+        alone: list[tuple[queue.Message, int]] = []
+        unfinished: list[str] = []
+        for entry, start in zip(messages, starts, strict=True):
+            if start > queue.MAX_STARTS:
+                if dead_letter_poison(settings, pool, entry[0], start - 1) != "dead":
+                    unfinished.append(entry[0].delivery_id)
+            elif start > 1 and len(messages) > 1:
+                alone.append(entry)
+            else:
+                batch.append(entry)
+        return batch, alone, unfinished
+
+
+def dead_letter_poison(
+    settings: Settings, pool: ConnectionPool, message: queue.Message, deaths: int
+) -> str:
+    """A delivery whose worker process died on it ``deaths`` times: a dead letter, body
+    kept, replayable once the code can take it; never started again. "retry" when
+    PostgreSQL could not take the dead letter now (the delivery is given back)."""
+    reason = f"the worker process died {deaths} times while applying it"
+    try:
+        outcome = processing.record_dead_letter(
+            pool, message.body, message.delivery_id, message.received_at, reason
+        )
+    except TransientError:
+        return "retry"
+    forget(settings, message)
+    if outcome.status == DeliveryOutcome.DEAD:
+        metrics.DEAD_LETTERS.labels(metrics.type_label(outcome.type)).inc()
+    log.error(
+        "delivery.poison",
+        extra={"delivery_id": message.delivery_id, "event_id": outcome.event_id, "reason": reason},
+    )
+    return "dead"
 
 
 def hand_over(
-    task: Task, settings: Settings, messages: Sequence[tuple[queue.Message, int]]
+    task: Task,
+    settings: Settings,
+    messages: Sequence[tuple[queue.Message, int]],
+    *,
+    isolate: bool = False,
 ) -> list[str]:
     """Give deliveries the batch could not take to the single-delivery task, after a
-    backoff with jitter (the batch was their attempt ``retries + 1``); the ids that could
-    not even be published (Redis gone): the consumer gives those back to the broker."""
+    backoff with jitter (the batch was their attempt ``retries + 1``), or at once when
+    they are only to be applied alone (``isolate``); the ids that could not even be
+    published (Redis gone): the consumer gives those back to the broker."""
     unfinished: list[str] = []
     for message, retries in messages:
         attempt = retries + 1
         metrics.RETRIES.inc()
-        countdown = backoff_seconds(retries, settings.retry_backoff_max_seconds)
+        countdown = 0.0 if isolate else backoff_seconds(retries, settings.retry_backoff_max_seconds)
         try:
             task.app.send_task(
                 SINGLE_DELIVERY_TASK,

@@ -119,7 +119,7 @@ def test_a_short_ops_token_is_refused_with_a_way_to_make_one() -> None:
 
 def test_probe_and_proxy_settings_have_safe_defaults() -> None:
     settings = Settings.from_env(URLS)
-    assert settings.max_body_bytes == 256 * 1024
+    assert settings.max_body_bytes == 1024 * 1024
     assert settings.forwarded_allow_ips == "127.0.0.1,::1"
     assert settings.metrics_token is None
     assert settings.worker_metrics_host == "127.0.0.1"

@@ -23,6 +23,7 @@ import redis
 from devtools.webhooks import body_of, card_redemption, envelope, wait_until
 from tests.conftest import Processes, process_env
 from tests.fault.servers import Servers, unacked
+from workers import queue
 from workers.queue import ACCEPTED_HASH, DeliveryPublisher
 
 pytestmark = pytest.mark.fault
@@ -222,3 +223,115 @@ def test_a_worker_stopped_with_sigterm_while_a_batch_is_half_written_to_its_pool
     processes.worker(env)
     wait_until_all_processed(url, len(event_ids), processes, timeout=90, after="the restart")
     assert_applied_exactly_once(url, event_ids, tries=1)
+
+
+def lock_waiters(url: str) -> int:
+    return count(
+        url,
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND datname = current_database()",
+    )
+
+
+def test_a_delivery_whose_pool_process_keeps_dying_is_dead_lettered_and_the_rest_applied(
+    servers: Servers, processes: Processes
+) -> None:
+    """Each start of a delivery is counted until it is recorded: one whose pool process
+    died on it is applied alone from then on (the other 99 of its batch are not killed
+    with it again), and after three deaths it is a dead letter instead of a fourth start.
+    The test makes the process die: it holds the event's row locked, so the delivery's
+    task waits there, and kills the pool each time a new start waits."""
+    env = worker_env(servers)
+    url = servers.postgres.url()
+    holder = psycopg.connect(url)
+    holder.execute(
+        "INSERT INTO events (event_id, type, received_at)"
+        " VALUES ('ev_poison_0', 'redemption.succeeded', now())"
+    )
+    holder.commit()
+    holder.execute("SELECT 1 FROM events WHERE event_id = 'ev_poison_0' FOR UPDATE")
+    [poison] = enqueue_card_redemptions(servers.redis.url(), "poison", 1)
+    others = enqueue_card_redemptions(servers.redis.url(), "other", 60)
+    worker = processes.worker(env)
+    try:
+        for kill in range(1, 4):
+            # Killed pool processes leave their PostgreSQL backends waiting on the lock.
+            wait_until(
+                lambda k=kill: lock_waiters(url) >= k,
+                timeout=60,
+                what=lambda k=kill: f"start {k} waiting on the lock\n" + processes.logs(),
+            )
+            for pid in pool_processes(worker.pid):
+                os.kill(pid, signal.SIGKILL)
+    finally:
+        holder.rollback()
+        holder.close()
+
+    wait_until(
+        lambda: count(url, "SELECT count(*) FROM dead_letters WHERE event_id = 'ev_poison_0'") == 1,
+        timeout=60,
+        what=lambda: "the poison dead-lettered\n" + processes.logs(),
+    )
+    wait_until_all_processed(url, len(others), processes, timeout=60, after="the kills")
+    assert_applied_exactly_once_among(url, others)
+    with psycopg.connect(url) as conn:
+        reason = conn.execute("SELECT reason FROM dead_letters").fetchone()
+        assert reason == ("the worker process died 3 times while applying it",)
+        assert conn.execute(
+            "SELECT status FROM events WHERE event_id = %s", (poison,)
+        ).fetchone() == ("dead",)
+        assert conn.execute(
+            "SELECT count(*) FROM ledger_entries WHERE redemption_id = 'r_poison_0'"
+        ).fetchone() == (0,)
+
+
+def assert_applied_exactly_once_among(url: str, event_ids: list[str]) -> None:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT e.event_id, e.status, count(l.*) FROM events e"
+            " LEFT JOIN ledger_entries l ON l.redemption_id = 'r_' || substr(e.event_id, 4)"
+            " WHERE e.event_id = ANY(%s) GROUP BY 1, 2",
+            (event_ids,),
+        ).fetchall()
+    assert sorted(r[0] for r in rows) == sorted(event_ids)
+    assert {(r[1], r[2]) for r in rows} == {("processed", 1)}
+
+
+def test_a_backlog_behind_a_replay_waits_out_many_sweeps_and_every_202_is_applied_once(
+    servers: Servers, processes: Processes, tmp_path: Path
+) -> None:
+    """Workers down, a replayed message (no accepted copy) at the head of the queue, 150
+    accepted deliveries behind it for many thresholds of the sweep: none is pushed again,
+    none dead-lettered; workers back, each applied once (before issue 22: all 150 dead)."""
+    env = {
+        **worker_env(servers),
+        "REDRIVE_INTERVAL_SECONDS": "1",
+        "REDRIVE_AFTER_SECONDS": "2",
+        "BROKER_VISIBILITY_TIMEOUT_SECONDS": "4",  # a sweep grace of 2 s
+    }
+    replayed = queue.Message(
+        body_of(envelope("redemption.failed", {}, event_id="ev_replayed")).decode(),
+        "replay-1",
+        datetime.now(UTC).isoformat(),
+    )
+    client = redis.Redis.from_url(servers.redis.url())
+    try:
+        queue.requeue(client, [replayed])
+        event_ids = enqueue_card_redemptions(servers.redis.url(), "backlog", 150)
+        processes.beat(env, tmp_path / "beat-schedule")
+        url = servers.postgres.url()
+        wait_until(
+            lambda: count(url, "SELECT count(*) FROM job_runs WHERE job = 'redrive'") >= 6,
+            timeout=60,
+            what=lambda: "six sweeps over the backlog\n" + processes.logs(),
+        )
+        assert client.llen(queue.DELIVERY_QUEUE) == 151  # not doubled
+        assert client.hlen(queue.ACCEPTED_PUSHES) == 0
+        processes.worker(env)
+        wait_until_all_processed(url, 151, processes, timeout=90, after="the workers came back")
+        assert_applied_exactly_once_among(url, event_ids)
+        assert count(url, "SELECT count(*) FROM dead_letters") == 0
+        wait_until(lambda: client.hlen(ACCEPTED_HASH) == 0, timeout=30, what="copies forgotten")
+        assert client.llen(queue.DELIVERY_QUEUE) == 0
+    finally:
+        client.close()

@@ -29,11 +29,13 @@ is told which deliveries are recorded by its caller.
 
 from workers.queue.accepted import (
     MAX_PUSHES,
+    MAX_STARTS,
     GiveUp,
     Held,
     Recorded,
     SweepResult,
     Unrecorded,
+    count_starts,
     forget,
     sweep,
 )
@@ -49,6 +51,7 @@ from workers.queue.keys import (
     QUEUES,
     SEEN_PREFIX,
     SEEN_SECONDS,
+    STARTS,
 )
 from workers.queue.lists import depths, park, requeue, unpark
 from workers.queue.message import Message, celery_message, safe_kwargsrepr
@@ -67,11 +70,13 @@ __all__ = [
     "DELIVERY_QUEUE",
     "JOBS_QUEUE",
     "MAX_PUSHES",
+    "MAX_STARTS",
     "PARKED_QUEUE",
     "PROCESS_DELIVERY_TASK",
     "QUEUES",
     "SEEN_PREFIX",
     "SEEN_SECONDS",
+    "STARTS",
     "BrokerUnavailable",
     "DeliveryPublisher",
     "GiveUp",
@@ -84,6 +89,7 @@ __all__ = [
     "accept_command",
     "celery_message",
     "connect",
+    "count_starts",
     "depths",
     "forget",
     "park",

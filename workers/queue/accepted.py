@@ -42,6 +42,7 @@ from workers.queue.keys import (
     ACCEPTED_PUSHES,
     DELIVERY_QUEUE,
     PARKED_QUEUE,
+    STARTS,
 )
 from workers.queue.message import Message, task_id_of
 
@@ -86,9 +87,32 @@ def forget(client: redis.Redis, delivery_ids: Sequence[str]) -> None:
         pipe.hdel(ACCEPTED_HASH, *delivery_ids)
         pipe.zrem(ACCEPTED_INDEX, *delivery_ids)
         pipe.hdel(ACCEPTED_PUSHES, *delivery_ids)
+        pipe.hdel(STARTS, *delivery_ids)
         pipe.execute()
     except redis.RedisError as exc:
         log.warning("delivery.forget_failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+
+MAX_STARTS = 4
+"""Starts of one delivery, never finished, after which the worker dead-letters it instead
+of starting it again: its pool process died on it three times (a payload that kills the
+process, say), and at every start after the first it was applied alone."""
+
+
+def count_starts(client: redis.Redis, delivery_ids: Sequence[str]) -> list[int]:
+    """Count one more start of each delivery (``forget`` clears the count once it is
+    recorded); each one's number, 1 for a first start. Never raises: when Redis cannot
+    say, every start counts as a first (the count only isolates and stops a poison)."""
+    if not delivery_ids:
+        return []
+    try:
+        pipe = client.pipeline(transaction=False)
+        for delivery_id in delivery_ids:
+            pipe.hincrby(STARTS, delivery_id, 1)
+        return [int(n) for n in pipe.execute()]
+    except redis.RedisError as exc:
+        log.warning("delivery.starts_not_counted", extra={"error": type(exc).__name__})
+        return [1] * len(delivery_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,3 +291,4 @@ def _drop(pipe: redis.client.Pipeline, delivery_id: str) -> None:
     pipe.hdel(ACCEPTED_HASH, delivery_id)
     pipe.zrem(ACCEPTED_INDEX, delivery_id)
     pipe.hdel(ACCEPTED_PUSHES, delivery_id)
+    pipe.hdel(STARTS, delivery_id)

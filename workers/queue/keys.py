@@ -14,6 +14,9 @@ ACCEPTED_INDEX = "deliveries.accepted.index"
 """delivery id -> accepted-at (unix seconds): which accepted copies are old."""
 ACCEPTED_PUSHES = "deliveries.accepted.pushes"
 """delivery id -> how many times the sweep pushed its accepted copy again (absent: never)."""
+STARTS = "deliveries.starts"
+"""delivery id -> how many times a worker began to apply it without finishing (absent:
+never): a delivery that kills its pool process is counted, isolated, then dead-lettered."""
 SEEN_PREFIX = "deliveries.seen:"
 """``deliveries.seen:<event id>`` -> the delivery id that first carried the event, for
 ``SEEN_SECONDS``: a repeat of an accepted event id is answered 202 without a message."""
