@@ -294,9 +294,7 @@ def _jobs(env: Env) -> dict[str, Any]:
     return dict(
         redrive_after_seconds=env.get("REDRIVE_AFTER_SECONDS", parse.int_range(1, 10**7), 600),
         redrive_max_attempts=env.get("REDRIVE_MAX_ATTEMPTS", parse.int_range(1, 1000), 5),
-        redrive_interval_seconds=env.get(
-            "REDRIVE_INTERVAL_SECONDS", parse.int_range(1, 10**7), 60
-        ),
+        redrive_interval_seconds=env.get("REDRIVE_INTERVAL_SECONDS", parse.int_range(1, 10**7), 60),
         verify_interval_seconds=env.get("VERIFY_INTERVAL_SECONDS", parse.int_range(1, 10**7), 900),
         verify_after_seconds=env.get("VERIFY_AFTER_SECONDS", parse.int_range(1, 10**7), 3600),
         drift_interval_seconds=env.get("DRIFT_INTERVAL_SECONDS", parse.int_range(1, 10**7), 3600),
