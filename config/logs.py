@@ -67,3 +67,11 @@ def bind(**fields: Any) -> Iterator[None]:
         yield
     finally:
         _context.reset(token)
+
+
+def masked_code(code: str | None) -> str | None:
+    """A card's code as logs and flag messages show it: its last 4 characters (a gift card
+    code can be spent by whoever reads it). ``…WXYZ``; a code of 4 or fewer: ``…``."""
+    if not code:
+        return code
+    return "\u2026" + (code[-4:] if len(code) > 4 else "")

@@ -45,7 +45,7 @@ NO_SECRETS: tuple[bytes, ...] = ()
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    # --- CONTRACT.md ---------------------------------------------------------------
+    # --- docs/contract.md ---------------------------------------------------------------
     database_url: str
     """Required; ``scripts/dev`` supplies an embedded local one for local runs."""
     redis_url: str
@@ -208,7 +208,7 @@ class Settings:
 
 
 def _contract(env: Env) -> dict[str, Any]:
-    """The variables of CONTRACT.md."""
+    """The variables of docs/contract.md."""
     return dict(
         database_url=env.require(
             "DATABASE_URL",

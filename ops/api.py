@@ -1,4 +1,4 @@
-"""The ops API under /ops/api/ (see CONTRACT.md, "Ops API"): JSON in, JSON out.
+"""The ops API under /ops/api/ (see docs/contract.md, "Ops API"): JSON in, JSON out.
 
 Every request needs ``Authorization: Bearer $OPS_API_TOKEN`` (401 otherwise). Errors are
 JSON: ``{"error": "not_found"}`` for unknown ids, ``invalid_parameter`` (400) for a bad

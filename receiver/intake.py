@@ -3,13 +3,17 @@
 The one place that decides a webhook's answer. Two adapters serve it: ``receiver.front``
 (a plain WSGI callable in front of Flask, what production runs) and the Flask view of
 ``receiver.views`` (the same answer as a Flask ``Response``). Neither adds logic: every
-code, body and header of CONTRACT.md's Receiver table is built here, once, as bytes.
+code, body and header of docs/contract.md's Receiver table is built here, once, as bytes.
 
 Cheapest refusals first: the content type, the declared length and the signature header's
 form (64 hex characters) are checked before the body is read, so a malformed header costs
-neither the read nor an HMAC. A signed body is then read as a JSON object (``read_object``
-of ``workers.queue.body``: UTF-8, nesting at most ``MAX_NESTING``, no NaN or Infinity) or
-refused with a 400 naming why; whatever else goes wrong reading it is a 400, never a 5xx.
+neither the read nor an HMAC. A correctly signed body is then always accepted: read by the
+body rule (``read_webhook`` of ``workers.queue.body``), and enqueued whether it keeps the
+rule or not (one that breaks it is logged and counted here, and dead-lettered by the
+worker: a 4xx would make Voucherify retry it 12 times, then disable the endpoint). A body
+whose event id was accepted before is answered with the first delivery's id, nothing
+enqueued (the accept script remembers the id). 401s are counted, and logged at most once
+a minute per source address.
 
 The body is read as Werkzeug reads it for Flask (``get_input_stream`` with a cap of the
 limit + 1 bytes): a declared Content-Length over the limit is answered 413 before anything

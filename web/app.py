@@ -18,6 +18,7 @@ The receiver and ops never import each other; this module is where they meet.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.wrappers import Response as BaseResponse
@@ -27,6 +28,7 @@ import receiver.front
 import receiver.metrics
 import receiver.views
 from config.settings import Settings
+from ops.auth import bearer_matches
 from web import health, metrics
 from workers.queue import DeliveryPublisher
 
@@ -53,12 +55,16 @@ def create_app(
 
     @app.get("/readyz")
     def readyz() -> Response:
+        """Ready or not, and what failed; never where a server is: the Redis primary's
+        address is shown only to a caller with the ops token (``redis_primary``)."""
         failed = readiness.failures()
-        primary = intake.publisher.primary()  # no I/O: the address last reached
-        if failed:
-            body = {"status": "unavailable", "failed": failed, "redis_primary": primary}
-            return receiver.views.json_response(503, body)
-        return receiver.views.json_response(200, {"status": "ready", "redis_primary": primary})
+        body: dict[str, Any] = (
+            {"status": "unavailable", "failed": failed} if failed else {"status": "ready"}
+        )
+        token = settings.ops_api_token
+        if token and bearer_matches(request.headers.get("Authorization"), token):
+            body["redis_primary"] = intake.publisher.primary()  # no I/O: the address last reached
+        return receiver.views.json_response(503 if failed else 200, body)
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:

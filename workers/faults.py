@@ -10,6 +10,8 @@ log lines may show it.
 
 from __future__ import annotations
 
+import traceback
+
 import psycopg
 
 from workers.delivery import UNSTORABLE
@@ -81,3 +83,12 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, TransientError):
         return str(exc)
     return name
+
+
+def where(exc: BaseException) -> str:
+    """The innermost frame of a traceback, ``module:line function`` (no values)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "unknown"
+    frame = frames[-1]
+    return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"

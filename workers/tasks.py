@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +40,7 @@ from workers.batching import BatchTask, Item
 from workers.celery_app import settings_of
 from workers.db import get_pool
 from workers.delivery import contention_keys
-from workers.faults import TransientError
+from workers.faults import TransientError, where
 
 log = logging.getLogger(__name__)
 
@@ -155,20 +154,11 @@ def give_up_on_crash(
     value), and ``last_error`` becomes the dead letter's reason.
     """
     error = f"crashed: {type(exc).__name__}"
-    log.error("delivery.crashed", extra={"error": error, "where": _where(exc)})
+    log.error("delivery.crashed", extra={"error": error, "where": where(exc)})
     if not record_failure(settings, pool, message, error):
         park(settings, message)
     metrics.EVENTS.labels("other", DeliveryOutcome.FAILED).inc()
     return DeliveryOutcome.FAILED
-
-
-def _where(exc: BaseException) -> str:
-    """The innermost frame of a traceback, ``module:line function`` (no values)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return "unknown"
-    frame = frames[-1]
-    return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
 
 
 def record_failure(
@@ -293,10 +283,11 @@ class ProcessBatch(BatchTask):
 def dead_letter_poison(
     settings: Settings, pool: ConnectionPool, message: queue.Message, deaths: int
 ) -> str:
-    """A delivery whose worker process died on it ``deaths`` times: a dead letter, body
+    """A delivery started ``deaths`` times without finishing (its pool process died on
+    it, or it was handed on once): a dead letter, body
     kept, replayable once the code can take it; never started again. "retry" when
     PostgreSQL could not take the dead letter now (the delivery is given back)."""
-    reason = f"the worker process died {deaths} times while applying it"
+    reason = f"started {deaths} times without finishing: its worker process died on it"
     try:
         outcome = processing.record_dead_letter(
             pool, message.body, message.delivery_id, message.received_at, reason

@@ -295,10 +295,10 @@ DID_NOT_RUN = 3
 
 def jobs_run(args: argparse.Namespace, ctx: OpsContext, out: Output) -> int:
     """One run of a job, now: the same ``run_job`` the scheduled tasks call. Its result is
-    printed as JSON, ``--json`` or not (CONTRACT.md, "Command line")."""
+    printed as JSON, ``--json`` or not (docs/contract.md, "Command line")."""
     from workers.jobs import run_job  # the jobs' imports only for this command
 
-    answer = run_job(args.job, ctx.settings)
+    answer = run_job(args.job, ctx.settings, hard_limit=True)
     out.json(answer)
     status = answer["status"]
     if status == JobOutcome.SUCCEEDED:

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import psycopg
+import pytest
 from prometheus_client import REGISTRY
 from psycopg_pool import ConnectionPool
 
@@ -71,7 +72,7 @@ def test_top_ups_accruals_and_expiries_are_movements_not_drift(
 
 
 def test_a_card_that_missed_a_movement_gets_one_flag_naming_the_gap(
-    pool: ConnectionPool, db: psycopg.Connection[Any]
+    pool: ConnectionPool, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     redeem(pool, "loyalty", "r_l1", 100, 900, "2024-02-01T08:00:00Z")
     # Missed: 50 points spent at 08:30 (balance 850). Voucherify then reports 800.
@@ -83,10 +84,14 @@ def test_a_card_that_missed_a_movement_gets_one_flag_naming_the_gap(
     assert (result.cards, result.drifting, result.flags_raised) == (2, 1, 1)
     assert drift_flags(db) == [(LOYALTY, "open")]
     message = scalar(db, "SELECT failure_message FROM flags")
-    assert "card LOYALTY-TEST-1 (v_loyalty_test)" in message
+    # The card by its id and the last 4 characters of its code: a code can be spent.
+    assert "card \u2026ST-1 (v_loyalty_test)" in message
+    assert "LOYALTY-TEST-1" not in message
     assert "Voucherify reports 800" in message
     assert "the ledger implies 850" in message
     assert "difference -50" in message
+    assert "LOYALTY-TEST-1" not in caplog.text
+    assert [r.voucher_code for r in caplog.records if r.msg == "drift.flagged"] == ["\u2026ST-1"]
     assert (
         REGISTRY.get_sample_value("reconciliation_drifting_cards", {"kind": "loyalty_points"}) == 1
     )

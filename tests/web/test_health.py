@@ -68,17 +68,24 @@ def pings(redis_client: redis.Redis) -> int:
 
 
 def status_of(client: Any) -> tuple[int, dict[str, Any]]:
-    """The answer, without the primary's address it also names (tested on its own)."""
     response = client.get("/readyz")
-    body = response.get_json()
-    body.pop("redis_primary")
-    return response.status_code, body
+    return response.status_code, response.get_json()
 
 
-def test_readyz_names_the_redis_primary_it_reached(settings: Settings) -> None:
-    client = create_app(settings).test_client()
+OPS_TOKEN = "t" * 40
+
+
+def test_readyz_names_no_host_and_the_primary_only_to_the_ops_token(settings: Settings) -> None:
+    app = create_app(dataclasses.replace(settings, ops_api_token=OPS_TOKEN))
+    client = app.test_client()
     parts = urlsplit(settings.redis_url)
-    assert client.get("/readyz").get_json()["redis_primary"] == f"{parts.hostname}:{parts.port}"
+    public = client.get("/readyz")
+    assert public.get_json() == {"status": "ready"}
+    assert str(parts.port) not in public.get_data(as_text=True)
+    wrong = client.get("/readyz", headers={"Authorization": "Bearer " + "x" * 40})
+    assert wrong.get_json() == {"status": "ready"}
+    ops = client.get("/readyz", headers={"Authorization": f"Bearer {OPS_TOKEN}"})
+    assert ops.get_json()["redis_primary"] == f"{parts.hostname}:{parts.port}"
 
 
 def test_a_flood_of_readyz_from_many_threads_asks_each_server_once_per_window(

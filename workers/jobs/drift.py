@@ -46,6 +46,7 @@ import psycopg
 from psycopg.rows import class_row, dict_row
 from psycopg_pool import ConnectionPool
 
+from config.logs import masked_code
 from schemas.vocabulary import FlagCategory, FlagStatus, LedgerKind
 from workers.jobs import metrics
 from workers.jobs.drift_heal import Card as HealCard
@@ -298,7 +299,8 @@ def _check_card(
     tally.by_kind[card.kind] = tally.by_kind.get(card.kind, 0) + 1
     accepted = f", less {card.accepted_drift:+d} accepted" if card.accepted_drift else ""
     message = (
-        f"card {card.voucher_code or card.voucher_id} ({card.voucher_id}): Voucherify reports "
+        f"card {masked_code(card.voucher_code) or card.voucher_id} ({card.voucher_id}): "
+        "Voucherify reports "
         f"{card.last_balance} at {card.last_at.isoformat()}; the ledger implies {card.implied}"
         f" ({card.start_balance} before its movement at {card.first_at.isoformat()} plus "
         f"{card.moved} moved since{accepted}): difference {card.drift:+d}"
@@ -312,7 +314,7 @@ def _check_card(
             "drift.flagged",
             extra={
                 "voucher_id": card.voucher_id,
-                "voucher_code": card.voucher_code,
+                "voucher_code": masked_code(card.voucher_code),
                 "customer_id": card.customer_id,
                 "kind": card.kind,
                 "drift": card.drift,

@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +37,7 @@ from config.settings import Settings
 from schemas.vocabulary import JobOutcome
 from workers import queue
 from workers.db import get_pool
-from workers.faults import describe
+from workers.faults import describe, where
 from workers.jobs import metrics
 from workers.jobs.drift import check_drift
 from workers.jobs.lock import JobLock
@@ -156,14 +158,17 @@ def tick_seconds(spec: JobSpec, settings: Settings) -> int:
     return min(spec.interval(settings), TICK_SECONDS)
 
 
-def run_job(name: str, settings: Settings, *, when_due: bool = False) -> dict[str, Any]:
+def run_job(
+    name: str, settings: Settings, *, when_due: bool = False, hard_limit: bool = False
+) -> dict[str, Any]:
     """Run job ``name`` once; the answer says whether it ran, was skipped or failed.
 
     ``{"job", "status": "succeeded" | "failed" | "skipped" | "disabled" | "not_due",
     "result": {...}}`` (a ``JobOutcome``, ``DISABLED`` or ``NOT_DUE``: with ``when_due``,
     a job whose last successful run is more recent than its interval does not run),
     plus ``"error"`` when it failed. Never raises for a failing job: the error is logged
-    and recorded in ``job_runs``, and the next scheduled run tries again.
+    and recorded in ``job_runs``, and the next scheduled run tries again. ``hard_limit``
+    (a run by hand, outside Celery): the job's ``time_limit`` enforced here too.
     """
     spec = JOBS.get(name)
     if spec is None:
@@ -184,9 +189,35 @@ def run_job(name: str, settings: Settings, *, when_due: bool = False) -> dict[st
 
     due_within = spec.interval(settings) - tick_seconds(spec, settings) / 2 if when_due else None
     try:
-        return run_locked(spec, work, pool, client, due_within)
+        with time_limit(spec.time_limit if hard_limit else None):
+            return run_locked(spec, work, pool, client, due_within)
     finally:
         client.close()
+
+
+class JobTimeLimitExceeded(Exception):
+    """A run by hand (``vfy-pipeline jobs run``) past the time limit beat's task has."""
+
+
+@contextmanager
+def time_limit(seconds: int | None) -> Iterator[None]:
+    """Raise ``JobTimeLimitExceeded`` in this (main) thread after ``seconds``: a run by
+    hand stops where Celery would kill the scheduled task, before its lock (``time_limit``
+    + 30 s) expires, so beat never starts a second run beside it."""
+    if seconds is None:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise JobTimeLimitExceeded(f"over the job's time limit of {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def run_locked(
@@ -248,12 +279,14 @@ def _run(
             row = cursor.execute(START_RUN, {"job": spec.name, "runner": runner}).fetchone()
         run_id = int(row["id"]) if row else None
         result = work(started + spec.budget_seconds)
-    except Exception as exc:  # the edge of a job run: record, log, let the next run retry
-        error = f"{type(exc).__name__}: {exc}"
-        log.exception("job.failed", extra={"error": error})
+    except Exception as exc:  # noqa: BLE001 - the edge of a job run: record, log, retry later
+        # A short class and message, as the worker records one (a message can quote a
+        # payload or a card code): no traceback, no str(exc) of an unknown error.
+        error = describe(exc)
+        log.error("job.failed", extra={"error": error, "where": where(exc)})
         metrics.JOB_RUNS.labels(spec.name, JobOutcome.FAILED).inc()
         if run_id is not None:
-            failed = {"outcome": JobOutcome.FAILED, "result": None, "error": error[:2000]}
+            failed = {"outcome": JobOutcome.FAILED, "result": None, "error": error}
             _record(pool, FINISH_RUN, {"id": run_id, **failed})
         return {"job": spec.name, "status": JobOutcome.FAILED, "result": {}, "error": error}
     metrics.JOB_RUNS.labels(spec.name, JobOutcome.SUCCEEDED).inc()
