@@ -17,7 +17,7 @@ from tests.jobs.conftest import rows
 from workers.celery_app import beat_schedule
 from workers.jobs import JOBS, run_job
 from workers.jobs.lock import LOCK_PREFIX, JobLock
-from workers.jobs.runner import TICK_SECONDS, run_locked
+from workers.jobs.runner import TICK_SECONDS, run_locked, time_limit
 
 
 def test_a_second_holder_is_refused_until_the_first_releases(redis_client: redis.Redis) -> None:
@@ -104,8 +104,8 @@ def test_a_failing_job_is_recorded_and_releases_its_lock(
 
     answer = run_locked(JOBS["retention"], broken, pool, redis_client)
     assert answer["status"] == "failed"
-    assert "boom" in answer["error"]
-    assert rows(db, "SELECT outcome, error FROM job_runs") == [("failed", "RuntimeError: boom")]
+    assert answer["error"] == "RuntimeError"  # a short class: a message can quote data
+    assert rows(db, "SELECT outcome, error FROM job_runs") == [("failed", "RuntimeError")]
     assert redis_client.get(LOCK_PREFIX + "retention") is None
 
 
@@ -147,3 +147,40 @@ def test_beat_asks_every_job_at_least_every_ten_minutes(settings: Settings) -> N
     assert schedule["redrive"]["schedule"] == timedelta(seconds=settings.redrive_interval_seconds)
     assert schedule["retention"]["task"] == "voucherify.jobs.retention"
     assert "verify" not in schedule  # no API settings
+
+
+def test_a_failed_run_records_a_short_class_never_the_message_or_a_traceback(
+    pool: ConnectionPool, redis_client: redis.Redis, db: psycopg.Connection[Any]
+) -> None:
+    def crash(deadline: float) -> dict[str, int]:
+        raise KeyError("card GIFT-4111-1111-1111 not found")  # a message that quotes data
+
+    answer = run_locked(JOBS["drift"], crash, pool, redis_client)
+
+    assert (answer["status"], answer["error"]) == ("failed", "KeyError")
+    [(error,)] = rows(db, "SELECT error FROM job_runs WHERE outcome = 'failed'")
+    assert error == "KeyError"
+    assert redis_client.get(LOCK_PREFIX + "drift") is None
+
+
+def test_a_run_by_hand_stops_at_the_jobs_time_limit_before_its_lock_expires(
+    pool: ConnectionPool, redis_client: redis.Redis, db: psycopg.Connection[Any]
+) -> None:
+    spec = JOBS["drift"]
+    assert spec.time_limit < spec.lock_ttl_seconds  # stopped while the lock still holds
+    stopped = threading.Event()
+
+    def endless(deadline: float) -> dict[str, int]:
+        try:
+            threading.Event().wait(30)  # longer than the (test's) limit
+        finally:
+            stopped.set()
+        return {"cards": 0}
+
+    with time_limit(1):
+        answer = run_locked(spec, endless, pool, redis_client)
+
+    assert stopped.is_set()
+    assert (answer["status"], answer["error"]) == ("failed", "JobTimeLimitExceeded")
+    assert rows(db, "SELECT outcome, error FROM job_runs") == [("failed", "JobTimeLimitExceeded")]
+    assert redis_client.get(LOCK_PREFIX + "drift") is None  # released, not left to expire
