@@ -9,7 +9,16 @@ import pytest
 from gunicorn.http import unreader
 from gunicorn.workers import gthread
 
-from compat.gunicorn_gthread import MAX_HEAD_BYTES, BufferingThreadWorker, arrived
+from compat.gunicorn_gthread import (
+    MAX_CHUNKS,
+    MAX_HEAD_BYTES,
+    READY,
+    REFUSE,
+    WAIT,
+    Arrival,
+    BufferingThreadWorker,
+    arrived,
+)
 
 LIMIT = 1000
 HEAD = b"POST /webhooks/voucherify HTTP/1.1\r\nHost: x\r\n"
@@ -34,6 +43,9 @@ def request(*headers: bytes, body: bytes = b"") -> bytes:
         (request(b"Transfer-Encoding: chunked", body=b"2;x=1\r\n{}\r\n0\r\n"), False),
         (request(b"Transfer-Encoding: chunked", body=b"zz\r\n"), True),  # malformed
         (request(b"Transfer-Encoding: chunked", body=b"f" * (LIMIT + 1)), True),  # too long
+        # Framing is not body: 300 one-byte chunks are 1,800 bytes sent, 300 of body.
+        (request(b"Transfer-Encoding: chunked", body=b"1\r\nx\r\n" * 300), False),
+        (request(b"Transfer-Encoding: chunked", body=b"1\r\nx\r\n" * 300 + b"0\r\n\r\n"), True),
         (request(b"Transfer-Encoding: gzip"), True),  # not ours to frame
         (b"X" * (MAX_HEAD_BYTES + 1), True),  # a head that never ends: the parser refuses
     ],
@@ -68,3 +80,38 @@ def test_the_gthread_internals_it_relies_on_are_still_there() -> None:
     assert callable(unreader.Unreader.unread)
     assert callable(unreader.Unreader.take_buffered)
     assert issubclass(BufferingThreadWorker, gthread.ThreadWorker)
+
+
+def test_a_chunked_body_is_parsed_once_however_many_pieces_it_comes_in() -> None:
+    arrival = Arrival(deadline=0.0)
+    arrival.data += request(b"Transfer-Encoding: chunked")
+    assert arrival.progress(LIMIT) == WAIT
+    for n in range(1, 101):
+        arrival.data += b"3\r\nabc\r\n"
+        assert arrival.progress(LIMIT) == WAIT
+        # Where the next size line starts moves on with each piece: nothing read twice.
+        assert (arrival.chunks, arrival.body, arrival.position) == (n, 3 * n, len(arrival.data))
+    arrival.data += b"0\r\n\r\n"
+    assert arrival.progress(LIMIT) == READY
+
+
+def test_a_chunk_split_across_pieces_is_read_from_where_it_stopped() -> None:
+    arrival = Arrival(deadline=0.0)
+    arrival.data += request(b"Transfer-Encoding: chunked") + b"a\r\n01234"
+    assert arrival.progress(LIMIT) == WAIT
+    arrival.data += b"56789\r\n0\r\n\r\n"
+    assert arrival.progress(LIMIT) == READY
+    assert arrival.body == 10
+
+
+def test_more_chunks_than_any_client_sends_are_refused() -> None:
+    data = request(b"Transfer-Encoding: chunked", body=b"1\r\nx\r\n" * (MAX_CHUNKS + 1))
+    assert Arrival(deadline=0.0, data=bytearray(data)).progress(10 * MAX_CHUNKS) == REFUSE
+
+
+def test_a_chunked_body_past_the_limit_goes_to_the_app_once_limit_plus_one_bytes_came() -> None:
+    arrival = Arrival(deadline=0.0)
+    arrival.data += request(b"Transfer-Encoding: chunked") + b"%x\r\n" % (LIMIT * 2)
+    assert arrival.progress(LIMIT) == WAIT  # the app would wait on a read: not yet
+    arrival.data += b"x" * (LIMIT + 1)
+    assert arrival.progress(LIMIT) == READY  # it reads LIMIT + 1 bytes and answers 413

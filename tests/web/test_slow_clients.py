@@ -21,6 +21,8 @@ from workers.queue import DELIVERY_QUEUE
 
 TRICKLERS = 64
 WEBHOOKS = 5
+STALLED = 32
+MAX_BODY = 65_536
 TRICKLE_HEAD = (
     b"POST /webhooks/voucherify HTTP/1.1\r\n"
     b"Host: localhost\r\n"
@@ -46,6 +48,7 @@ def web_port(
         WEB_CONCURRENCY=request.param,  # the default is 2 processes x 8 threads
         WEB_THREADS="8",
         WEB_REQUEST_TIMEOUT_SECONDS="3",
+        MAX_BODY_BYTES=str(MAX_BODY),
     )
     (tmp_path / "metrics").mkdir()
     _, port = processes.web(env)
@@ -77,8 +80,9 @@ class Tricklers:
             sock.close()
 
 
-def post_webhook(port: int, timeout: float) -> int:
-    body = body_of(envelope("redemption.succeeded", card_redemption("gift", "r_slow", 100, 900)))
+def post_webhook(port: int, timeout: float, n: int = 0) -> int:
+    data = card_redemption("gift", f"r_slow_{n}", 100, 900)
+    body = body_of(envelope("redemption.succeeded", data, event_id=f"ev_slow_{n}"))
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request(
@@ -103,11 +107,64 @@ def test_a_webhook_gets_its_202_while_64_clients_trickle_their_requests(
         time.sleep(1.0)  # every trickler is past its head and holding on
         # Each within a second, though 64 connections trickle (more than 2 x 8 threads).
         # Several, on new connections: whichever process accepts one must answer it.
-        for _ in range(WEBHOOKS):
-            assert post_webhook(web_port, timeout=1.0) == 202, processes.logs()
+        for n in range(WEBHOOKS):
+            assert post_webhook(web_port, timeout=1.0, n=n) == 202, processes.logs()
         assert redis_client.llen(DELIVERY_QUEUE) == WEBHOOKS
     finally:
         tricklers.close()
+
+
+CHUNKED_HEAD = (
+    b"POST /webhooks/voucherify HTTP/1.1\r\n"
+    b"Host: localhost\r\n"
+    b"Content-Type: application/json\r\n"
+    b"x-voucherify-signature: " + b"0" * 64 + b"\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def stalled_chunked(port: int) -> socket.socket:
+    """A chunked request of more framing than MAX_BODY_BYTES (7,000 chunks of 5 bytes:
+    70 KB sent, 35 KB of body), then nothing: no last chunk ever comes."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(CHUNKED_HEAD + b"5\r\n{}{}{\r\n" * 7_000)
+    return sock
+
+
+@pytest.mark.e2e
+def test_webhooks_get_their_202_while_32_chunked_clients_stall_past_the_limit_of_framing(
+    web_port: int, redis_client: redis.Redis, processes: Processes
+) -> None:
+    # Counted by raw bytes, such a request looked whole and went to a thread that then
+    # blocked on the socket with no timeout: 16 of them stopped intake for everyone.
+    stalled = [stalled_chunked(web_port) for _ in range(STALLED)]
+    try:
+        time.sleep(0.5)  # all of it sent and read by the servers
+        for n in range(WEBHOOKS):
+            assert post_webhook(web_port, timeout=1.0, n=n) == 202, processes.logs()
+        assert redis_client.llen(DELIVERY_QUEUE) == WEBHOOKS
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+@pytest.mark.e2e
+def test_a_chunked_body_of_too_many_chunks_is_refused_by_the_loop(
+    web_port: int, processes: Processes
+) -> None:
+    sock = socket.create_connection(("127.0.0.1", web_port))
+    sock.settimeout(10)
+    try:
+        with contextlib.suppress(OSError):  # the server may close while we still send
+            sock.sendall(CHUNKED_HEAD + b"1\r\nx\r\n" * 12_000)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(4096):
+                answer += chunk
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 400 "), (answer[:200], processes.logs())
+    assert b"chunked_framing" in answer
 
 
 @pytest.mark.e2e
