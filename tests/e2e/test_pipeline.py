@@ -109,3 +109,30 @@ def test_signed_webhooks_end_as_rows_in_postgresql(
     reason = db.execute("SELECT reason FROM dead_letters").fetchone()
     assert reason is not None
     assert "date" in reason[0]
+
+
+def test_a_thousand_replays_of_one_signed_body_are_one_delivery_and_one_effect(
+    pipeline_port: int, db: psycopg.Connection[Any], redis_client: redis.Redis
+) -> None:
+    body = body_of(
+        envelope(
+            "redemption.succeeded",
+            card_redemption("gift", "r_replayed", amount=700, balance_after=300),
+            event_id="evred_replayed",
+        )
+    )
+    signature = sign(body)
+    answers = [post(pipeline_port, body, signature) for _ in range(1_000)]
+    assert {status for status, _ in answers} == {202}
+    [payload] = {answer["delivery_id"] for _, answer in answers}  # one delivery id, each time
+
+    wait_until(
+        lambda: db.execute("SELECT count(*) FROM deliveries").fetchone() == (1,),
+        timeout=30,
+        what="the one delivery recorded",
+    )
+    assert db.execute("SELECT delivery_id, outcome FROM deliveries").fetchall() == [
+        (payload, "processed")
+    ]
+    assert db.execute("SELECT count(*), sum(amount) FROM ledger_entries").fetchone() == (1, -700)
+    assert redis_client.llen("deliveries") == 0
