@@ -42,6 +42,7 @@ import redis
 from psycopg_pool import ConnectionPool
 
 from bench.common import ROOT, celery_worker_command, embedded_stores, start_stores, stores_env
+from compat.kombu_redis import held_task_ids
 from devtools.servers import EmbeddedPostgres, EmbeddedRedis
 from devtools.webhooks import body_of, card_redemption, envelope
 from workers.jobs.redrive import recorded_in
@@ -136,7 +137,13 @@ def count_losses(
     lost = settle(postgres.url(), broker.url(), pushed)
     client = redis.Redis.from_url(broker.url())
     with ConnectionPool(postgres.url(), min_size=1, max_size=2) as pool:
-        swept = sweep(client, recorded_in(pool), after_seconds=0, deadline=time.monotonic() + 60)
+        swept = sweep(
+            client,
+            recorded_in(pool),
+            after_seconds=0,
+            deadline=time.monotonic() + 60,
+            held=held_task_ids,
+        )
     client.close()
     still_lost = settle(postgres.url(), broker.url(), pushed)
     return lost, swept, still_lost
