@@ -1,17 +1,13 @@
 """Hostile signed bodies through the real processes: each ends as one dead letter with a
 short reason, at its first attempt, and nothing is left in the accepted set to loop.
 
-The lone surrogate goes through the receiver (valid JSON: it answers 202). The receiver
-now refuses deep nesting and NaN up front (400), so those two are queued the way the
-receiver queues what it accepts (``DeliveryPublisher``): what a receiver without those
-checks (an older release during a rolling deploy), a re-drive or a replay would hand the
-worker. The worker must end them all the same.
+Every one goes through the real receiver, signed: a correctly signed body is always
+answered 202 (a 4xx would make Voucherify disable the endpoint), and the worker ends what
+it cannot process as a dead letter with its reason.
 """
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -26,7 +22,6 @@ from workers.queue import (
     ACCEPTED_INDEX,
     ACCEPTED_PUSHES,
     DELIVERY_QUEUE,
-    DeliveryPublisher,
 )
 
 pytestmark = pytest.mark.e2e
@@ -40,7 +35,6 @@ def redemption(event_id: str) -> bytes:
 def test_hostile_signed_bodies_end_as_one_dead_letter_each_and_leave_nothing_to_sweep(
     pipeline_port: int,
     processes: Processes,
-    redis_url: str,
     db: psycopg.Connection[Any],
     redis_client: redis.Redis,
 ) -> None:
@@ -49,21 +43,28 @@ def test_hostile_signed_bodies_end_as_one_dead_letter_each_and_leave_nothing_to_
         b'"metadata":', b'"metadata":' + b"[" * 500 + b"]" * 500 + b',"x":', 1
     )
     nan = redemption("ev_nan_e2e").replace(b'"project_id":', b'"x":NaN,"project_id":', 1)
-    status, payload = post(pipeline_port, surrogate, sign(surrogate))
-    assert status == 202, payload
-    publisher = DeliveryPublisher(redis_url, 1.0)
-    try:
-        for body in (deep, nan):
-            publisher.publish(body.decode(), uuid.uuid4().hex, datetime.now(UTC).isoformat())
-    finally:
-        publisher.close()
+    not_utf8 = redemption("ev_utf8_e2e").replace(b'"project_id":', b'"x":"\xff","project_id":', 1)
+    not_an_object = b'[{"id":"whs_array"}]'
+    # Past the old 256 KiB default, under the 1 MiB one: a large order is applied.
+    large = redemption("ev_large_e2e").replace(
+        b'"metadata":{', b'"metadata":{"pad":"' + b"x" * 300_000 + b'",', 1
+    )
+    assert 256 * 1024 < len(large) < 1024 * 1024
+    for body in (surrogate, deep, nan, not_utf8, not_an_object, large):
+        status, payload = post(pipeline_port, body, sign(body))
+        assert status == 202, payload
 
-    def three_dead_letters() -> bool:
-        row = db.execute("SELECT count(*) FROM dead_letters").fetchone()
-        return row is not None and row[0] == 3
+    def five_dead_letters_and_the_large_one_applied() -> bool:
+        row = db.execute(
+            "SELECT count(*), (SELECT count(*) FROM events WHERE status = 'processed')"
+            " FROM dead_letters"
+        ).fetchone()
+        return row == (5, 1)
 
     wait_until(
-        three_dead_letters, timeout=60, what=lambda: "three dead letters\n" + processes.logs()
+        five_dead_letters_and_the_large_one_applied,
+        timeout=60,
+        what=lambda: "five dead letters\n" + processes.logs(),
     )
     wait_until(
         lambda: redis_client.hlen(ACCEPTED_HASH) == 0, timeout=10, what="accepted copies forgotten"
@@ -81,13 +82,19 @@ def test_hostile_signed_bodies_end_as_one_dead_letter_each_and_leave_nothing_to_
         "not storable: the event id holds a lone surrogate",
         "not storable: JSON nested over 64 levels deep",
         "rejected by the database: SQLSTATE 22P02 (class 22, data exception)",
+        "not storable: body is not UTF-8",
+        "body is not a JSON object",
     }
     surrogate_id = by_reason["not storable: the event id holds a lone surrogate"][0]
     assert surrogate_id.startswith("ev_\ufffd_e2e~")
-    # Dead at the first attempt, each body kept as text (jsonb takes none of them).
+    # Dead at the first attempt, each body kept as text (jsonb takes none of them), but
+    # the one not UTF-8: no PostgreSQL text can hold it.
+    assert by_reason["not storable: body is not UTF-8"][1:] == ("dead", 1, False)
+    del by_reason["not storable: body is not UTF-8"]
     assert {tuple(v[1:]) for v in by_reason.values()} == {("dead", 1, True)}
-    assert db.execute("SELECT outcome, count(*) FROM deliveries GROUP BY 1").fetchall() == [
-        ("dead", 3)
+    assert sorted(db.execute("SELECT outcome, count(*) FROM deliveries GROUP BY 1").fetchall()) == [
+        ("dead", 5),
+        ("processed", 1),
     ]
     # Nothing left for the sweep to push again, nothing queued.
     assert redis_client.zcard(ACCEPTED_INDEX) == 0

@@ -212,6 +212,38 @@ def test_invalid_signature_is_401_and_nothing_is_stored(
     assert_refused(client, redis_client, b'{"a":1}', 401, "invalid_signature", signature)
 
 
+def test_a_flood_of_401s_is_counted_each_and_logged_once_a_minute_per_source(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import receiver.intake as intake
+
+    monkeypatch.setattr(intake, "_last_logged", {})
+    clock = [1000.0]
+    monkeypatch.setattr(intake.time, "monotonic", lambda: clock[0])
+    before = metric_value(client, "receiver_invalid_signatures_total")
+
+    def forged(source: str) -> None:
+        headers = {"Content-Type": "application/json", "x-voucherify-signature": "0" * 64}
+        response = client.post(
+            WEBHOOK, data=b'{"a":1}', headers=headers, environ_base={"REMOTE_ADDR": source}
+        )
+        assert response.status_code == 401
+
+    def logged() -> list[tuple[str, int]]:
+        return [(r.source, r.not_logged) for r in caplog.records if r.msg == "delivery.rejected"]
+
+    with caplog.at_level("INFO", logger="receiver.intake"):
+        for _ in range(500):
+            forged("203.0.113.7")
+        forged("198.51.100.1")  # another source: a line of its own
+        assert logged() == [("203.0.113.7", 0), ("198.51.100.1", 0)]
+        clock[0] += 61
+        forged("203.0.113.7")
+        assert logged()[-1] == ("203.0.113.7", 499)  # with how many were not logged
+
+    assert metric_value(client, "receiver_invalid_signatures_total") == before + 502
+
+
 class WatchedBody(io.RawIOBase):
     """A request body that counts every read the app makes of it."""
 
