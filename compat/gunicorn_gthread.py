@@ -20,9 +20,9 @@ A chunked body is measured by its body bytes, not its framing (262 KB of one-byt
 is 44 KB of body: counted by raw bytes it looked whole, and its thread then blocked on the
 socket), and parsed once, from where the last piece stopped (``Arrival``); more than
 ``MAX_CHUNKS`` chunks is answered 400 by the loop itself. The unfinished requests of one
-process hold at most ``MAX_BUFFERED_BYTES``: the connection that would go past is
-answered 503. A thread reads a handed-over request with a socket timeout (what is left of
-its deadline, at least 1 s), never blocking for ever.
+process hold at most ``MAX_BUFFERED_BODIES`` bodies of the largest size: the connection
+that would go past is answered 503. A thread reads a handed-over request with a socket
+timeout (what is left of its deadline, at least 1 s), never blocking for ever.
 
 Measured against waitress (which buffers whole requests by design) only on paper this
 round: it serves a WSGI app with its own thread pool and no multi-process mode, so the
@@ -54,9 +54,10 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNKS = 10_000
 """Chunks of one body past which the loop refuses it (a real client sends kilobytes each:
 a 1 MiB body in one-byte chunks would be 6 MiB of framing)."""
-MAX_BUFFERED_BYTES = 64 * 1024 * 1024
-"""Bytes of unfinished requests one process buffers at most; the connection that would go
-past it is answered 503 (a flood of large slow bodies cannot take the process's memory)."""
+MAX_BUFFERED_BODIES = 64
+"""Unfinished requests of the largest body one process buffers at most (64 MiB at the
+default 1 MiB ``MAX_BODY_BYTES``); the connection that would go past is answered 503, so a
+flood of large slow bodies cannot take the process's memory."""
 READ_SIZE = 64 * 1024
 TIMEOUT_ANSWER = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -192,18 +193,20 @@ class BufferingThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn is 
     request_timeout = 10.0
     """Seconds a request may take to arrive; set by ``configure`` in the master."""
     max_body = 1_048_576
+    max_buffered = MAX_BUFFERED_BODIES * 1_048_576
 
     @classmethod
     def configure(cls, request_timeout: float, max_body: int) -> None:
         """Called in gunicorn's configuration file, before the worker processes fork."""
         cls.request_timeout = request_timeout
         cls.max_body = max_body
+        cls.max_buffered = MAX_BUFFERED_BODIES * max_body
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.arriving: deque[Any] = deque()
         self.buffered_bytes = 0
-        """Bytes held by the requests in ``arriving`` (bounded by ``MAX_BUFFERED_BYTES``)."""
+        """Bytes held by the requests in ``arriving`` (bounded by ``max_buffered``)."""
 
     def enqueue_req(self, conn: Any) -> None:
         if self.cfg.is_ssl:
@@ -233,7 +236,7 @@ class BufferingThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn is 
         if not data:  # the client went away before its request was whole
             self._drop(conn)
             return
-        if self.buffered_bytes + len(data) > MAX_BUFFERED_BYTES:
+        if self.buffered_bytes + len(data) > self.max_buffered:
             self._answer_and_drop(conn, BUSY_ANSWER)
             return
         conn.arrival.data += data

@@ -184,3 +184,29 @@ def test_a_request_that_takes_too_long_to_arrive_is_answered_408_and_closed(
     assert answer.startswith(b"HTTP/1.1 408 "), (answer, processes.logs())
     # WEB_REQUEST_TIMEOUT_SECONDS=3, checked once a second by the main loop.
     assert time.monotonic() - started < 8
+
+
+@pytest.mark.e2e
+def test_unfinished_bodies_past_64_of_the_largest_in_a_process_are_refused_503(
+    web_port: int, redis_client: redis.Redis, processes: Processes
+) -> None:
+    head = TRICKLE_HEAD.replace(b"Content-Length: 5000", b"Content-Length: %d" % MAX_BODY)
+    holders = []
+    answers = []
+    try:
+        for _ in range(140):  # 140 x 64 KB: past 64 x 64 KiB in every process
+            sock = socket.create_connection(("127.0.0.1", web_port))
+            with contextlib.suppress(OSError):
+                sock.sendall(head + b"x" * (MAX_BODY - 100))
+            holders.append(sock)
+        time.sleep(0.5)
+        for sock in holders:
+            sock.settimeout(0.05)
+            with contextlib.suppress(OSError):
+                answers.append(sock.recv(200))
+        # Some refused at once, so the process's memory stays bounded; intake goes on.
+        assert any(a.startswith(b"HTTP/1.1 503 ") for a in answers), processes.logs()
+        assert post_webhook(web_port, timeout=1.0) == 202
+    finally:
+        for sock in holders:
+            sock.close()
