@@ -145,6 +145,8 @@ class RedemptionEvent:
     voucher: Voucher | None
     customer_id: str | None
     """The customer who redeemed (``data.customer``), not necessarily the card's holder."""
+    data_holder_id: str | None = None
+    """``data.holder.id``: the card's holder as the event names it beside the voucher."""
 
     @property
     def card(self) -> Voucher | None:
@@ -155,11 +157,12 @@ class RedemptionEvent:
 
     @property
     def holder_id(self) -> str | None:
-        """The card's holder, from whichever snapshot of the card names one."""
+        """The card's holder, from whichever snapshot of the card names one, else from
+        ``data.holder`` (a voucher snapshot without ``holder_id``)."""
         for card in (self.voucher, self.redemption.voucher):
             if card is not None and card.holder_id:
                 return card.holder_id
-        return None
+        return self.data_holder_id
 
 
 # --- schemas -------------------------------------------------------------------------
@@ -266,6 +269,7 @@ class RedemptionDataSchema(_Loose):
     order = fields.Nested(OrderSchema, allow_none=True, load_default=None)
     voucher = fields.Nested(VoucherSchema, allow_none=True, load_default=None)
     customer = fields.Nested(_Customer, allow_none=True, load_default=None)
+    holder = fields.Nested(_Customer, allow_none=True, load_default=None)
 
 
 class RollbackDataSchema(RedemptionDataSchema):
@@ -303,4 +307,5 @@ def load_redemption_event(
         customer_id=(customer or {}).get("id")
         or redemption.customer_id
         or (order.customer_id if order else None),
+        data_holder_id=(loaded["holder"] or {}).get("id"),
     )

@@ -171,6 +171,15 @@ def test_a_card_redeemed_by_someone_else_moves_its_holders_ledger(
     assert db.execute("SELECT customer_id FROM card_balances").fetchall() == [("cust_o",)]
 
 
+def test_a_redemption_whose_card_snapshot_names_no_holder_takes_data_holder(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    data = card_redemption("gift", "r_h", 400, 600, customer_id="cust_friend", holder_id=None)
+    data["holder"] = {"id": "cust_h", "object": "customer"}
+    assert deliver(pool, "redemption.succeeded", data) == "processed"
+    assert [(e[1], e[2]) for e in entries(db)] == [("cust_h", "cust_friend")]
+
+
 def test_a_cards_entries_follow_its_holder_as_last_reported(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
