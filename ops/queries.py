@@ -150,7 +150,7 @@ WHERE id = %(id)s AND status = %(open)s
 
 ORDER = """
 SELECT order_id, status, amount, total_amount, customer_id, source_updated_at,
-       created_at, updated_at
+       status_at, last_event_id, last_event_type, created_at, updated_at
 FROM orders
 WHERE order_id = %(order_id)s
 """
@@ -185,7 +185,7 @@ LIMIT 200
 
 ORDERS_OF_CUSTOMER = """
 SELECT order_id, status, amount, total_amount, customer_id, source_updated_at,
-       created_at, updated_at
+       status_at, last_event_id, last_event_type, created_at, updated_at
 FROM orders WHERE customer_id = %(customer_id)s
 ORDER BY source_updated_at DESC NULLS LAST, order_id
 LIMIT 200

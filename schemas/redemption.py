@@ -281,6 +281,13 @@ _ROLLBACK_DATA = RollbackDataSchema()
 _DATETIME = fields.AwareDateTime(allow_none=True)
 
 
+def _event_created_at(created_at: str | None) -> datetime | None:
+    try:
+        return _DATETIME.deserialize(created_at) if created_at else None
+    except ValidationError as exc:
+        raise ValidationError({"event.created_at": exc.messages}) from exc
+
+
 def load_redemption_event(
     event_id: str, event_type: str, created_at: str | None, data: Any, rollback: bool
 ) -> RedemptionEvent:
@@ -289,10 +296,7 @@ def load_redemption_event(
         raise ValidationError({"data": ["Must be an object."]})
     schema = _ROLLBACK_DATA if rollback else _REDEMPTION_DATA
     loaded: dict[str, Any] = schema.load(data)
-    try:
-        created = _DATETIME.deserialize(created_at) if created_at else None
-    except ValidationError as exc:
-        raise ValidationError({"event.created_at": exc.messages}) from exc
+    created = _event_created_at(created_at)
     redemption: Redemption = loaded["redemption"]
     order: Order | None = loaded["order"]
     customer = loaded["customer"]
@@ -308,4 +312,50 @@ def load_redemption_event(
         or redemption.customer_id
         or (order.customer_id if order else None),
         data_holder_id=(loaded["holder"] or {}).get("id"),
+    )
+
+
+# --- order events ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OrderEvent:
+    """``customer.order.created`` / ``paid`` / ``updated`` / ``canceled``: the order as of
+    one change (``EventCustomerOrder`` in Voucherify's spec)."""
+
+    event_id: str
+    type: str
+    created_at: datetime | None
+    order: Order
+    customer_id: str | None
+
+
+class _RequiredOrderSchema(OrderSchema):
+    id = fields.String(required=True, validate=validate.Length(min=1))
+
+
+class OrderDataSchema(_Loose):
+    order = fields.Nested(_RequiredOrderSchema, required=True)
+    customer = fields.Nested(_Customer, allow_none=True, load_default=None)
+
+
+_ORDER_DATA = OrderDataSchema()
+
+
+def load_order_event(
+    event_id: str, event_type: str, created_at: str | None, data: Any
+) -> OrderEvent:
+    """Load ``data`` of an order event; raises ``ValidationError`` when invalid (an order
+    without an id cannot be recorded)."""
+    if not isinstance(data, dict):
+        raise ValidationError({"data": ["Must be an object."]})
+    loaded: dict[str, Any] = _ORDER_DATA.load(data)
+    created = _event_created_at(created_at)
+    order: Order = loaded["order"]
+    return OrderEvent(
+        event_id=event_id,
+        type=event_type,
+        created_at=created,
+        order=order,
+        customer_id=order.customer_id or (loaded["customer"] or {}).get("id"),
     )

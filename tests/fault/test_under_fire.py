@@ -198,7 +198,9 @@ def query(url: str, sql: str, params: dict[str, Any] | None = None) -> list[Any]
 
 
 def pipeline_state(url: str, redis_url: str, accepted_ids: list[str]) -> dict[str, int]:
-    """What is not finished yet; all zeros once the pipeline has settled."""
+    """What is not finished yet; all zeros once the pipeline has settled. A repeat of an
+    event is answered with the delivery id of its first copy: ids count once each."""
+    accepted_ids = sorted(set(accepted_ids))
     try:
         (recorded, unfinished), *_ = query(
             url,

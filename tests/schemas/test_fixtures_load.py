@@ -12,6 +12,7 @@ from devtools.webhooks import REDEMPTION_FAMILY, SEEDS, VOUCHERIFY, fixture
 from schemas.envelope import LEGACY_FORMAT, read_envelope
 from schemas.redemption import load_redemption_event
 from workers.handlers.cards import CARD_MOVEMENT_TYPES
+from workers.handlers.orders import ORDER_EVENT_TYPES
 from workers.processing import read_delivery
 from workers.registry import registry
 
@@ -46,7 +47,7 @@ def test_redemption_family_fixture_loads(event_type: str) -> None:
 def test_every_webhook_fixture_has_a_route_or_is_recognised_as_unhandled(path: Path) -> None:
     event_type = _event_type(path)
     route = registry.route(event_type)
-    if event_type in REDEMPTION_FAMILY or event_type in CARD_MOVEMENT_TYPES:
+    if event_type in (*REDEMPTION_FAMILY, *CARD_MOVEMENT_TYPES, *ORDER_EVENT_TYPES):
         assert route is not None
         route.load("ev_1", event_type, None, json.loads(path.read_text()))
     else:

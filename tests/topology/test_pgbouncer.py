@@ -306,6 +306,7 @@ def test_web_worker_job_and_cli_through_pgbouncer_apply_each_event_once(
             event_id=f"evred_pgb_{n}",
         )
         body = body_of(doc)
+        carried = set()
         for _ in range(2):
             response, raw = http_call(
                 port,
@@ -315,7 +316,10 @@ def test_web_worker_job_and_cli_through_pgbouncer_apply_each_event_once(
                 {"Content-Type": "application/json", "x-voucherify-signature": sign(body)},
             )
             assert response.status == 202, raw
-            accepted.append(json.loads(raw)["delivery_id"])
+            carried.add(json.loads(raw)["delivery_id"])
+        # The repeat is answered with the delivery that carries the first copy.
+        assert len(carried) == 1
+        accepted.extend(carried)
 
     with psycopg.connect(pgbouncer.direct_url, autocommit=True) as db:
 
@@ -329,7 +333,7 @@ def test_web_worker_job_and_cli_through_pgbouncer_apply_each_event_once(
         outcomes = db.execute(
             "SELECT outcome, count(*) FROM deliveries GROUP BY 1 ORDER BY 1"
         ).fetchall()
-        assert outcomes == [("duplicate", REDEMPTIONS), ("processed", REDEMPTIONS)]
+        assert outcomes == [("processed", REDEMPTIONS)]
         debits = db.execute(
             "SELECT redemption_id, amount FROM ledger_entries ORDER BY redemption_id"
         ).fetchall()

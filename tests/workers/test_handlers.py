@@ -281,18 +281,6 @@ def test_a_stack_counts_each_card_once_and_the_stack_itself_not_at_all(
     ]
 
 
-def test_order_status_only_moves_forward(pool: ConnectionPool, db: psycopg.Connection[Any]) -> None:
-    paid = card_redemption("gift", "r_o1", amount=100, balance_after=900)
-    deliver(pool, "redemption.succeeded", paid)
-    fulfilled = card_redemption("gift", "r_o2", amount=100, balance_after=800)
-    fulfilled["order"]["status"] = "FULFILLED"
-    deliver(pool, "redemption.succeeded", fulfilled)
-    created = card_redemption("gift", "r_o3", amount=100, balance_after=700)
-    created["order"]["status"] = "CREATED"
-    deliver(pool, "redemption.succeeded", created)
-    assert one(db, "SELECT status FROM orders") == ("FULFILLED",)
-
-
 # --- any interleaving, any duplication ------------------------------------------------
 
 

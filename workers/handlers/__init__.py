@@ -1,5 +1,5 @@
 """Event handlers; importing this package registers them all in ``workers.registry``."""
 
-from workers.handlers import cards, redemptions
+from workers.handlers import cards, orders, redemptions
 
-__all__ = ["cards", "redemptions"]
+__all__ = ["cards", "orders", "redemptions"]

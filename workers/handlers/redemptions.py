@@ -16,6 +16,7 @@ import psycopg
 from schemas.redemption import Redemption, RedemptionEvent, load_redemption_event
 from schemas.vocabulary import FlagCategory, LedgerEffect, RedemptionStatus
 from workers.handlers import sql
+from workers.handlers.orders import record_order
 from workers.registry import handles
 
 log = logging.getLogger(__name__)
@@ -28,22 +29,16 @@ def _when(*candidates: datetime | None) -> datetime | None:
     return next((c for c in candidates if c is not None), None)
 
 
-def record_order(
+def _record_order(
     event: RedemptionEvent, conn: psycopg.Connection[Any], at: datetime | None
 ) -> None:
-    order = event.order
-    if order is None or not order.id:
-        return  # an order without an id cannot be recorded (the schema allows one)
-    conn.execute(
-        sql.UPSERT_ORDER,
-        {
-            "order_id": order.id,
-            "status": order.status,
-            "amount": order.amount,
-            "total_amount": order.total_amount,
-            "customer_id": order.customer_id or event.customer_id,
-            "at": _when(order.updated_at, at),
-        },
+    record_order(
+        conn,
+        event.order,
+        customer_id=event.customer_id,
+        at=at,
+        event_id=event.event_id,
+        event_type=event.type,
     )
 
 
@@ -168,7 +163,7 @@ def restore(
 @handles("customer.redemption.succeeded", load_redemption)
 def redemption_succeeded(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> None:
     at = _when(event.redemption.date, event.created_at)
-    record_order(event, conn, at)
+    _record_order(event, conn, at)
     record_redemption(event, conn, RedemptionStatus.SUCCEEDED, at)
     debit(event, conn, at)
     conn.execute(
@@ -189,7 +184,7 @@ def rollback_succeeded(event: RedemptionEvent, conn: psycopg.Connection[Any]) ->
     rollback = event.rollback
     assert rollback is not None
     at = _when(rollback.date, event.created_at)
-    record_order(event, conn, at)
+    _record_order(event, conn, at)
     record_redemption(event, conn, RedemptionStatus.ROLLED_BACK, at, rollback=rollback)
     restore(event, conn, reason=rollback.reason or "rollback", at=at)
     record_card_balance(event, conn, at)
@@ -236,5 +231,5 @@ def rollback_failed(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> No
 @handles("redemption.failed", load_redemption)
 def redemption_failed(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> None:
     at = _when(event.redemption.date, event.created_at)
-    record_order(event, conn, at)
+    _record_order(event, conn, at)
     record_redemption(event, conn, RedemptionStatus.FAILED, at)

@@ -9,23 +9,31 @@ EFFECTS = {
 }
 """The ``%(debit)s`` / ``%(restore)s`` of the statements that copy a debit into a restore."""
 
+# An order's row follows its latest change (migrations/0008_order_changes.sql): a change
+# wins when its version, (status_at, status rank), is greater than the row's
+# (order_change_wins), so any arrival order and any number of deliveries end in the same
+# row. A snapshot without a status never moves it; amounts come with the winning change,
+# or fill what the row lacks.
 UPSERT_ORDER = """
-INSERT INTO orders AS o (order_id, status, amount, total_amount, customer_id, source_updated_at)
-VALUES (%(order_id)s, %(status)s, %(amount)s, %(total_amount)s, %(customer_id)s, %(at)s)
+INSERT INTO orders AS o (order_id, status, amount, total_amount, customer_id,
+                         source_updated_at, status_at, last_event_id, last_event_type)
+VALUES (%(order_id)s, %(status)s, %(amount)s, %(total_amount)s, %(customer_id)s, %(at)s,
+        CASE WHEN %(status)s::text IS NOT NULL THEN %(at)s END,
+        CASE WHEN %(status)s::text IS NOT NULL THEN %(event_id)s END,
+        CASE WHEN %(status)s::text IS NOT NULL THEN %(event_type)s END)
 ON CONFLICT (order_id) DO UPDATE SET
-    status = CASE
-        WHEN o.status IS NULL THEN EXCLUDED.status
-        WHEN EXISTS (SELECT 1 FROM order_transitions t
-                     WHERE t.from_status = o.status AND t.to_status = EXCLUDED.status)
-            THEN EXCLUDED.status
-        ELSE o.status END,
-    -- Amounts from the newest snapshot that carries them.
-    amount = CASE WHEN EXCLUDED.amount IS NOT NULL
-                   AND (o.amount IS NULL OR EXCLUDED.source_updated_at >= o.source_updated_at)
-              THEN EXCLUDED.amount ELSE o.amount END,
-    total_amount = CASE WHEN EXCLUDED.total_amount IS NOT NULL
-                   AND (o.total_amount IS NULL OR EXCLUDED.source_updated_at >= o.source_updated_at)
-              THEN EXCLUDED.total_amount ELSE o.total_amount END,
+    (status, status_at, last_event_id, last_event_type, amount, total_amount) = (
+        SELECT CASE WHEN w THEN EXCLUDED.status ELSE o.status END,
+               CASE WHEN w THEN EXCLUDED.status_at ELSE o.status_at END,
+               CASE WHEN w THEN EXCLUDED.last_event_id ELSE o.last_event_id END,
+               CASE WHEN w THEN EXCLUDED.last_event_type ELSE o.last_event_type END,
+               CASE WHEN w OR o.amount IS NULL THEN COALESCE(EXCLUDED.amount, o.amount)
+                    ELSE o.amount END,
+               CASE WHEN w OR o.total_amount IS NULL
+                    THEN COALESCE(EXCLUDED.total_amount, o.total_amount)
+                    ELSE o.total_amount END
+        FROM (SELECT order_change_wins(EXCLUDED.status, EXCLUDED.status_at,
+                                       o.status, o.status_at) AS w) AS change),
     customer_id = COALESCE(o.customer_id, EXCLUDED.customer_id),
     source_updated_at = GREATEST(o.source_updated_at, EXCLUDED.source_updated_at),
     updated_at = now()
