@@ -4,8 +4,9 @@ applies, through the real receiver and worker (issue 11: target 100 %).
     .venv/bin/python -m bench.published_payloads [--per-type 20] [--seed 11] [--timeout 300]
 
 Generates ``--per-type`` payloads of every type we handle (the redemption family,
-``devtools.webhooks.REDEMPTION_FAMILY``, and the card movements,
-``workers.handlers.cards.CARD_MOVEMENT_TYPES``) with ``devtools.payloads.webhook_envelope``,
+``devtools.webhooks.REDEMPTION_FAMILY``, the card movements,
+``workers.handlers.cards.CARD_MOVEMENT_TYPES``, and the order events,
+``workers.handlers.orders.ORDER_EVENT_TYPES``) with ``devtools.payloads.webhook_envelope``,
 as ``tests/workers/test_published_payloads.py`` draws them: hypothesis' own search,
 seeded by ``--seed`` and the type: a seed gives the same payloads again on the same source
 tree (hypothesis mixes the literals of the project's modules into its draws, so an edited
@@ -53,9 +54,10 @@ from devtools.sender import Sender
 from devtools.stream import Delivery
 from devtools.webhooks import REDEMPTION_FAMILY, sign
 from workers.handlers.cards import CARD_MOVEMENT_TYPES
+from workers.handlers.orders import ORDER_EVENT_TYPES
 
 COMMAND = ".venv/bin/python -m bench.published_payloads"
-TYPES = REDEMPTION_FAMILY + CARD_MOVEMENT_TYPES
+TYPES = REDEMPTION_FAMILY + CARD_MOVEMENT_TYPES + ORDER_EVENT_TYPES
 FINAL = ("processed", "ignored", "dead")
 
 

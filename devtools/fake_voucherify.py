@@ -253,11 +253,14 @@ def api_redemption(
             },
         }
     )
+    rolled_back = status == "ROLLED_BACK"
     redemption["order"].update(
         {
             "id": order_id,
             "customer_id": customer_id,
-            "status": "CANCELED" if status == "ROLLED_BACK" else "PAID",
+            "status": "CANCELED" if rolled_back else "PAID",
+            # The order as it is now: changed last by the rollback, else by the redemption.
+            "updated_at": rollback_date if rolled_back else date,
         }
     )
     redemption["customer"]["id"] = customer_id
@@ -294,7 +297,11 @@ def api_rollback(
     if failed:
         rollback.update({"failure_code": "already_rolled_back", "failure_message": "Rolled back"})
     rollback["voucher"].pop("type", None)
-    rollback["order"].update({"id": order_id, "customer_id": customer_id, "status": "CANCELED"})
+    rollback["order"].update(
+        {"id": order_id, "customer_id": customer_id, "status": "CANCELED", "updated_at": date}
+    )
+    if failed:  # a refused rollback changed nothing: the order as the redemption left it
+        rollback["order"].update({"status": "PAID", "updated_at": None})
     rollback["customer"]["id"] = customer_id
     _moved(rollback, kind, -abs(amount))
     return rollback

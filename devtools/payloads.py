@@ -71,6 +71,8 @@ def data_schema(event_type: str) -> Schema:
 
 def carried_fields(event_type: str) -> tuple[str, ...]:
     """The objects of ``data`` every real event of the type carries, each with its ``id``."""
+    if event_type.startswith("customer.order."):
+        return ("order",)
     if event_type not in REDEMPTION_FAMILY:
         return ()
     return ("redemption", "redemption_rollback") if "rollback" in event_type else ("redemption",)

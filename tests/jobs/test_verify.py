@@ -18,12 +18,15 @@ from devtools.fake_voucherify import (
     api_redemption,
     api_rollback,
 )
+from devtools.webhooks import card_rollback
+from tests.conftest import deliver
 from tests.jobs.conftest import rows, scalar
 from tests.jobs.verify_support import (
     REDEEMED,
     ROLLED,
     Clock,
     _fresh_verify_tables,
+    ago,
     api,
     client,
     clock,
@@ -109,7 +112,7 @@ def test_a_rollback_listed_without_its_redemption_fetches_the_redemption(
     assert ledger(db) == [("r_old", "debit", -2000), ("r_old", "restore", 2000)]
 
 
-def test_a_failed_rollback_in_the_listing_moves_nothing(
+def test_a_failed_rollback_in_the_listing_moves_nothing_and_raises_the_webhooks_flag_once(
     pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
 ) -> None:
     redeem(pool, "r_2")
@@ -118,9 +121,73 @@ def test_a_failed_rollback_in_the_listing_moves_nothing(
         api_rollback("gift", "rrf_2", "r_2", 2000, date=ROLLED, result="FAILURE"),
     )
 
-    assert run(pool, api) == VerifyResult(listed=2, pages=1, calls=1)
+    # The redemption.rollback.failed webhook was lost: the listing alone raises its flag.
+    assert run(pool, api) == VerifyResult(
+        listed=2, pages=1, calls=1, applied=1, failed_rollbacks_flagged=1
+    )
     assert ledger(db) == [("r_2", "debit", -2000)]
     assert rows(db, "SELECT status FROM redemptions") == [("SUCCEEDED",)]
+    assert rows(db, "SELECT category, redemption_id, rollback_id, failure_code FROM flags") == [
+        ("already_rolled_back", "r_2", "rrf_2", "already_rolled_back")
+    ]
+    # Listed again (the overlap): the flag is there, nothing is applied a second time.
+    assert run(pool, api).applied == 0
+    assert scalar(db, "SELECT count(*) FROM flags") == 1
+
+
+def test_a_failed_rollback_whose_webhook_came_is_not_applied_again(
+    pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
+) -> None:
+    redeem(pool, "r_2")
+    failed = card_rollback("gift", "r_2", "rrf_2", 2000, 8000, date=ROLLED)
+    failed["redemption_rollback"].update(
+        {"status": "FAILED", "failure_code": "already_rolled_back", "failure_message": "x"}
+    )
+    deliver(pool, "redemption.rollback.failed", failed)
+    fake.add(
+        api_redemption("gift", "r_2", 2000, date=REDEEMED),
+        api_rollback("gift", "rrf_2", "r_2", 2000, date=ROLLED, result="FAILURE"),
+    )
+
+    result = run(pool, api)
+    assert (result.listed, result.applied, result.failed_rollbacks_flagged) == (2, 0, 0)
+    assert scalar(db, "SELECT count(*) FROM flags") == 1
+
+
+def test_a_listing_with_result_and_no_status_agrees_with_a_rollback_we_recorded(
+    pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
+) -> None:
+    # The published listing examples carry result SUCCESS and no status.
+    redeem(pool, "r_4")
+    roll_back(pool, "r_4", "rr_4")
+    listed = api_redemption("gift", "r_4", 2000, "ROLLED_BACK", "rr_4", date=REDEEMED)
+    del listed["status"]
+    rollback = api_rollback("gift", "rr_4", "r_4", 2000, date=ROLLED)
+    del rollback["status"]
+    fake.add(listed, rollback)
+
+    result = run(pool, api)
+
+    assert (result.mismatches, result.applied) == (0, 0)
+    assert scalar(db, "SELECT count(*) FROM flags") == 0
+
+
+def test_an_order_change_the_listing_shows_and_we_missed_is_applied_at_no_call(
+    pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
+) -> None:
+    redeem(pool, "r_5")  # its order PAID, as the redemption's webhook saw it
+    listed = api_redemption("gift", "r_5", 2000, date=REDEEMED)
+    # Fulfilled since: the customer.order.updated webhook was lost.
+    listed["order"].update({"status": "FULFILLED", "updated_at": ago(hours=1)})
+    fake.add(listed)
+
+    result = run(pool, api)
+
+    assert (result.calls, result.applied, result.orders_healed) == (1, 1, 1)
+    assert rows(db, "SELECT status, last_event_type FROM orders") == [
+        ("FULFILLED", "customer.order.updated")
+    ]
+    assert run(pool, api).applied == 0  # listed again: the change is ours now
 
 
 def test_what_agrees_costs_one_page_and_writes_nothing(

@@ -24,7 +24,7 @@ from tests.jobs.verify_support import (
     run,
 )
 from workers.jobs.verify import window
-from workers.jobs.verify.job import Tally, _heal
+from workers.jobs.verify.job import Tally, _apply, _heal
 from workers.jobs.voucherify_api import BudgetExhausted, VoucherifyApi
 
 __all__ = ["_fresh_verify_tables", "api", "clock", "fake"]  # fixtures
@@ -42,6 +42,7 @@ def sweep(
         clock.monotonic() + 60,
         lambda found: _heal(pool, found, tally),
         tally,
+        lambda event: _apply(pool, event),
         page_limit=page_limit,
         max_page=max_page,
     )

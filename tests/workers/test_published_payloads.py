@@ -21,6 +21,7 @@ from psycopg_pool import ConnectionPool
 from devtools.payloads import webhook_envelope
 from devtools.webhooks import REDEMPTION_FAMILY
 from workers.handlers.cards import CARD_MOVEMENT_TYPES
+from workers.handlers.orders import ORDER_EVENT_TYPES
 from workers.processing import process_delivery
 
 EXAMPLES = 40
@@ -40,7 +41,7 @@ def as_sent(document: dict[str, Any], raw_unicode: bool) -> str:
     return json.dumps(document)
 
 
-@pytest.mark.parametrize("event_type", REDEMPTION_FAMILY + CARD_MOVEMENT_TYPES)
+@pytest.mark.parametrize("event_type", REDEMPTION_FAMILY + CARD_MOVEMENT_TYPES + ORDER_EVENT_TYPES)
 def test_every_published_payload_of_a_handled_type_is_applied(
     database_url: str, db: psycopg.Connection[Any], event_type: str
 ) -> None:

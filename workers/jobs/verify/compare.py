@@ -15,7 +15,9 @@ from schemas.vocabulary import RedemptionStatus, VoucherType
 
 SUCCEEDED = "redemption.succeeded"
 ROLLBACK_SUCCEEDED = "redemption.rollback.succeeded"
+ROLLBACK_FAILED = "redemption.rollback.failed"
 FAILED = "redemption.failed"
+ORDER_UPDATED = "customer.order.updated"
 EVENT_STATUS = {
     SUCCEEDED: RedemptionStatus.SUCCEEDED,
     ROLLBACK_SUCCEEDED: RedemptionStatus.ROLLED_BACK,
@@ -175,10 +177,21 @@ def listed_disagreement(
     if ours is None:
         return "our record could not be created from Voucherify's answer (see dead letters)"
     debited_here = ours.status in DEBITED
+    # ``result: SUCCESS`` without a ``status`` (the published listing examples) says the
+    # redemption succeeded, not that it is not rolled back since: only a ``status`` can.
+    explicit = status_of(theirs.get("status")) is not None
     if (status in DEBITED) != debited_here or (
-        status == RedemptionStatus.SUCCEEDED and ours.status == RedemptionStatus.ROLLED_BACK
+        explicit
+        and status == RedemptionStatus.SUCCEEDED
+        and ours.status == RedemptionStatus.ROLLED_BACK
     ):
         return f"our record is {ours.status}, Voucherify's is {status}"
     if status in DEBITED and is_card(theirs) and not ours.has_debit:
         return "the debit is missing from the ledger"
     return None
+
+
+def failed_rollback(obj: dict[str, Any]) -> bool:
+    """A rollback attempt Voucherify refused (``result`` FAILURE / ``status`` FAILED)."""
+    result = str(obj.get("result") or "").upper()
+    return result == "FAILURE" or status_of(obj.get("status")) == RedemptionStatus.FAILED

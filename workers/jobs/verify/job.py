@@ -91,6 +91,10 @@ class VerifyResult(JobResult):
     pages: int = 0
     windows_split: int = 0
     applied: int = 0
+    orders_healed: int = 0
+    """Order changes the listing showed and our rows lacked, applied (of ``applied``)."""
+    failed_rollbacks_flagged: int = 0
+    """Failed rollbacks of the listing with no flag here, flagged (of ``applied``)."""
     flags_resolved: int = 0
     flags_annotated: int = 0
     mismatches: int = 0
@@ -149,13 +153,18 @@ def verify(
     def heal(found: window.Heal) -> None:
         _heal(pool, found, tally)
 
+    def apply(event: window.Synthetic) -> bool:
+        return _apply(pool, event)
+
     calls_before = api.calls
     try:
         # Out of time or budget on the flags: the window waits for the next run.
         if claims.work_through(
             pool, claims.FLAGS, after_seconds, batch_size, deadline, check_flag, failed
         ) and not _budget_spent(api):
-            window.sweep(pool, api, after_seconds, overlap_seconds, deadline, heal, tally, now=now)
+            window.sweep(
+                pool, api, after_seconds, overlap_seconds, deadline, heal, tally, apply, now=now
+            )
     except BudgetExhausted:
         pass
     except VoucherifyApiError as exc:
@@ -217,7 +226,8 @@ def _heal(pool: ConnectionPool, found: window.Heal, tally: Tally) -> Check:
     applied = 0
     for event_type in found.events:
         data, at = translate.event_data(event_type, found.theirs, found.rollback)
-        if _apply(pool, found.redemption_id, event_type, data, at):
+        event_id = translate.event_id(found.redemption_id, event_type)
+        if _apply(pool, window.Synthetic(event_id, event_type, data, at, found.redemption_id)):
             applied += 1
     tally["applied"] += applied
     ours = _ours(pool, found.redemption_id)
@@ -320,25 +330,18 @@ def _ours(pool: ConnectionPool, redemption_id: str) -> Ours | None:
         return cursor.execute(OUR_RECORD, {**LEDGER_EFFECTS, "id": redemption_id}).fetchone()
 
 
-def _apply(
-    pool: ConnectionPool,
-    redemption_id: str,
-    event_type: str,
-    data: dict[str, Any],
-    at: str | None,
-) -> bool:
+def _apply(pool: ConnectionPool, event: window.Synthetic) -> bool:
     """One synthetic event through the inbox and the handlers; True when it was applied."""
-    event_id = translate.event_id(redemption_id, event_type)
-    body = translate.webhook_body(event_id, event_type, data, at or _now())
+    body = translate.webhook_body(event.event_id, event.type, event.data, event.at or _now())
     outcome = processing.process_delivery(
         pool, body, f"verify-{uuid.uuid4()}", datetime.now(UTC).isoformat()
     )
     log.warning(
         "verify.applied",
         extra={
-            "redemption_id": redemption_id,
-            "event_id": event_id,
-            "type": event_type,
+            "subject": event.subject,
+            "event_id": event.event_id,
+            "type": event.type,
             "outcome": outcome.status,
             "reason": outcome.reason,
         },

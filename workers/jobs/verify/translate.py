@@ -15,6 +15,7 @@ from schemas.vocabulary import RedemptionStatus
 from workers.jobs import synthetic
 from workers.jobs.verify.compare import (
     EVENT_STATUS,
+    ROLLBACK_FAILED,
     ROLLBACK_SUCCEEDED,
     amount_of,
     card_type,
@@ -98,6 +99,41 @@ def rollback_data(theirs: dict[str, Any], rollback: dict[str, Any]) -> dict[str,
     }
 
 
+def rollback_failed_data(
+    theirs: dict[str, Any] | None, redemption_id: str, rollback: dict[str, Any]
+) -> dict[str, Any]:
+    """``data`` of ``redemption.rollback.failed``, from a failed rollback of the listing and
+    its redemption when this run listed it (else the rollback's own voucher)."""
+    redemption = (
+        snapshot(theirs)
+        if theirs is not None
+        else {"id": redemption_id, "object": "redemption", "voucher": voucher_of(rollback)}
+    )
+    return {
+        "redemption": redemption,
+        "redemption_rollback": {
+            "id": rollback.get("id"),
+            "object": "redemption_rollback",
+            "status": RedemptionStatus.FAILED,
+            "date": rollback.get("date"),
+            "redemption": redemption_id,
+            "customer_id": rollback.get("customer_id"),
+            "failure_code": rollback.get("failure_code"),
+            "failure_message": rollback.get("failure_message"),
+            "reason": rollback.get("reason"),
+        },
+        "order": None,
+        "customer": customer_of(rollback),
+        "voucher": None,
+    }
+
+
+def order_data(order: dict[str, Any]) -> dict[str, Any]:
+    """``data`` of ``customer.order.updated``: the order as the listing shows it."""
+    customer_id = order.get("customer_id")
+    return {"order": order, "customer": {"id": customer_id} if customer_id else None}
+
+
 def event_data(
     event_type: str, theirs: dict[str, Any], rollback: dict[str, Any] | None
 ) -> tuple[dict[str, Any], str | None]:
@@ -111,6 +147,16 @@ def event_data(
 def event_id(redemption_id: str, event_type: str) -> str:
     """One synthetic event per redemption and status: the inbox records it once."""
     return f"verify:{redemption_id}:{EVENT_STATUS[event_type]}"
+
+
+def rollback_failed_event_id(rollback_id: str) -> str:
+    """One per failed rollback (a redemption may have several)."""
+    return f"verify:{rollback_id}:{ROLLBACK_FAILED}"
+
+
+def order_event_id(order_id: str, status: str, at: str | None) -> str:
+    """One per change of an order: its status at its date."""
+    return f"verify:order:{order_id}:{status}:{at or 'undated'}"
 
 
 def webhook_body(event_id: str, event_type: str, data: dict[str, Any], created_at: str) -> str:

@@ -29,7 +29,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from schemas.vocabulary import LedgerEffect, RedemptionStatus
-from workers.jobs.verify import compare
+from workers.jobs.verify import compare, translate
 from workers.jobs.verify.compare import Ours
 from workers.jobs.voucherify_api import MAX_PAGE, PAGE_LIMIT, VoucherifyApi, VoucherifyApiError
 
@@ -56,6 +56,17 @@ SELECT r.redemption_id, r.status, r.voucher_id,
                WHERE l.redemption_id = r.redemption_id AND l.effect = %(restore)s) AS has_restore
 FROM redemptions r WHERE r.redemption_id = ANY(%(ids)s)
 """
+FLAGGED_ROLLBACKS = "SELECT rollback_id FROM flags WHERE rollback_id = ANY(%(ids)s)"
+# The listed orders whose status differs from ours and whose change is newer than our
+# row's, by the handlers' own rule (order_change_wins, migrations/0008_order_changes.sql).
+ORDERS_BEHIND = """
+SELECT l.order_id
+FROM unnest(%(ids)s::text[], %(statuses)s::text[], %(ats)s::timestamptz[])
+     AS l(order_id, status, at)
+LEFT JOIN orders o ON o.order_id = l.order_id
+WHERE o.status IS DISTINCT FROM l.status
+  AND order_change_wins(l.status, l.at, o.status, o.status_at)
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +80,19 @@ class Heal:
     events: list[str]
     problem: Callable[[Ours | None], str | None]
     """Given our record after healing: what still disagrees (None: nothing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Synthetic:
+    """One event our records miss that is not a redemption's status: a failed rollback's
+    flag, an order's change. Applied through the inbox like a delivery."""
+
+    event_id: str
+    type: str
+    data: dict[str, Any]
+    at: str | None
+    subject: str
+    """The redemption or order it is about (for the log)."""
 
 
 def read_window(
@@ -110,6 +134,7 @@ def sweep(
     deadline: float,
     heal: Callable[[Heal], None],
     tally: dict[str, int],
+    apply: Callable[[Synthetic], bool],
     page_limit: int = PAGE_LIMIT,
     max_page: int = MAX_PAGE,
     now: datetime | None = None,
@@ -134,7 +159,7 @@ def sweep(
             tally["pages"] += 1
             fresh = [i for i in items if isinstance(i.get("id"), str) and i["id"] not in seen]
             seen.update(i["id"] for i in fresh)
-            compare_page(pool, api, fresh, listed, deadline, heal, tally)
+            compare_page(pool, api, fresh, listed, deadline, heal, tally, apply)
             if len(items) < page_limit:
                 advance(pool, end)
                 return True
@@ -159,22 +184,90 @@ def compare_page(
     deadline: float,
     heal: Callable[[Heal], None],
     tally: dict[str, int],
+    apply: Callable[[Synthetic], bool],
 ) -> None:
-    """Compare one page with our rows (one query) and heal each item that disagrees."""
+    """Compare one page with our rows (one query, two more when the page has failed
+    rollbacks or orders) and heal each item that disagrees."""
     ids = [
         str(item.get("redemption")) if compare.is_rollback(item) else str(item["id"])
         for item in items
     ]
     ours = our_records(pool, ids)
+    failed = {
+        str(item["id"])
+        for item in items
+        if compare.is_rollback(item) and compare.failed_rollback(item) and item.get("redemption")
+    }
+    unflagged = failed - _flagged(pool, sorted(failed))
     for item, redemption_id in zip(items, ids, strict=True):
         tally["listed"] += 1
         if compare.is_rollback(item):
+            if str(item["id"]) in unflagged:
+                _flag_failed_rollback(item, redemption_id, listed, apply, tally)
+                continue
             _compare_rollback(
                 api, item, redemption_id, ours.get(redemption_id), listed, deadline, heal
             )
         else:
             listed[redemption_id] = item
             _compare_redemption(item, redemption_id, ours.get(redemption_id), heal)
+    _compare_orders(pool, items, apply, tally)
+
+
+def _flagged(pool: ConnectionPool, rollback_ids: list[str]) -> set[str]:
+    if not rollback_ids:
+        return set()
+    with pool.connection() as conn:
+        rows = conn.execute(FLAGGED_ROLLBACKS, {"ids": rollback_ids}).fetchall()
+    return {row[0] for row in rows}
+
+
+def _flag_failed_rollback(
+    rollback: dict[str, Any],
+    redemption_id: str,
+    listed: dict[str, dict[str, Any]],
+    apply: Callable[[Synthetic], bool],
+    tally: dict[str, int],
+) -> None:
+    """A failed rollback our records have no flag of (its webhook was lost): the webhook's
+    effect, the flag, from the listing alone."""
+    data = translate.rollback_failed_data(listed.get(redemption_id), redemption_id, rollback)
+    event_id = translate.rollback_failed_event_id(str(rollback["id"]))
+    if apply(Synthetic(event_id, compare.ROLLBACK_FAILED, data, _text(rollback), redemption_id)):
+        tally["applied"] += 1
+        tally["failed_rollbacks_flagged"] += 1
+
+
+def _compare_orders(
+    pool: ConnectionPool,
+    items: list[dict[str, Any]],
+    apply: Callable[[Synthetic], bool],
+    tally: dict[str, int],
+) -> None:
+    """The orders the page shows, against our rows: a change ours lacks (a lost order
+    event) is applied as the order event it would have been. No call of its own."""
+    orders: dict[str, dict[str, Any]] = {}
+    for item in items:
+        order = item.get("order")
+        if isinstance(order, dict) and isinstance(order.get("id"), str) and order.get("status"):
+            orders[order["id"]] = order
+    if not orders:
+        return
+    dated = {oid: _text(o, "updated_at", "created_at") for oid, o in orders.items()}
+    params = {
+        "ids": list(orders),
+        "statuses": [str(o["status"]) for o in orders.values()],
+        "ats": [_parsed(dated[oid]) for oid in orders],
+    }
+    with pool.connection() as conn:
+        behind = [row[0] for row in conn.execute(ORDERS_BEHIND, params).fetchall()]
+    for order_id in behind:
+        order, at = orders[order_id], dated[order_id]
+        event_id = translate.order_event_id(order_id, str(order["status"]), at)
+        data = translate.order_data(order)
+        if apply(Synthetic(event_id, compare.ORDER_UPDATED, data, at, order_id)):
+            tally["applied"] += 1
+            tally["orders_healed"] += 1
 
 
 def _compare_redemption(
@@ -207,7 +300,7 @@ def _compare_rollback(
 ) -> None:
     """A successful rollback: our record must be ROLLED_BACK, with the restore for a card."""
     if not compare.succeeded(rollback) or not rollback.get("redemption"):
-        return  # a failed rollback moved nothing
+        return  # a failed rollback moved nothing (its flag is _flag_failed_rollback's)
     rolled_back = RedemptionStatus.ROLLED_BACK
     card = compare.is_card(rollback)
     if ours is not None and ours.status == rolled_back and (ours.has_restore or not card):
@@ -231,9 +324,21 @@ def _compare_rollback(
     )
 
 
+def _text(item: dict[str, Any], *keys: str) -> str | None:
+    """The first of ``keys`` (default: ``date``, ``created_at``) that holds a string."""
+    for key in keys or ("date", "created_at"):
+        value = item.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def _date(item: dict[str, Any]) -> datetime | None:
-    value = item.get("date") or item.get("created_at")
-    if not isinstance(value, str):
+    return _parsed(_text(item))
+
+
+def _parsed(value: str | None) -> datetime | None:
+    if value is None:
         return None
     try:
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
