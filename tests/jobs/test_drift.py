@@ -165,6 +165,42 @@ def test_a_gap_a_person_accepted_is_measured_from_then_on(
     )
 
 
+def test_the_accepted_gap_closed_by_the_late_movement_raises_no_new_flag(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    redeem(pool, "loyalty", "r_l1", 100, 900, "2024-02-01T08:00:00Z")
+    # Missed for now: 50 points spent at 08:30 (balance 850).
+    redeem(pool, "loyalty", "r_l3", 50, 800, "2024-02-01T09:00:00Z")
+    assert run(pool).flags_raised == 1
+    db.execute("UPDATE flags SET status = 'resolved', resolved_at = now(), note = 'accepted'")
+    assert run(pool).rebased == 1
+    # The missing movement arrives after all: the books now agree with Voucherify.
+    redeem(pool, "loyalty", "r_l2", 50, 850, "2024-02-01T08:30:00Z")
+
+    assert run(pool) == DriftResult(cards=1)
+    assert drift_flags(db) == [(LOYALTY, "resolved")]
+    assert scalar(db, "SELECT accepted_drift FROM card_balances") == 0
+
+
+@pytest.mark.parametrize("arrival", ["in order", "reversed"])
+def test_two_movements_at_one_instant_are_no_gap_whichever_was_stored_first(
+    pool: ConnectionPool, db: psycopg.Connection[Any], arrival: str
+) -> None:
+    at = "2024-02-01T08:00:00Z"
+    movements = [
+        ("vtx_a", "CREDITS_ADDITION", 500, 1500),  # 1000 before
+        ("vtx_b", "CREDITS_REMOVAL", -200, 1300),
+    ]
+    for tx, ttype, amount, after in movements if arrival == "in order" else movements[::-1]:
+        move(pool, "gift", tx, ttype, amount, after, at)
+    move(pool, "gift", "vtx_c", "CREDITS_ADDITION", 100, 1400, "2024-02-01T09:00:00Z")
+    move(pool, "gift", "vtx_d", "CREDITS_REMOVAL", -400, 1000, "2024-02-01T10:00:00Z")
+    move(pool, "gift", "vtx_e", "CREDITS_ADDITION", 50, 1050, "2024-02-01T10:00:00Z")
+
+    assert run(pool) == DriftResult(cards=1)
+    assert drift_flags(db) == []
+
+
 def test_a_balance_event_and_its_transaction_are_one_movement(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:

@@ -15,9 +15,9 @@ for a card, with its movements in their own order:
 When every movement between ``first`` and ``last`` is in the ledger, the sum telescopes:
 ``implied`` is ``last.balance_after`` exactly, whatever the order the webhooks came in and
 however often (duplicates are one entry). Order only matters for choosing ``first`` and
-``last``, and the movements of one card are seconds apart while a redemption webhook and
-its transaction differ by milliseconds. A movement missing from the ledger leaves its
-amount as the drift, to the unit: the gap.
+``last``; movements at one instant are ordered by their balances (the chain's first is the
+one no other movement of that instant leads to, its last the one that leads to none). A
+movement missing from the ledger leaves its amount as the drift, to the unit: the gap.
 
 A webhook still on its way looks like a missing one. So the job checks a card only once it
 has been quiet -- no event of it reached us for ``quiet_seconds`` (``card_balances.
@@ -30,7 +30,8 @@ Each drifting card gets one open ``drift`` flag (a unique index keeps it to one)
 the card and the gap, its message updated with the latest figures; when the gap closes
 (the missing webhook arrives: re-driven, replayed, healed) the job resolves the flag
 itself with a note. When a person resolves a drift flag, the gap is accepted: the card's
-``accepted_drift`` takes the gap of that moment and later runs measure from there. The
+``accepted_drift`` takes the gap of that moment and later runs measure from there; when
+the missing movement arrives after all (the gap is 0 again), nothing is accepted any more. The
 gauge ``reconciliation_drifting_cards`` gives the number of drifting cards per kind.
 """
 
@@ -65,7 +66,7 @@ AUTO_NOTE = "drift gone"
 FAILURE_CODE = "balance_drift"
 
 # Each card of the batch with its first and last reporting movement, the movements in
-# between (inclusive), and whether a person resolved its drift flag since the gap was
+# between (inclusive: every movement at the first and the last instant), and whether a person resolved its drift flag since the gap was
 # last accepted. Cards with no movement yet come too (with NULLs), so a short batch means
 # the end of the table.
 CARD_DRIFTS = """
@@ -75,8 +76,7 @@ SELECT c.voucher_id, c.voucher_code, c.kind, c.customer_id, c.accepted_drift,
        l.moved_at AS last_at, l.balance_after AS last_balance,
        (SELECT COALESCE(sum(e.amount), 0) FROM ledger_entries e
         WHERE e.voucher_id = c.voucher_id
-          AND (e.moved_at, e.id) >= (f.moved_at, f.id)
-          AND (e.moved_at, e.id) <= (l.moved_at, l.id))::bigint AS moved,
+          AND e.moved_at >= f.moved_at AND e.moved_at <= l.moved_at)::bigint AS moved,
        EXISTS (SELECT 1 FROM flags g
                WHERE g.category = %(drift)s AND g.voucher_id = c.voucher_id
                  AND g.status = %(resolved)s AND g.resolved_at > c.accepted_at
@@ -85,11 +85,21 @@ FROM card_balances c
 LEFT JOIN LATERAL (
     SELECT e.id, e.moved_at, e.amount, e.balance_after FROM ledger_entries e
     WHERE e.voucher_id = c.voucher_id AND e.balance_after IS NOT NULL
-    ORDER BY e.moved_at, e.id LIMIT 1) f ON true
+    ORDER BY e.moved_at,
+             EXISTS (SELECT 1 FROM ledger_entries p
+                     WHERE p.voucher_id = e.voucher_id AND p.moved_at = e.moved_at
+                       AND p.id <> e.id AND p.balance_after = e.balance_after - e.amount),
+             e.id
+    LIMIT 1) f ON true
 LEFT JOIN LATERAL (
     SELECT e.id, e.moved_at, e.balance_after FROM ledger_entries e
     WHERE e.voucher_id = c.voucher_id AND e.balance_after IS NOT NULL
-    ORDER BY e.moved_at DESC, e.id DESC LIMIT 1) l ON true
+    ORDER BY e.moved_at DESC,
+             EXISTS (SELECT 1 FROM ledger_entries n
+                     WHERE n.voucher_id = e.voucher_id AND n.moved_at = e.moved_at
+                       AND n.id <> e.id AND n.balance_after - n.amount = e.balance_after),
+             e.id DESC
+    LIMIT 1) l ON true
 WHERE c.voucher_id > %(after)s
   AND (%(only)s::text[] IS NULL OR c.voucher_id = ANY(%(only)s::text[]))
 ORDER BY c.voucher_id
@@ -172,7 +182,9 @@ class CardDrift:
 
     @property
     def drift(self) -> int:
-        return self.gap - self.accepted_drift
+        """The gap less what a person accepted; none once the ledger explains Voucherify's
+        balance exactly (an accepted gap that the late movement closed is no drift)."""
+        return 0 if self.gap == 0 else self.gap - self.accepted_drift
 
 
 @dataclass
@@ -283,6 +295,13 @@ def _check_card(
         conn.execute(ACCEPT_GAP, {"voucher_id": card.voucher_id, "gap": card.gap})
         tally.rebased += 1
         return False
+    if card.gap == 0 and card.accepted_drift:
+        # The movement whose absence a person accepted has arrived: nothing is accepted now.
+        conn.execute(ACCEPT_GAP, {"voucher_id": card.voucher_id, "gap": 0})
+        log.info(
+            "drift.accepted_gap_closed",
+            extra={"voucher_id": card.voucher_id, "accepted_drift": card.accepted_drift},
+        )
     if heal and card.drift != 0:
         return True
     assert card.first_at is not None
