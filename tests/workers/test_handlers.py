@@ -12,10 +12,13 @@ from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
 from devtools.webhooks import (
+    CARD_IDS,
     SEEDS,
     card_redemption,
     card_rollback,
     card_rollback_failed,
+    card_transaction,
+    card_transaction_event,
     fixture,
 )
 from tests.conftest import deliver
@@ -157,6 +160,52 @@ def test_a_rollback_failed_with_another_code_needs_review(
     data = card_rollback_failed("r_old", "rrf_old", code="redemption_too_old")
     deliver(pool, "redemption.rollback.failed", data)
     assert one(db, "SELECT category, failure_code FROM flags") == ("review", "redemption_too_old")
+
+
+@pytest.mark.parametrize("refund_first", [True, False], ids=["refund first", "refund after"])
+def test_a_refund_transaction_that_restored_the_card_is_no_lost_rollback(
+    pool: ConnectionPool, db: psycopg.Connection[Any], refund_first: bool
+) -> None:
+    # The rollback's webhook is lost, but the card's refund transaction says it happened.
+    deliver(pool, "redemption.succeeded", card_redemption("gift", "r_rf", 400, 600))
+    refund = card_transaction(
+        "gift",
+        "vtx_rf",
+        "CREDITS_REFUND",
+        400,
+        1000,
+        "2024-02-01T10:23:52Z",
+        redemption_id="r_rf",
+        rollback_id="rr_rf",
+    )
+    failed = card_rollback_failed("r_rf", "rrf_rf", voucher_id=CARD_IDS["gift"])
+    steps = [
+        lambda: deliver(pool, *card_transaction_event("gift", refund)),
+        lambda: deliver(pool, "redemption.rollback.failed", failed),
+    ]
+    for step in steps if refund_first else steps[::-1]:
+        assert step() == "processed"
+    assert one(db, "SELECT category, status FROM flags") == ("already_rolled_back", "open")
+    entries = [(r, effect, amount) for r, _, effect, amount, _, _ in ledger(db)]
+    assert entries == [("r_rf", "debit", -400), ("r_rf", "restore", 400)]
+
+
+@pytest.mark.parametrize("success_first", [True, False], ids=["success first", "failure first"])
+def test_a_review_flag_is_resolved_by_a_successful_rollback_in_either_order(
+    pool: ConnectionPool, db: psycopg.Connection[Any], success_first: bool
+) -> None:
+    deliver(pool, "redemption.succeeded", card_redemption("gift", "r_rv", 400, 600))
+    failed = card_rollback_failed("r_rv", "rrf_rv", code="internal_error")
+    rolled = card_rollback("gift", "r_rv", "rr_rv", 400, 1000)
+    steps = [
+        lambda: deliver(pool, "redemption.rollback.succeeded", rolled),
+        lambda: deliver(pool, "redemption.rollback.failed", failed),
+    ]
+    for step in steps if success_first else steps[::-1]:
+        assert step() == "processed"
+    category, status, note = one(db, "SELECT category, status, note FROM flags")
+    assert (category, status) == ("review", "resolved")
+    assert "rr_rv" in note
 
 
 SEED_WEBHOOKS = sorted(p for p in SEEDS.glob("0*.json") if ".api." not in p.name)

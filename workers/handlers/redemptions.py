@@ -199,12 +199,22 @@ def rollback_failed(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> No
     # failure is for a person to review.
     already = code == FlagCategory.ALREADY_ROLLED_BACK
     category = FlagCategory.ALREADY_ROLLED_BACK if already else FlagCategory.REVIEW
+    status, rollback_id, restored = conn.execute(
+        sql.OUR_ROLLBACK, {**sql.EFFECTS, "redemption_id": event.redemption.id}
+    ).fetchone() or (None, None, False)
+    rolled_back = status == RedemptionStatus.ROLLED_BACK
     if already and event.redemption.status == RedemptionStatus.ROLLED_BACK:
-        # Voucherify shows it rolled back; if our record does not, the successful
-        # rollback's webhook was lost and the restore is missing: a flag of its own.
-        ours = conn.execute(sql.OUR_STATUS, {"redemption_id": event.redemption.id}).fetchone()
-        if ours is None or ours[0] != RedemptionStatus.ROLLED_BACK:
+        # Voucherify shows it rolled back; if our books do not (no ROLLED_BACK record, no
+        # restore from a refund transaction either), the successful rollback's webhook
+        # was lost and the restore is missing: a flag of its own.
+        if not rolled_back and not restored:
             category = FlagCategory.LOST_ROLLBACK
+    resolved_note = None
+    if category == FlagCategory.REVIEW and rolled_back:
+        resolved_note = (
+            f"a rollback of the redemption succeeded (rollback {rollback_id or 'unknown'}): "
+            "nothing is left to roll back"
+        )
     conn.execute(
         sql.INSERT_ROLLBACK_FLAG,
         {
@@ -215,6 +225,7 @@ def rollback_failed(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> No
             "failure_code": code,
             "failure_message": rollback.failure_message,
             "event_id": event.event_id,
+            "resolved_note": resolved_note,
         },
     )
     # Nothing is restored and no status moves: the failed attempt changed nothing.

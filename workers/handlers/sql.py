@@ -193,11 +193,15 @@ WHERE c.voucher_id = %(voucher_id)s AND l.voucher_id = c.voucher_id
   AND c.customer_id IS NOT NULL AND l.customer_id IS DISTINCT FROM c.customer_id
 """
 
+# A failed rollback's flag; born resolved (``resolved_note``) when our record shows a
+# rollback that succeeded already (migrations/0009_flag_endings.sql does it the other way).
 INSERT_ROLLBACK_FLAG = """
 INSERT INTO flags (category, redemption_id, rollback_id, voucher_id, failure_code,
-                   failure_message, event_id)
+                   failure_message, event_id, status, note, resolved_at)
 VALUES (%(category)s, %(redemption_id)s, %(rollback_id)s, %(voucher_id)s, %(failure_code)s,
-        %(failure_message)s, %(event_id)s)
+        %(failure_message)s, %(event_id)s,
+        CASE WHEN %(resolved_note)s::text IS NULL THEN 'open' ELSE 'resolved' END,
+        %(resolved_note)s, CASE WHEN %(resolved_note)s::text IS NOT NULL THEN now() END)
 ON CONFLICT (rollback_id) WHERE rollback_id IS NOT NULL DO NOTHING
 """
 
@@ -206,4 +210,12 @@ UPDATE redemptions SET last_event_at = GREATEST(last_event_at, %(at)s), updated_
 WHERE redemption_id = %(redemption_id)s
 """
 
-OUR_STATUS = "SELECT status FROM redemptions WHERE redemption_id = %(redemption_id)s"
+# Our record of a redemption, for a failed rollback: its status, its last rollback, and
+# whether the card's restore is in the ledger (from the rollback or a refund transaction).
+OUR_ROLLBACK = """
+SELECT r.status, r.rollback_id,
+       EXISTS (SELECT 1 FROM ledger_entries l
+               WHERE l.redemption_id = %(redemption_id)s AND l.effect = %(restore)s) AS restored
+FROM (SELECT %(redemption_id)s::text AS redemption_id) k
+LEFT JOIN redemptions r ON r.redemption_id = k.redemption_id
+"""
