@@ -203,12 +203,12 @@ def rollback_failed(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> No
         sql.OUR_ROLLBACK, {**sql.EFFECTS, "redemption_id": event.redemption.id}
     ).fetchone() or (None, None, False)
     rolled_back = status == RedemptionStatus.ROLLED_BACK
-    if already and event.redemption.status == RedemptionStatus.ROLLED_BACK:
-        # Voucherify shows it rolled back; if our books do not (no ROLLED_BACK record, no
-        # restore from a refund transaction either), the successful rollback's webhook
-        # was lost and the restore is missing: a flag of its own.
-        if not rolled_back and not restored:
-            category = FlagCategory.LOST_ROLLBACK
+    # Voucherify shows it rolled back; if our books do not (no ROLLED_BACK record, no
+    # restore from a refund transaction either), the successful rollback's webhook was
+    # lost and the restore is missing: a flag of its own.
+    shown_rolled_back = event.redemption.status == RedemptionStatus.ROLLED_BACK
+    if already and shown_rolled_back and not rolled_back and not restored:
+        category = FlagCategory.LOST_ROLLBACK
     resolved_note = None
     if category == FlagCategory.REVIEW and rolled_back:
         resolved_note = (
