@@ -67,8 +67,8 @@ FAILURE_CODE = "balance_drift"
 
 # Each card of the batch with its first and last reporting movement, the movements in
 # between (inclusive: every movement at the first and the last instant), and whether a
-# person resolved its drift flag since the gap was last accepted. Cards with no movement yet come too (with NULLs), so a short batch means
-# the end of the table.
+# person resolved its drift flag since the gap was last accepted. Cards with no movement
+# yet come too (with NULLs), so a short batch means the end of the table.
 CARD_DRIFTS = """
 SELECT c.voucher_id, c.voucher_code, c.kind, c.customer_id, c.accepted_drift,
        c.heard_at <= now() - make_interval(secs => %(quiet)s) AS quiet,
