@@ -163,6 +163,16 @@ FROM redemptions
 WHERE redemption_id = %(redemption_id)s
 """
 
+# A stack's children (each naming the parent): their statuses and cards.
+CHILDREN_OF_REDEMPTION = """
+SELECT redemption_id, status, voucher_id, voucher_code, voucher_type, amount, rollback_id,
+       rollback_at
+FROM redemptions
+WHERE parent_redemption_id = %(redemption_id)s
+ORDER BY redemption_id
+LIMIT 200
+"""
+
 REDEMPTIONS_OF_ORDER = """
 SELECT redemption_id, status, parent_redemption_id, order_id, customer_id, voucher_id,
        voucher_code, voucher_type, amount, redeemed_at, failure_code, failure_message,

@@ -228,7 +228,8 @@ def order(conn: Conn, order_id: str) -> Row | None:
 
 
 def redemption(conn: Conn, redemption_id: str) -> Row | None:
-    """The redemption with all that happened to it: events, ledger entries, flags."""
+    """The redemption with all that happened to it: events, ledger entries, flags, and,
+    for a stack's parent, its children."""
     key = {"redemption_id": redemption_id}
     row = _one(conn, q.REDEMPTION, key)
     events_of = _all(conn, q.EVENTS_OF_REDEMPTION, key)
@@ -241,6 +242,7 @@ def redemption(conn: Conn, redemption_id: str) -> Row | None:
     row["events"] = events_of
     row["ledger_entries"] = _all(conn, q.LEDGER_OF_REDEMPTION, key)
     row["flags"] = flags_of
+    row["children"] = _all(conn, q.CHILDREN_OF_REDEMPTION, key)  # a stack's parent's
     return row
 
 

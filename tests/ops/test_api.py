@@ -24,6 +24,8 @@ from devtools.webhooks import (
 )
 from tests.ops.conftest import AUTH, TOKEN, State
 from tests.ops.conftest import deliver as ops_deliver
+from tests.workers.test_stacks import STACK
+from tests.workers.test_stacks import apply as apply_steps
 from web.app import create_app
 from workers.queue import DELIVERY_QUEUE
 
@@ -498,3 +500,18 @@ def test_a_customers_ledger_lists_the_movements_of_the_cards_they_hold(
         [],
         {"gift_credit": 0, "loyalty_points": 0},
     )
+
+
+def test_a_stacks_parent_shows_its_children_and_their_statuses(
+    client: FlaskClient, pool: ConnectionPool
+) -> None:
+    apply_steps(pool, STACK)
+    status, parent = get(client, "/ops/api/redemptions/r_stack")
+    assert status == 200
+    assert parent["status"] == "ROLLED_BACK"
+    assert [(c["redemption_id"], c["status"], c["amount"]) for c in parent["children"]] == [
+        ("r_stack_gift", "ROLLED_BACK", 1000),
+        ("r_stack_loyalty", "ROLLED_BACK", 30),
+    ]
+    status, child = get(client, "/ops/api/redemptions/r_stack_gift")
+    assert (child["parent_redemption_id"], child["children"]) == ("r_stack", [])

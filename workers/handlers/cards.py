@@ -79,10 +79,15 @@ def record_movement(event: CardMovementEvent, conn: psycopg.Connection[Any]) -> 
         # the redemption's entry: the redemption or rollback webhook, or the transaction
         # event that names it, makes that entry.
         return
+    # A transaction naming a stack's parent moved the card of one of its children.
+    child = conn.execute(
+        sql.CHILD_ON_CARD,
+        {"redemption_id": event.redemption_id, "voucher_id": event.voucher_id},
+    ).fetchone()
     conn.execute(sql.DELETE_MOVEMENT_OF_TRANSACTION, row)
     conn.execute(
         sql.UPSERT_REDEMPTION_MOVEMENT,
-        {**row, "redemption_id": event.redemption_id, "effect": effect},
+        {**row, "redemption_id": child[0] if child else event.redemption_id, "effect": effect},
     )
 
 

@@ -128,7 +128,7 @@ def _ledger_row(
 def debit(event: RedemptionEvent, conn: psycopg.Connection[Any], at: datetime | None) -> None:
     card, spent = event.card, event.redemption.amount
     if card is None or card.ledger_kind is None or not spent:
-        return  # discount coupons, promotion tiers, stacks: no ledger effect
+        return  # discount coupons, promotion tiers, a stack's parent: no ledger effect
     entry = _ledger_row(event, -abs(spent), LedgerEffect.DEBIT, "redemption", at)
     conn.execute(sql.INSERT_LEDGER_ENTRY, entry)
 
@@ -159,12 +159,40 @@ def restore(
         )
 
 
+def roll_back_children(conn: psycopg.Connection[Any], parent_id: str | None, event_id: str) -> None:
+    """A stack's rolled-back parent rolls back every child we know (``sql.ROLL_BACK_CHILDREN``)."""
+    if not parent_id:
+        return
+    conn.execute(
+        sql.ROLL_BACK_CHILDREN,
+        {
+            **sql.EFFECTS,
+            "parent_id": parent_id,
+            "event_id": event_id,
+            "rolled_back": RedemptionStatus.ROLLED_BACK,
+            "succeeded": RedemptionStatus.SUCCEEDED,
+        },
+    )
+
+
+def take_parent_entries(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> None:
+    """A child's card entries that a transaction naming its parent made first are the child's."""
+    card, parent_id = event.card, event.redemption.parent_id
+    if not parent_id or card is None or card.id is None:
+        return
+    conn.execute(
+        sql.REKEY_PARENT_ENTRIES,
+        {"redemption_id": event.redemption.id, "parent_id": parent_id, "voucher_id": card.id},
+    )
+
+
 @handles("redemption.succeeded", load_redemption)
 @handles("customer.redemption.succeeded", load_redemption)
 def redemption_succeeded(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> None:
     at = _when(event.redemption.date, event.created_at)
     _record_order(event, conn, at)
     record_redemption(event, conn, RedemptionStatus.SUCCEEDED, at)
+    take_parent_entries(event, conn)
     debit(event, conn, at)
     conn.execute(
         sql.RESTORE_IF_ROLLED_BACK,
@@ -176,6 +204,7 @@ def redemption_succeeded(event: RedemptionEvent, conn: psycopg.Connection[Any]) 
         },
     )
     record_card_balance(event, conn, at)
+    roll_back_children(conn, event.redemption.parent_id, event.event_id)  # a late child
 
 
 @handles("redemption.rollback.succeeded", load_rollback)
@@ -186,8 +215,10 @@ def rollback_succeeded(event: RedemptionEvent, conn: psycopg.Connection[Any]) ->
     at = _when(rollback.date, event.created_at)
     _record_order(event, conn, at)
     record_redemption(event, conn, RedemptionStatus.ROLLED_BACK, at, rollback=rollback)
+    take_parent_entries(event, conn)
     restore(event, conn, reason=rollback.reason or "rollback", at=at)
     record_card_balance(event, conn, at)
+    roll_back_children(conn, event.redemption.id, event.event_id)  # a stack's parent
 
 
 @handles("redemption.rollback.failed", load_rollback)

@@ -219,3 +219,53 @@ SELECT r.status, r.rollback_id,
 FROM (SELECT %(redemption_id)s::text AS redemption_id) k
 LEFT JOIN redemptions r ON r.redemption_id = k.redemption_id
 """
+
+# --- stacks (migrations/0010_stacks.sql) ---------------------------------------------
+
+# A rolled-back parent rolls back every child we know: each child becomes ROLLED_BACK (its
+# own rollback id stays for its own rollback webhook to fill) and its card's restore
+# mirrors its debit, under the same key as the child's own rollback webhook
+# (redemption_id, effect): whichever comes first, once. Run after a parent's rollback and
+# after a child's redemption (a child heard of after its parent's rollback).
+ROLL_BACK_CHILDREN = """
+WITH parent AS (
+    SELECT redemption_id, rollback_at, rollback_reason, last_event_at FROM redemptions
+    WHERE redemption_id = %(parent_id)s AND status = %(rolled_back)s
+), children AS (
+    UPDATE redemptions c
+    SET status = %(rolled_back)s,
+        rollback_at = COALESCE(c.rollback_at, p.rollback_at),
+        rollback_reason = COALESCE(c.rollback_reason, p.rollback_reason),
+        updated_at = now()
+    FROM parent p
+    WHERE c.parent_redemption_id = p.redemption_id AND c.status = %(succeeded)s
+    RETURNING c.redemption_id
+)
+INSERT INTO ledger_entries (customer_id, redeemer_id, voucher_id, voucher_code, kind, amount,
+                            redemption_id, effect, reason, event_id, moved_at)
+SELECT d.customer_id, d.redeemer_id, d.voucher_id, d.voucher_code, d.kind, -d.amount,
+       d.redemption_id, %(restore)s, COALESCE(p.rollback_reason, 'rollback'), %(event_id)s,
+       COALESCE(p.rollback_at, p.last_event_at, now())
+FROM parent p
+JOIN redemptions c ON c.parent_redemption_id = p.redemption_id
+JOIN ledger_entries d ON d.redemption_id = c.redemption_id AND d.effect = %(debit)s
+ON CONFLICT (redemption_id, effect) DO NOTHING
+"""
+
+# A card transaction may name the stack's parent rather than the child that moved the
+# card: its entry belongs to the child of that parent on the same card.
+CHILD_ON_CARD = """
+SELECT redemption_id FROM redemptions
+WHERE parent_redemption_id = %(redemption_id)s AND voucher_id = %(voucher_id)s
+ORDER BY redemption_id LIMIT 1
+"""
+
+# The child heard of after such a transaction: the entries keyed by its parent on its card
+# move to the child (unless the child has that entry already), so the child's own debit and
+# restore are those entries, not second ones.
+REKEY_PARENT_ENTRIES = """
+UPDATE ledger_entries l SET redemption_id = %(redemption_id)s, updated_at = now()
+WHERE l.redemption_id = %(parent_id)s AND l.voucher_id = %(voucher_id)s
+  AND NOT EXISTS (SELECT 1 FROM ledger_entries o
+                  WHERE o.redemption_id = %(redemption_id)s AND o.effect = l.effect)
+"""
