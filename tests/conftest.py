@@ -50,6 +50,8 @@ DOMAIN_TABLES = (
     "card_balances",
     "flags",
     "job_runs",
+    "voucherify_api_calls",
+    "voucherify_api_pace",
 )
 
 

@@ -74,3 +74,44 @@ def test_a_gap_the_api_cannot_explain_is_still_one_flag(
 
     assert (result.healed, result.flags_raised) == (0, 1)
     assert rows(db, "SELECT voucher_id FROM flags WHERE status = 'open'") == [(CARD_IDS["gift"],)]
+
+
+def test_a_card_the_api_cannot_heal_is_not_tried_again_before_its_back_off(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    first = card_transaction("gift", "vtx_1", "CREDITS_ADDITION", 100, 100, _at(0))
+    last = card_transaction("gift", "vtx_3", "CREDITS_ADDITION", 100, 250, _at(2))
+    for transaction in (first, last):
+        assert deliver(pool, *card_transaction_event("gift", transaction)) == "processed"
+
+    with fake_voucherify() as fake:
+        fake.transactions[CODE] = [first, last]
+        api = VoucherifyApi(fake.url, APP_ID, APP_TOKEN, Budget(pool, 6000, 100_000))
+        for _ in range(3):
+            check_drift(pool, time.monotonic() + 60, quiet_seconds=0, api=api)
+        listed = [path for path, _ in fake.requests if "/transactions" in path]
+
+    assert len(listed) == 1  # tried once; the next two runs wait for its back-off
+    assert rows(db, "SELECT heal_failures FROM card_balances") == [(1,)]
+    assert rows(db, "SELECT count(*) FROM flags WHERE status = 'open'") == [(1,)]
+
+
+def test_a_spent_budget_ends_the_healing_instead_of_trying_every_card(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    for n in range(3):  # three gift cards, each missing a movement
+        card = f"v_gift_budget_{n}"
+        for tx, amount, after, minutes in ((f"a{n}", 100, 100, 0), (f"c{n}", 100, 250, 2)):
+            transaction = card_transaction(
+                "gift", f"vtx_{tx}", "CREDITS_ADDITION", amount, after, _at(minutes), card
+            )
+            assert deliver(pool, *card_transaction_event("gift", transaction)) == "processed"
+
+    with fake_voucherify() as fake:
+        api = VoucherifyApi(fake.url, APP_ID, APP_TOKEN, Budget(pool, 6000, per_day=1))
+        result = check_drift(pool, time.monotonic() + 60, quiet_seconds=0, api=api)
+        calls = len(fake.requests)
+
+    assert calls == 1  # the one call the day allows; the other cards were not tried
+    assert api.skipped == 1
+    assert result.flags_raised == 3  # still flagged this run, healed on a later one

@@ -3,6 +3,7 @@ retries of 429 / 5xx / dropped connections / TLS errors -- against the fake over
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import psycopg
@@ -26,7 +27,6 @@ from tests.jobs.verify_support import (
 from workers.jobs.voucherify_api import (
     Budget,
     BudgetExhausted,
-    RateLimiter,
     VoucherifyApi,
     VoucherifyApiError,
 )
@@ -42,12 +42,44 @@ def skipped(reason: str) -> float:
 def test_the_budget_counts_each_call_once_across_clients_and_refuses_past_the_day_cap(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    first, second = Budget(pool, 100, 3), Budget(pool, 100, 3)
-    assert [first.take(), second.take(), first.take(), second.take()] == [None, None, None, "day"]
+    first, second = Budget(pool, 6000, 3), Budget(pool, 6000, 3)
+    now = time.time()
+    refused = [
+        b.take(now + n, max_wait=1).refused for n, b in enumerate((first, second, first, second))
+    ]
+    assert refused == [None, None, None, "day"]
     # The refused call counted in neither period.
     assert scalar(db, "SELECT calls FROM voucherify_api_calls WHERE period = 'day'") == 3
     assert scalar(db, "SELECT calls FROM voucherify_api_calls WHERE period = 'minute'") == 3
-    assert Budget(pool, 1, 100).take() == "minute"
+
+
+def test_the_window_sweeps_share_of_the_day_is_kept_from_other_callers(
+    pool: ConnectionPool,
+) -> None:
+    budget = Budget(pool, 6000, 10)
+    now = time.time()
+    granted = [budget.take(now + n, max_wait=1, reserve=4).refused for n in range(7)]
+    assert granted == [None] * 6 + ["day"]
+    assert budget.take(now + 8, max_wait=1).refused is None  # the sweep's own calls
+
+
+def test_calls_of_every_process_are_spaced_by_one_shared_pace(pool: ConnectionPool) -> None:
+    # 4 a minute: a slot every 15 s, whichever process asks (a sliding window, not buckets).
+    one, other = Budget(pool, 4, 100), Budget(pool, 4, 100)
+    now = time.time()
+    waits = [b.take(now, max_wait=120).wait for b in (one, other, one, other)]
+    assert [round(w, 3) for w in waits] == [0.0, 15.0, 30.0, 45.0]
+    # A slot further off than the caller can wait is not taken, nor counted.
+    assert one.take(now, max_wait=10).refused == "minute"
+    assert one.take(now, max_wait=120).wait == pytest.approx(60.0)
+
+
+def test_voucherifys_pause_holds_every_process(pool: ConnectionPool) -> None:
+    one, other = Budget(pool, 6000, 100), Budget(pool, 6000, 100)
+    now = time.time()
+    one.pause(now + 20)
+    assert other.take(now, max_wait=5).refused == "rate_limit_headers"
+    assert other.take(now, max_wait=30).wait == pytest.approx(20.0)
 
 
 def test_a_spent_day_budget_skips_the_call_counts_it_and_ends_the_run_quietly(
@@ -65,24 +97,22 @@ def test_a_spent_day_budget_skips_the_call_counts_it_and_ends_the_run_quietly(
     assert len(fake.requests) == 1  # nothing was sent
 
 
-def test_a_spent_minute_budget_waits_for_the_next_minute_when_the_run_has_the_time(
+def test_a_call_waits_for_its_slot_when_the_run_has_the_time_else_it_is_skipped(
     pool: ConnectionPool, fake: FakeVoucherify, clock: Clock
 ) -> None:
-    slow = client(pool, fake.url, clock, per_minute=1)
+    slow = client(pool, fake.url, clock, per_minute=1)  # a slot a minute
     slow.get_redemption("r_x", clock.monotonic() + 120)
     before = skipped("minute")
 
-    # Within the same minute (the database's clock): it waits once, then gives up.
-    with pytest.raises(BudgetExhausted):
-        slow.get_redemption("r_x", clock.monotonic() + 120)
-    assert 0 < clock.sleeps[-1] <= 60.01
-    assert skipped("minute") == before + 1
+    slow.get_redemption("r_x", clock.monotonic() + 120)  # waits for the next slot
+    assert clock.sleeps[-1] == pytest.approx(60.0, abs=0.5)
     # Without the time to wait, it does not even wait.
     waits = len(clock.sleeps)
     with pytest.raises(BudgetExhausted):
         slow.get_redemption("r_x", clock.monotonic() + 0.001)
     assert len(clock.sleeps) == waits
-    assert fake.requested("r_x") == 1
+    assert skipped("minute") == before + 1
+    assert fake.requested("r_x") == 2
 
 
 def test_429_and_5xx_are_retried_honouring_retry_after_and_x_rate_limit_retry(
@@ -171,20 +201,6 @@ def test_an_api_out_of_retries_leaves_the_window_for_the_next_run(
     assert run(pool, api).errors == 1
     assert scalar(db, "SELECT count(*) FROM redemptions") == 0
     assert run(pool, api).applied == 1
-
-
-def test_the_rate_limit_spaces_requests() -> None:
-    now = [100.0]
-    waits: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        waits.append(seconds)
-        now[0] += seconds
-
-    limiter = RateLimiter(4, clock=lambda: now[0], sleep=sleep)
-    for _ in range(5):
-        limiter.wait()
-    assert waits == [0.25, 0.25, 0.25, 0.25]
 
 
 def test_an_endpoint_is_a_few_lines_on_the_one_get_path_transactions_for_the_drift_job(

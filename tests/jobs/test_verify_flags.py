@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from devtools.fake_voucherify import FakeVoucherify, api_redemption, api_rollback
+from devtools.fake_voucherify import Failure, FakeVoucherify, api_redemption, api_rollback
 from devtools.webhooks import card_rollback_failed
 from tests.conftest import deliver
 from tests.jobs.conftest import rows
@@ -145,3 +145,34 @@ def test_a_review_flag_voucherify_does_not_confirm_stays_open_with_a_note(
     [(category, status, note)] = rows(db, "SELECT category, status, note FROM flags")
     assert (category, status) == ("review", "open")
     assert "Voucherify reports SUCCEEDED; our record: SUCCEEDED" in note
+
+
+def test_a_flag_that_does_not_settle_is_checked_ever_less_often(
+    pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
+) -> None:
+    redeem(pool, "r_7")
+    fail_rollback(pool, "r_7", code="redemption_too_old")
+    fake.add(api_redemption("gift", "r_7", 2000, date=LONG_AGO))  # never settles
+    waits = []
+    for _ in range(3):
+        assert run(pool, api).checked == 1
+        [(wait,)] = rows(
+            db, "SELECT extract(epoch FROM next_check_at - verified_at)::int FROM flags"
+        )
+        waits.append(wait)
+        db.execute("UPDATE flags SET next_check_at = now(), verified_at = now() - interval '1 s'")
+    assert waits == [60, 120, 240]  # VERIFY_AFTER_SECONDS (60 here) x 2^checks
+    assert run(pool, api).checked == 1
+    assert run(pool, api).checked == 0  # not due: its back-off runs
+
+
+def test_a_flag_whose_call_keeps_failing_waits_its_back_off_instead_of_coming_first(
+    pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
+) -> None:
+    redeem(pool, "r_8")
+    fail_rollback(pool, "r_8", code="redemption_too_old")
+    fake.fail_first("r_8", *[Failure(500)] * 5)
+
+    assert run(pool, api).errors == 1
+    assert rows(db, "SELECT check_failures, next_check_at > now() FROM flags") == [(1, True)]
+    assert run(pool, api).checked == 0  # the next run does not spend its calls on it

@@ -66,7 +66,7 @@ def clock() -> Clock:
 
 @pytest.fixture(autouse=True)
 def _fresh_verify_tables(db: psycopg.Connection[Any]) -> None:
-    db.execute("TRUNCATE verify_watermarks, voucherify_api_calls")
+    db.execute("TRUNCATE verify_watermarks, voucherify_api_calls, voucherify_api_pace")
 
 
 def client(

@@ -53,7 +53,7 @@ from workers.jobs import metrics
 from workers.jobs.drift_heal import Card as HealCard
 from workers.jobs.drift_heal import TransactionLister, heal_card
 from workers.jobs.result import JobResult
-from workers.jobs.voucherify_api import VoucherifyApiError
+from workers.jobs.voucherify_api import BudgetExhausted, VoucherifyApiError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ FAILURE_CODE = "balance_drift"
 CARD_DRIFTS = """
 SELECT c.voucher_id, c.voucher_code, c.kind, c.customer_id, c.accepted_drift,
        c.heard_at <= now() - make_interval(secs => %(quiet)s) AS quiet,
+       (c.heal_next_at IS NULL OR c.heal_next_at <= now()) AS heal_due,
        f.moved_at AS first_at, f.balance_after - f.amount AS start_balance,
        l.moved_at AS last_at, l.balance_after AS last_balance,
        (SELECT COALESCE(sum(e.amount), 0) FROM ledger_entries e
@@ -105,6 +106,22 @@ WHERE c.voucher_id > %(after)s
 ORDER BY c.voucher_id
 LIMIT %(batch)s
 """
+
+# A heal that left the card drifting backs off (migrations/0011_api_budget.sql): the next
+# try waits HEAL_BACKOFF_SECONDS x 2^failures, at most MAX_HEAL_BACKOFF_SECONDS.
+HEAL_FAILED = """
+UPDATE card_balances
+SET heal_failures = heal_failures + 1,
+    heal_next_at = now() + make_interval(
+        secs => LEAST(%(base)s * 2 ^ LEAST(heal_failures, 20), %(cap)s))
+WHERE voucher_id = %(voucher_id)s
+"""
+HEAL_DONE = """
+UPDATE card_balances SET heal_failures = 0, heal_next_at = NULL
+WHERE voucher_id = %(voucher_id)s AND (heal_failures > 0 OR heal_next_at IS NOT NULL)
+"""
+HEAL_BACKOFF_SECONDS = 3600
+MAX_HEAL_BACKOFF_SECONDS = 7 * 86400
 
 ACCEPT_GAP = """
 UPDATE card_balances SET accepted_drift = %(gap)s, accepted_at = now()
@@ -160,6 +177,7 @@ class CardDrift:
     customer_id: str | None
     accepted_drift: int
     quiet: bool
+    heal_due: bool
     first_at: datetime | None
     start_balance: int | None
     last_at: datetime | None
@@ -256,22 +274,33 @@ def _heal_and_recheck(
 ) -> None:
     """Apply what Voucherify lists and the ledger lacks, then measure those cards again
     (just healed from the API: no quiet period) and flag what is still missing."""
+    tried: list[str] = []
     for card in cards:
         assert card.first_at is not None
         holder = card.customer_id
         target = HealCard(card.voucher_id, card.voucher_code, card.kind, holder, card.first_at)
         try:
             tally.healed += heal_card(pool, api, target, deadline)
+        except BudgetExhausted:
+            break  # the budget is spent: the cards left are flagged now, healed next run
         except VoucherifyApiError as exc:
             log.warning(
                 "drift.heal_failed", extra={"voucher_id": card.voucher_id, "error": str(exc)}
             )
+        tried.append(card.voucher_id)
     only = [card.voucher_id for card in cards]
     recheck = {**params, "quiet": 0, "only": only, "after": "", "batch": len(only)}
     with pool.connection() as conn, conn.transaction():
         cursor = conn.cursor(row_factory=class_row(CardDrift))
         for card in cursor.execute(CARD_DRIFTS, recheck).fetchall():
             _check_card(conn, card, tally, heal=False, counted=True)
+            if card.voucher_id in tried:
+                backoff = {
+                    "voucher_id": card.voucher_id,
+                    "base": HEAL_BACKOFF_SECONDS,
+                    "cap": MAX_HEAL_BACKOFF_SECONDS,
+                }
+                conn.execute(HEAL_DONE if card.drift == 0 else HEAL_FAILED, backoff)
 
 
 def _check_card(
@@ -302,8 +331,8 @@ def _check_card(
             "drift.accepted_gap_closed",
             extra={"voucher_id": card.voucher_id, "accepted_drift": card.accepted_drift},
         )
-    if heal and card.drift != 0:
-        return True
+    if heal and card.drift != 0 and card.heal_due:
+        return True  # not healed again before its back-off has passed: flagged below
     assert card.first_at is not None
     assert card.last_at is not None
     if card.drift == 0:

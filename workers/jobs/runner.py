@@ -44,7 +44,7 @@ from workers.jobs.lock import JobLock
 from workers.jobs.redrive import accepted_grace, redrive
 from workers.jobs.retention import apply_retention
 from workers.jobs.verify import verify
-from workers.jobs.voucherify_api import Budget, VoucherifyApi
+from workers.jobs.voucherify_api import Budget, VoucherifyApi, sweep_reserve
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,13 @@ def _verify(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: fl
 
 
 def _drift(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:
-    """Heals drifting cards from Voucherify's API when it is configured (as verify's)."""
-    return check_drift(pool, deadline, api=_api(s, pool)).as_dict()
+    """Heals drifting cards from Voucherify's API when it is configured (as verify's),
+    leaving the window sweep's share of the day's calls to verify."""
+    api = _api(s, pool)
+    if api is None:
+        return check_drift(pool, deadline).as_dict()
+    with api.leaving(sweep_reserve(api)):
+        return check_drift(pool, deadline, api=api).as_dict()
 
 
 def _retention(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:

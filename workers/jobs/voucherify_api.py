@@ -36,7 +36,9 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -73,6 +75,35 @@ CALLS_TODAY = """
 SELECT COALESCE(sum(calls), 0) FROM voucherify_api_calls
 WHERE period = 'day' AND starts_at = date_trunc('day', now(), 'UTC')
 """
+PACE = "calls"
+SEED_PACE = """
+INSERT INTO voucherify_api_pace (name, next_slot) VALUES (%(name)s, 0)
+ON CONFLICT (name) DO NOTHING
+"""
+LOCK_PACE = """
+SELECT next_slot, paused_until FROM voucherify_api_pace WHERE name = %(name)s FOR UPDATE
+"""
+MOVE_PACE = "UPDATE voucherify_api_pace SET next_slot = %(next_slot)s WHERE name = %(name)s"
+PAUSE = """
+INSERT INTO voucherify_api_pace (name, next_slot, paused_until) VALUES (%(name)s, 0, %(until)s)
+ON CONFLICT (name) DO UPDATE
+SET paused_until = GREATEST(COALESCE(voucherify_api_pace.paused_until, 0), EXCLUDED.paused_until)
+"""
+NO_CAP = 2**31 - 1
+SWEEP_SHARE = 0.5
+"""The share of each day's calls kept for verify's window sweep (what finds lost webhooks):
+the flags' checks and the drift job's healing never spend it, so the sweep reaches the end
+of every day (``VoucherifyApi.leaving``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A call counted and its slot taken (``refused`` None: make it after ``wait``
+    seconds), or not (``refused`` says which budget: ``day``, ``minute`` (no slot within
+    the time the caller has), ``rate_limit_headers`` (Voucherify's pause lasts longer))."""
+
+    refused: str | None
+    wait: float = 0.0
 
 
 class VoucherifyApiError(Exception):
@@ -97,52 +128,56 @@ class BudgetExhausted(VoucherifyApiError):
 
 
 class Budget:
-    """Calls per UTC minute and per UTC day, shared by every process through PostgreSQL."""
+    """Calls per UTC day and their pace, shared by every process through PostgreSQL.
+
+    ``take`` counts a call and gives it the next free slot: slots are ``60 / per_minute``
+    seconds apart for every process together (so any 60 s holds at most the per-minute
+    cap: a sliding window), and none is before the pause Voucherify's headers asked for
+    (``pause``). ``reserve`` calls of the day are kept back from the caller: the window
+    sweep's share, which the flags and the drift job cannot spend.
+    """
 
     def __init__(self, pool: ConnectionPool, per_minute: int, per_day: int) -> None:
         self.pool = pool
         self.per_minute = per_minute
         self.per_day = per_day
+        self.interval = 60.0 / per_minute
         with pool.connection() as conn:
             conn.execute(FORGET_CALLS)
+            conn.execute(SEED_PACE, {"name": PACE})
 
-    def take(self) -> str | None:
-        """Count one call; None when granted, else which budget refused (``day``, ``minute``)."""
+    def take(self, now: float, max_wait: float = 0.0, reserve: int = 0) -> Grant:
+        """Count one call at wall-clock ``now`` if its slot is within ``max_wait`` seconds
+        and the day has room beyond ``reserve``; nothing is counted when refused."""
         with self.pool.connection() as conn:
-            refused: str | None = None
+            grant = Grant(None)
             with conn.transaction():
-                for period, cap in (("day", self.per_day), ("minute", self.per_minute)):
-                    if conn.execute(TAKE_CALL, {"period": period, "cap": cap}).fetchone() is None:
-                        refused = period
-                        raise psycopg.Rollback()  # neither is counted
-            return refused
+                conn.execute(SEED_PACE, {"name": PACE})  # the row may have been deleted
+                row = conn.execute(LOCK_PACE, {"name": PACE}).fetchone()
+                next_slot, paused_until = row if row else (0.0, None)
+                slot = max(now, next_slot, paused_until or 0.0)
+                if slot - now > max_wait:
+                    paused = paused_until is not None and paused_until > max(now, next_slot)
+                    grant = Grant("rate_limit_headers" if paused else "minute")
+                    raise psycopg.Rollback()
+                cap = max(0, self.per_day - reserve)
+                if conn.execute(TAKE_CALL, {"period": "day", "cap": cap}).fetchone() is None:
+                    grant = Grant("day")
+                    raise psycopg.Rollback()  # nothing is counted
+                conn.execute(TAKE_CALL, {"period": "minute", "cap": NO_CAP})  # for the record
+                conn.execute(MOVE_PACE, {"name": PACE, "next_slot": slot + self.interval})
+                grant = Grant(None, slot - now)
+            return grant
+
+    def pause(self, until: float) -> None:
+        """No call of any process before ``until`` (Unix time)."""
+        with self.pool.connection() as conn:
+            conn.execute(PAUSE, {"name": PACE, "until": until})
 
     def used_today(self) -> int:
         with self.pool.connection() as conn:
             row = conn.execute(CALLS_TODAY).fetchone()
             return int(row[0]) if row else 0
-
-
-class RateLimiter:
-    """At most ``rate`` calls per second: each call waits for its slot."""
-
-    def __init__(
-        self,
-        rate: float,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self.interval = 1.0 / rate
-        self.clock = clock
-        self.sleep = sleep
-        self._next = clock()
-
-    def wait(self) -> None:
-        now = self.clock()
-        if self._next > now:
-            self.sleep(self._next - now)
-            now = self._next
-        self._next = now + self.interval
 
 
 class VoucherifyApi:
@@ -171,7 +206,6 @@ class VoucherifyApi:
             retries=False,  # our loop retries, within the budget
             timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
         )
-        self._limiter = RateLimiter(budget.per_minute / 60.0, clock=clock, sleep=sleep)
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
@@ -182,7 +216,18 @@ class VoucherifyApi:
         """Requests sent by this client (answered or not)."""
         self.skipped = 0
         """Calls refused for budget (each one stops its job's run)."""
-        self._paused_until = 0.0  # wall clock: Voucherify's headers asked us to wait
+        self.reserve = 0
+        """Calls of the day this client leaves to others (``Budget.take``): the window
+        sweep's share, set while the flags and the drift job call."""
+
+    @contextmanager
+    def leaving(self, reserve: int) -> Iterator[None]:
+        """Calls made within leave ``reserve`` calls of the day to others."""
+        previous, self.reserve = self.reserve, reserve
+        try:
+            yield
+        finally:
+            self.reserve = previous
 
     # --- endpoints ------------------------------------------------------------------
 
@@ -239,7 +284,6 @@ class VoucherifyApi:
         while True:
             attempt += 1
             self._take_budget(deadline)
-            self._limiter.wait()
             status: int | None = None
             headers: dict[str, str] = {}
             body = b""
@@ -270,21 +314,15 @@ class VoucherifyApi:
             self.sleep(delay)
 
     def _take_budget(self, deadline: float) -> None:
-        """Wait for Voucherify's pause and for the next minute once, if the run has the time;
-        else the call is skipped (``BudgetExhausted``)."""
-        pause = self._paused_until - self.wall_clock()
-        if pause > 0:
-            if self.clock() + pause > deadline:
-                self._skip("rate_limit_headers")
-            self.sleep(pause)
-        for waited in (False, True):
-            refused = self.budget.take()
-            if refused is None:
-                return
-            wait = PERIOD_SECONDS - (self.wall_clock() % PERIOD_SECONDS) + 0.01
-            if refused == "day" or waited or self.clock() + wait > deadline:
-                self._skip(refused)
-            self.sleep(wait)
+        """Wait for this call's slot (the shared pace, Voucherify's pause) if the run has
+        the time; else the call is skipped (``BudgetExhausted``)."""
+        grant = self.budget.take(
+            self.wall_clock(), max(0.0, deadline - self.clock()), reserve=self.reserve
+        )
+        if grant.refused is not None:
+            self._skip(grant.refused)
+        if grant.wait > 0:
+            self.sleep(grant.wait)
 
     def _skip(self, reason: str) -> None:
         self.skipped += 1
@@ -299,10 +337,11 @@ class VoucherifyApi:
         if limit is None or remaining is None or remaining > limit * REMOTE_RESERVE:
             return
         until = _epoch(headers.get("x-rate-limit-retry"))
-        self._paused_until = until if until is not None else self.wall_clock() + PERIOD_SECONDS
+        until = until if until is not None else self.wall_clock() + PERIOD_SECONDS
+        self.budget.pause(until)
         log.warning(
             "voucherify_api.paused",
-            extra={"remaining": remaining, "limit": limit, "until": self._paused_until},
+            extra={"remaining": remaining, "limit": limit, "until": until},
         )
 
     def _delay(self, attempt: int, headers: dict[str, str]) -> float:
@@ -364,3 +403,8 @@ def _json_object(body: bytes, path: str) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise VoucherifyApiError(f"GET {path}: not a JSON object")
     return document
+
+
+def sweep_reserve(api: VoucherifyApi) -> int:
+    """The calls of the day the window sweep keeps (``SWEEP_SHARE``)."""
+    return int(api.budget.per_day * SWEEP_SHARE)

@@ -15,6 +15,7 @@ stops where it is, and the next run goes on from there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections import Counter
@@ -36,11 +37,18 @@ from workers import processing
 from workers.jobs.result import JobResult
 from workers.jobs.verify import claims, compare, translate, window
 from workers.jobs.verify.compare import Ours
-from workers.jobs.voucherify_api import BudgetExhausted, VoucherifyApi, VoucherifyApiError
+from workers.jobs.voucherify_api import (
+    BudgetExhausted,
+    VoucherifyApi,
+    VoucherifyApiError,
+    sweep_reserve,
+)
 
 log = logging.getLogger(__name__)
 
 MISMATCH = "verify_mismatch"
+RECHECK_AFTER_SECONDS = 3600
+"""When a mismatch flag the job raises is first checked again (``VERIFY_AFTER_SECONDS``)."""
 """``failure_code`` of the ``review`` flag the job raises on what it cannot make agree."""
 
 OUR_RECORD = """
@@ -59,10 +67,12 @@ MARK_VERIFIED = "UPDATE redemptions SET verified_at = now() WHERE redemption_id 
 # only, and a prepared statement's generic plan would find no index at all.
 RAISE_MISMATCH = """
 INSERT INTO flags (category, redemption_id, voucher_id, failure_code, failure_message,
-                   verified_at)
-VALUES (%(category)s, %(id)s, %(voucher_id)s, %(mismatch)s, %(message)s, now())
+                   verified_at, next_check_at)
+VALUES (%(category)s, %(id)s, %(voucher_id)s, %(mismatch)s, %(message)s, now(),
+        now() + make_interval(secs => %(recheck_after)s))
 ON CONFLICT (redemption_id) WHERE failure_code = 'verify_mismatch' AND status = 'open'
-DO UPDATE SET failure_message = EXCLUDED.failure_message, verified_at = now()
+DO UPDATE SET failure_message = EXCLUDED.failure_message, verified_at = now(),
+              next_check_at = GREATEST(flags.next_check_at, EXCLUDED.next_check_at)
 RETURNING (xmax = 0) AS raised
 """
 
@@ -134,14 +144,16 @@ def verify(
     deadline: float,
     now: datetime | None = None,
 ) -> VerifyResult:
-    """Flags first (a bounded batch), then the listing's window; stops at ``deadline``.
+    """The listing's window first (what finds lost webhooks), then the flags due (a
+    bounded batch, within what the budget keeps beyond the sweep's share); stops at
+    ``deadline``.
 
     ``now``: where the window ends, less ``after_seconds`` (None: the database's clock).
     """
     tally = Tally()
 
     def check_flag(flag: claims.FlagClaim) -> None:
-        check = reconcile(pool, api, flag.redemption_id, deadline, tally)
+        check = reconcile(pool, api, flag.redemption_id, deadline, tally, after_seconds)
         _settle_flag(pool, flag, check, tally)
 
     def failed(item: claims.Claimed, exc: VoucherifyApiError) -> None:
@@ -151,27 +163,37 @@ def verify(
         )
 
     def heal(found: window.Heal) -> None:
-        _heal(pool, found, tally)
+        _heal(pool, found, tally, after_seconds)
 
     def apply(event: window.Synthetic) -> bool:
         return _apply(pool, event)
 
     calls_before = api.calls
+    started = datetime.now(UTC)
     try:
-        # Out of time or budget on the flags: the window waits for the next run.
-        if claims.work_through(
-            pool, claims.FLAGS, after_seconds, batch_size, deadline, check_flag, failed
-        ) and not _budget_spent(api):
-            window.sweep(
-                pool, api, after_seconds, overlap_seconds, deadline, heal, tally, apply, now=now
-            )
+        swept = window.sweep(
+            pool, api, after_seconds, overlap_seconds, deadline, heal, tally, apply, now=now
+        )
     except BudgetExhausted:
-        pass
+        swept = False
     except VoucherifyApiError as exc:
         if exc.permanent:
             raise
+        swept = True  # the listing failed this time: the flags may still be checked
         tally["errors"] += 1
         log.error("verify.listing_failed", extra={"error": str(exc)})
+    if swept and not _budget_spent(api):
+        with api.leaving(sweep_reserve(api)), contextlib.suppress(BudgetExhausted):
+            claims.work_through(
+                pool,
+                claims.FLAGS,
+                after_seconds,
+                batch_size,
+                deadline,
+                check_flag,
+                failed,
+                not_since=started,
+            )
     tally["calls"] = api.calls - calls_before
     tally["skipped_for_budget"] = int(_budget_spent(api))
     result = VerifyResult(**tally)
@@ -190,6 +212,7 @@ def reconcile(
     redemption_id: str,
     deadline: float,
     tally: Tally | None = None,
+    recheck_after: int = RECHECK_AFTER_SECONDS,
 ) -> Check:
     """Fetch one redemption, apply what our records miss, say whether they now agree."""
     tally = tally if tally is not None else Tally()
@@ -198,7 +221,8 @@ def reconcile(
     if theirs is None:
         ours = _ours(pool, redemption_id)
         unknown = "Voucherify does not know this redemption (404)"
-        return _conclude(pool, Check(redemption_id, None, ours, 0, unknown), tally)
+        check = Check(redemption_id, None, ours, 0, unknown)
+        return _conclude(pool, check, tally, recheck_after)
 
     status = compare.status_from(theirs)
     rollback: dict[str, Any] | None = None
@@ -218,10 +242,15 @@ def reconcile(
         events,
         lambda after: compare.disagreement(theirs, status, rollback, after),
     )
-    return _heal(pool, found, tally)
+    return _heal(pool, found, tally, recheck_after)
 
 
-def _heal(pool: ConnectionPool, found: window.Heal, tally: Tally) -> Check:
+def _heal(
+    pool: ConnectionPool,
+    found: window.Heal,
+    tally: Tally,
+    recheck_after: int = RECHECK_AFTER_SECONDS,
+) -> Check:
     """Apply the events our records miss, read our record again, conclude."""
     applied = 0
     for event_type in found.events:
@@ -235,7 +264,7 @@ def _heal(pool: ConnectionPool, found: window.Heal, tally: Tally) -> Check:
     check = Check(
         found.redemption_id, found.status, ours, applied, found.problem(ours), rollback_id
     )
-    return _conclude(pool, check, tally)
+    return _conclude(pool, check, tally, recheck_after)
 
 
 def _rollback_of(
@@ -249,7 +278,9 @@ def _rollback_of(
     return None
 
 
-def _conclude(pool: ConnectionPool, check: Check, tally: Tally) -> Check:
+def _conclude(
+    pool: ConnectionPool, check: Check, tally: Tally, recheck_after: int = RECHECK_AFTER_SECONDS
+) -> Check:
     """Mark the redemption checked; resolve, or raise or refresh, its mismatch flag."""
     mismatch = {**FLAG_STATES, "id": check.redemption_id, "mismatch": MISMATCH}
     with pool.connection() as conn, conn.transaction():
@@ -273,6 +304,7 @@ def _conclude(pool: ConnectionPool, check: Check, tally: Tally) -> Check:
                 "category": FlagCategory.REVIEW,
                 "voucher_id": check.ours.voucher_id if check.ours else None,
                 "message": message,
+                "recheck_after": recheck_after,
             },
         ).fetchone()
     tally["mismatches"] += 1
