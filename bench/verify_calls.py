@@ -62,10 +62,11 @@ def stamp(moment: datetime) -> str:
 
 
 def serve_day(
-    fake: FakeVoucherify, rate: int, start: datetime
+    fake: FakeVoucherify, rate: int, start: datetime, tag: str = ""
 ) -> tuple[list[tuple[Any, ...]], int]:
     """Voucherify's day in the fake; the rows of our records of what was delivered, and the
-    number of rollbacks. Items share the template's nested objects (memory)."""
+    number of rollbacks. Items share the template's nested objects (memory); ``tag`` keeps
+    the ids of several days apart."""
     template = api_redemption("gift", "r_template", AMOUNT)
     rollback_template = api_rollback("gift", "rr_template", "r_template", AMOUNT)
     step = DAY / rate
@@ -73,7 +74,7 @@ def serve_day(
     objects: list[dict[str, Any]] = []
     rollbacks = 0
     for i in range(rate):
-        redemption_id, rollback_id = f"r_{i:07d}", f"rr_{i:07d}"
+        redemption_id, rollback_id = f"r{tag}_{i:07d}", f"rr{tag}_{i:07d}"
         redeemed = start + step * (i + 0.5)
         rolled = i % ROLLED_BACK_EVERY == 0 and redeemed + ROLLBACK_AFTER < start + DAY
         status = "ROLLED_BACK" if rolled else "SUCCEEDED"

@@ -14,13 +14,16 @@ anyway; (2) a single generic GET path would have to drive its internals
 ``ApiException(status=0)`` with the error flattened into a string; (4) importing its
 1,400 generated models takes seconds. urllib3 is its transport anyway.
 
-The budget (``Budget``): calls per UTC minute and per UTC day, counted in PostgreSQL
-(``voucherify_api_calls``) so that every job and process shares it. Voucherify blocks a
+The budget (``Budget``): calls per UTC day counted in PostgreSQL
+(``voucherify_api_calls``), and one pace of calls (``voucherify_api_pace``: a slot every
+60 / per-minute seconds, and Voucherify's pause), so that every job and process shares it;
+``SWEEP_SHARE`` of each day is kept for verify's window sweep. Voucherify blocks a
 project's API at once when it goes over its plan (Business: 100 calls a minute, 100,000 a
 billing cycle), and the shop's checkout uses the same quota: the defaults take at most a
 third of the minute and about a sixth of a cycle. On top, its response headers:
 ``X-Rate-Limit-Remaining`` at or below a third of ``X-Rate-Limit-Limit`` (the shop is
-busy) pauses our calls until ``X-Rate-Limit-Retry`` (a Unix time) or the next minute.
+busy) pauses the calls of every process until ``X-Rate-Limit-Retry`` (a Unix time) or
+the next minute.
 A call the budget refuses is not made: ``BudgetExhausted`` tells the job to stop and
 leave the rest for its next run (``voucherify_api_calls_skipped_total{reason}``).
 
@@ -63,9 +66,11 @@ REMOTE_RESERVE = 1 / 3
 PERIOD_SECONDS = 60.0
 """How long to pause without an ``X-Rate-Limit-Retry``: the Business plan counts per minute."""
 
+# period: 'day', 'minute' (for the record), or 'day_others' (the calls of the day made by
+# callers that leave the sweep its share); unit: what the period's buckets are.
 TAKE_CALL = """
 INSERT INTO voucherify_api_calls (period, starts_at, calls)
-VALUES (%(period)s, date_trunc(%(period)s, now(), 'UTC'), 1)
+VALUES (%(period)s, date_trunc(%(unit)s, now(), 'UTC'), 1)
 ON CONFLICT (period, starts_at) DO UPDATE SET calls = voucherify_api_calls.calls + 1
 WHERE voucherify_api_calls.calls < %(cap)s
 RETURNING calls
@@ -90,7 +95,7 @@ ON CONFLICT (name) DO UPDATE
 SET paused_until = GREATEST(COALESCE(voucherify_api_pace.paused_until, 0), EXCLUDED.paused_until)
 """
 NO_CAP = 2**31 - 1
-SWEEP_SHARE = 0.5
+SWEEP_SHARE = 0.7
 """The share of each day's calls kept for verify's window sweep (what finds lost webhooks):
 the flags' checks and the drift job's healing never spend it, so the sweep reaches the end
 of every day (``VoucherifyApi.leaving``)."""
@@ -133,8 +138,8 @@ class Budget:
     ``take`` counts a call and gives it the next free slot: slots are ``60 / per_minute``
     seconds apart for every process together (so any 60 s holds at most the per-minute
     cap: a sliding window), and none is before the pause Voucherify's headers asked for
-    (``pause``). ``reserve`` calls of the day are kept back from the caller: the window
-    sweep's share, which the flags and the drift job cannot spend.
+    (``pause``). A caller with a ``reserve`` (the flags, the drift job) makes at most
+    ``per_day - reserve`` calls a day among them: the rest is the window sweep's.
     """
 
     def __init__(self, pool: ConnectionPool, per_minute: int, per_day: int) -> None:
@@ -160,11 +165,16 @@ class Budget:
                     paused = paused_until is not None and paused_until > max(now, next_slot)
                     grant = Grant("rate_limit_headers" if paused else "minute")
                     raise psycopg.Rollback()
-                cap = max(0, self.per_day - reserve)
-                if conn.execute(TAKE_CALL, {"period": "day", "cap": cap}).fetchone() is None:
-                    grant = Grant("day")
-                    raise psycopg.Rollback()  # nothing is counted
-                conn.execute(TAKE_CALL, {"period": "minute", "cap": NO_CAP})  # for the record
+                caps = [("day", "day", self.per_day)]
+                if reserve:  # and, of those, the calls that leave the sweep its share
+                    caps.append(("day_others", "day", max(0, self.per_day - reserve)))
+                for period, unit, cap in caps:
+                    taken = {"period": period, "unit": unit, "cap": cap}
+                    if conn.execute(TAKE_CALL, taken).fetchone() is None:
+                        grant = Grant("day")
+                        raise psycopg.Rollback()  # nothing is counted
+                minute = {"period": "minute", "unit": "minute", "cap": NO_CAP}
+                conn.execute(TAKE_CALL, minute)  # for the record
                 conn.execute(MOVE_PACE, {"name": PACE, "next_slot": slot + self.interval})
                 grant = Grant(None, slot - now)
             return grant
