@@ -2,7 +2,7 @@
 
 Read in a ``/metrics`` request only (never on the webhook path), with short timeouts: a
 slow or absent database costs a scrape at most about two seconds, and
-``pipeline_state_up{source=...}`` says which source could not be read. A reading (three
+``pipeline_state_up{source=...}`` says which source could not be read. A reading (four
 queries in one transaction and one Redis round trip) is served again for
 ``CACHE_SECONDS`` per process, failures included, and one scrape at a time reads (the
 others wait for its reading): a flood of scrapes costs the servers one reading per window
@@ -15,6 +15,7 @@ describes one moment.
 
 - ``pipeline_open_flags{category}``: flags waiting for a person.
 - ``pipeline_dead_letters_pending``: dead letters not replayed yet.
+- ``pipeline_unmeasured_cards{kind}``: cards no event has reported a balance of yet.
 - ``pipeline_oldest_waiting_event_age_seconds``: age of the oldest event not finished
   (``schemas.vocabulary.UNFINISHED_STATUSES``); 0 when none waits.
 - ``pipeline_waiting_events``: how many events are not finished.
@@ -49,10 +50,11 @@ CACHE_SECONDS = 10.0
 
 @dataclass(frozen=True, slots=True)
 class Tables:
-    """What the three queries answered."""
+    """What the four queries answered."""
 
     open_flags: dict[str, int]
     dead_letters_pending: int
+    unmeasured_cards: dict[str, int]
     waiting: store.Row
 
 
@@ -119,6 +121,7 @@ class PipelineCollector(Collector):
                 return Tables(
                     open_flags=store.open_flags_by_category(conn),
                     dead_letters_pending=store.pending_dead_letters(conn),
+                    unmeasured_cards=store.unmeasured_cards(conn),
                     waiting=dict(store.waiting_events(conn)),
                 )
         except psycopg.Error as exc:  # PoolTimeout is an OperationalError too
@@ -140,6 +143,14 @@ def _table_gauges(tables: Tables) -> Iterable[Metric]:
     for category, count in tables.open_flags.items():
         open_flags.add_metric([category], count)
     yield open_flags
+    unmeasured = GaugeMetricFamily(
+        "pipeline_unmeasured_cards",
+        "Cards no event has reported a balance of yet: the drift job cannot measure them",
+        labels=["kind"],
+    )
+    for kind, count in tables.unmeasured_cards.items():
+        unmeasured.add_metric([kind], count)
+    yield unmeasured
     yield GaugeMetricFamily(
         "pipeline_dead_letters_pending",
         "Dead letters not replayed yet",

@@ -146,6 +146,10 @@ UPDATE flags SET status = %(resolved)s, note = %(note)s, resolved_at = now()
 WHERE id = %(id)s AND status = %(open)s
 """
 
+UNMEASURED_CARDS = """
+SELECT kind, count(*) AS n FROM card_balances WHERE reported_at IS NULL GROUP BY kind
+"""
+
 # --- orders, redemptions, ledger ------------------------------------------------------
 
 ORDER = """

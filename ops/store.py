@@ -304,6 +304,7 @@ def database_stats(conn: Conn) -> Row:
         "events_by_status": {status: by_status.get(status, 0) for status in values(EventStatus)},
         "deliveries_last_hour": {r["outcome"]: r["n"] for r in _all(conn, q.OUTCOMES_LAST_HOUR)},
         "open_flags": open_flags_by_category(conn),
+        "unmeasured_cards": unmeasured_cards(conn),
         "dead_letters_pending": pending_dead_letters(conn),
         "waiting_events": waiting.get("n", 0),
         "oldest_waiting_event_age_seconds": waiting.get("age_seconds"),
@@ -320,6 +321,12 @@ def open_flags_by_category(conn: Conn) -> dict[str, int]:
     rows = _all(conn, q.OPEN_FLAGS_BY_CATEGORY, {"open": FlagStatus.OPEN})
     counts = {r["category"]: r["n"] for r in rows}
     return {c: int(counts.get(c, 0)) for c in values(FlagCategory)}
+
+
+def unmeasured_cards(conn: Conn) -> dict[str, int]:
+    """Cards by kind that no event has reported a balance of yet (drift cannot measure them)."""
+    counts = {r["kind"]: int(r["n"]) for r in _all(conn, q.UNMEASURED_CARDS)}
+    return {kind: counts.get(kind, 0) for kind in values(LedgerKind)}
 
 
 def pending_dead_letters(conn: Conn) -> int:

@@ -18,6 +18,7 @@ from devtools.webhooks import (
     card_transaction,
     card_transaction_event,
 )
+from ops import store
 from tests.conftest import deliver
 from tests.jobs.conftest import rows, scalar
 from workers.jobs.drift import RAISE_DRIFT, WORDS, DriftResult, check_drift
@@ -230,3 +231,21 @@ def test_the_drift_flag_is_one_per_card_with_a_prepared_statement(
     assert rows(db, "SELECT voucher_id, status, failure_message FROM flags") == [
         (GIFT, "open", "second")
     ]
+
+
+def test_a_card_heard_of_without_a_balance_has_a_row_and_is_counted_unmeasured(
+    pool: ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    # As a redemption verify heals reads: the card in the redemption, no balance report.
+    data = card_redemption("gift", "r_unmeasured", 400, 600, order_id="ord_u")
+    data["voucher"] = None
+    assert deliver(pool, "redemption.succeeded", data) == "processed"
+    assert rows(db, "SELECT voucher_id, reported_balance FROM card_balances") == [(GIFT, None)]
+
+    assert run(pool) == DriftResult(unmeasured=1)
+    with pool.connection() as conn:
+        assert store.unmeasured_cards(conn) == {"gift_credit": 1, "loyalty_points": 0}
+    # Its first balance report measures it from then on.
+    redeem(pool, "gift", "r_measured", 100, 500, "2024-02-01T09:00:00Z")
+    assert rows(db, "SELECT reported_balance FROM card_balances") == [(500,)]
+    assert run(pool).unmeasured == 0

@@ -37,9 +37,7 @@ CARD_MOVEMENT_TYPES = (
 def record_card(event: CardMovementEvent, conn: psycopg.Connection[Any]) -> None:
     """The card's report: its balance after the movement at the movement's time, its holder."""
     assert event.voucher_id is not None
-    if event.balance_after is None or event.moved_at is None:
-        conn.execute(sql.TOUCH_CARD, {"voucher_id": event.voucher_id})
-        return
+    reported = event.balance_after is not None and event.moved_at is not None
     conn.execute(
         sql.UPSERT_CARD_BALANCE,
         {
@@ -47,8 +45,8 @@ def record_card(event: CardMovementEvent, conn: psycopg.Connection[Any]) -> None
             "voucher_code": event.voucher_code,
             "kind": event.kind,
             "customer_id": event.holder_id,
-            "balance": event.balance_after,
-            "at": event.moved_at,
+            "balance": event.balance_after if reported else None,
+            "at": event.moved_at if reported else None,
         },
     )
 

@@ -83,20 +83,18 @@ def record_card_balance(
     if card is None or card.id is None or card.ledger_kind is None:
         return
     balance = event.voucher.balance if event.voucher is not None else None
-    if balance is None or at is None:
-        conn.execute(sql.TOUCH_CARD, {"voucher_id": card.id})
-    else:
-        conn.execute(
-            sql.UPSERT_CARD_BALANCE,
-            {
-                "voucher_id": card.id,
-                "voucher_code": card.code,
-                "kind": card.ledger_kind,
-                "customer_id": event.holder_id,
-                "balance": balance,
-                "at": at,
-            },
-        )
+    reported = balance is not None and at is not None
+    conn.execute(
+        sql.UPSERT_CARD_BALANCE,
+        {
+            "voucher_id": card.id,
+            "voucher_code": card.code,
+            "kind": card.ledger_kind,
+            "customer_id": event.holder_id,
+            "balance": balance if reported else None,
+            "at": at if reported else None,
+        },
+    )
     conn.execute(sql.SYNC_HOLDER, {"voucher_id": card.id})
 
 

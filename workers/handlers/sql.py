@@ -164,25 +164,27 @@ ON CONFLICT (transaction_id) DO UPDATE SET
 """
 
 # The card's balance as of its newest report, and its holder as of that report; heard_at
-# is when any event of the card last reached us (the drift job waits for quiet cards).
+# is when any event of the card last reached us (the drift job waits for quiet cards). An
+# event without a balance (``%(balance)s`` / ``%(at)s`` NULL) still makes the card's row:
+# unmeasured until a report comes (migrations/0012_unmeasured_cards.sql).
 UPSERT_CARD_BALANCE = """
 INSERT INTO card_balances AS c (voucher_id, voucher_code, kind, customer_id,
                                 reported_balance, reported_at)
 VALUES (%(voucher_id)s, %(voucher_code)s, %(kind)s, %(customer_id)s, %(balance)s, %(at)s)
 ON CONFLICT (voucher_id) DO UPDATE SET
-    reported_balance = CASE WHEN EXCLUDED.reported_at > c.reported_at
+    reported_balance = CASE WHEN EXCLUDED.reported_at IS NOT NULL
+                                 AND (c.reported_at IS NULL
+                                      OR EXCLUDED.reported_at > c.reported_at)
                             THEN EXCLUDED.reported_balance ELSE c.reported_balance END,
     reported_at = GREATEST(c.reported_at, EXCLUDED.reported_at),
     customer_id = CASE WHEN EXCLUDED.customer_id IS NOT NULL
-                            AND (c.customer_id IS NULL OR EXCLUDED.reported_at >= c.reported_at)
+                            AND (c.customer_id IS NULL
+                                 OR EXCLUDED.reported_at >= c.reported_at
+                                 OR c.reported_at IS NULL)
                        THEN EXCLUDED.customer_id ELSE c.customer_id END,
     voucher_code = COALESCE(c.voucher_code, EXCLUDED.voucher_code),
     heard_at = now(),
     updated_at = now()
-"""
-
-TOUCH_CARD = """
-UPDATE card_balances SET heard_at = now() WHERE voucher_id = %(voucher_id)s
 """
 
 # The ledger belongs to the card: its entries follow the card's holder as last reported.

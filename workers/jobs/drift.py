@@ -163,6 +163,8 @@ class DriftResult(JobResult):
     """Cards whose gap a person accepted (resolved their drift flag) since the last run."""
     waiting: int = 0
     """Cards heard of within ``quiet_seconds``: checked on a later run."""
+    unmeasured: int = 0
+    """Cards no event has reported a balance of yet: nothing to measure them by."""
     healed: int = 0
     """Transactions listed from Voucherify's API and applied to close a gap."""
 
@@ -213,6 +215,7 @@ class _Tally:
     flags_resolved: int = 0
     rebased: int = 0
     waiting: int = 0
+    unmeasured: int = 0
     healed: int = 0
     by_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LedgerKind, 0))
 
@@ -260,6 +263,7 @@ def check_drift(
         flags_resolved=tally.flags_resolved,
         rebased=tally.rebased,
         waiting=tally.waiting,
+        unmeasured=tally.unmeasured,
         healed=tally.healed,
     )
 
@@ -314,7 +318,9 @@ def _check_card(
     With ``heal``, a drifting card is not flagged yet: True says it is to be healed first
     (and checked again, ``counted`` already)."""
     if not card.measured:
-        return False  # no movement reported its balance yet: nothing to measure
+        if not counted:
+            tally.unmeasured += 1  # no movement reported its balance yet: counted, not checked
+        return False
     if not card.quiet:
         tally.waiting += 1  # a webhook may still be on its way: check it when quiet
         return False
