@@ -69,6 +69,9 @@ class _Details(_Loose):
     balance = _nested(_Balance)
     redemption = _nested(_Ref)
     rollback = _nested(_Ref)
+    earning_rule = _nested(_Ref)
+    order = _nested(_Ref)
+    event = _nested(_Ref)
 
 
 class _Transaction(_Loose):
@@ -100,6 +103,10 @@ class CardMovementDataSchema(_Loose):
     points = _opt_whole()
     holder = _nested(_Ref)
     customer = _nested(_Ref)
+    # customer.rewarded.loyalty_points: the accrual's earning rule and what triggered it.
+    earning_rule = _nested(_Ref)
+    order = _nested(_Ref)
+    event = _nested(_Ref)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +128,17 @@ class CardMovementEvent:
     amount: int | None
     """Signed in the card's unit: + credit, - debit. None when no part of the payload says."""
     balance_after: int | None
+    balance_from_snapshot: bool
+    """``balance_after`` is the card's snapshot in ``voucher``, not the movement's own report:
+    the movement's transaction, when it comes, replaces it."""
     moved_at: datetime | None
     redemption_id: str | None
     rollback_id: str | None
     reason: str | None
+    accrual_key: str | None = None
+    """An earning-rule accrual's key: card, earning rule, and the order (else the event)
+    that triggered it. ``customer.rewarded.loyalty_points`` names no transaction, and its
+    ``POINTS_ACCRUAL`` transaction's details name the same three: one entry for both."""
 
 
 _DATA = CardMovementDataSchema()
@@ -163,13 +177,16 @@ def load_card_movement(
         expired = event_type.endswith("points_expired")
         amount = -abs(loaded["points"]) if expired else abs(loaded["points"])
     card_balance = voucher.get("gift" if gift else "loyalty_card") or {}
+    reported = _first(*(b["balance"] for b in reports))
+    voucher_id = _first(transaction["voucher_id"], voucher.get("id"))
+    transaction_type = (transaction["type"] or "").upper() or None
     return CardMovementEvent(
         event_id=event_id,
         type=event_type,
         kind=kind,
         transaction_id=transaction["id"] or None,
-        transaction_type=(transaction["type"] or "").upper() or None,
-        voucher_id=_first(transaction["voucher_id"], voucher.get("id")),
+        transaction_type=transaction_type,
+        voucher_id=voucher_id,
         voucher_code=voucher.get("code"),
         holder_id=_first(
             (loaded["holder"] or {}).get("id"),
@@ -177,9 +194,30 @@ def load_card_movement(
             (loaded["customer"] or {}).get("id"),
         ),
         amount=amount,
-        balance_after=_first(*(b["balance"] for b in reports), card_balance.get("balance")),
+        balance_after=_first(reported, card_balance.get("balance")),
+        balance_from_snapshot=reported is None and card_balance.get("balance") is not None,
         moved_at=_first(transaction["created_at"], created),
         redemption_id=(details.get("redemption") or {}).get("id"),
         rollback_id=(details.get("rollback") or {}).get("id"),
         reason=_first(transaction["reason"], transaction["type"]),
+        accrual_key=_accrual_key(voucher_id, transaction_type, details, loaded),
     )
+
+
+def _accrual_key(
+    voucher_id: str | None,
+    transaction_type: str | None,
+    details: dict[str, Any],
+    loaded: dict[str, Any],
+) -> str | None:
+    """The accrual's key from the transaction's details, else from the rewarded event's
+    own fields; None for any other movement, or when the payload does not name them."""
+    if transaction_type not in (None, "POINTS_ACCRUAL"):
+        return None
+    source = details if transaction_type else loaded
+    rule = (source.get("earning_rule") or {}).get("id")
+    order = (source.get("order") or {}).get("id")
+    trigger = (source.get("event") or {}).get("id")
+    if not (voucher_id and rule and (order or trigger)):
+        return None
+    return f"{voucher_id}:{rule}:" + (f"order:{order}" if order else f"event:{trigger}")

@@ -7,6 +7,9 @@ that describe one movement (a top-up's ``voucher.gift.transaction.created`` and
 webhook makes, keyed by its redemption, whichever arrives first: never counted twice.
 Pending points (``pending_points.added`` / ``updated`` / ``canceled``) are not balance and
 have no handler (their events are ``ignored``); their activation is a movement.
+An earning-rule accrual (``customer.rewarded.loyalty_points``) names no transaction: it is
+keyed by card, rule and order (``CardMovementEvent.accrual_key``), and is the same entry as
+its ``POINTS_ACCRUAL`` transaction and balance events (``record_accrual``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from schemas.vocabulary import EFFECT_OF_TRANSACTION
 from workers.handlers import sql
 from workers.registry import handles
 
+ACCRUAL = "POINTS_ACCRUAL"
+
 CARD_MOVEMENT_TYPES = (
     "voucher.gift.transaction.created",
     "voucher.loyalty_card.transaction.created",
@@ -31,6 +36,7 @@ CARD_MOVEMENT_TYPES = (
     "customer.voucher.loyalty_card.points_added",
     "customer.voucher.loyalty_card.points_expired",
     "customer.voucher.loyalty_card.pending_points.activated",
+    "customer.rewarded.loyalty_points",
 )
 
 
@@ -53,7 +59,7 @@ def record_card(event: CardMovementEvent, conn: psycopg.Connection[Any]) -> None
 
 def record_movement(event: CardMovementEvent, conn: psycopg.Connection[Any]) -> None:
     """The movement's ledger entry; nothing when the payload cannot say how much moved."""
-    if not event.amount or event.transaction_id is None:
+    if not event.amount or (event.transaction_id is None and event.accrual_key is None):
         return
     effect = EFFECT_OF_TRANSACTION.get(event.transaction_type or "")
     row = {
@@ -67,8 +73,13 @@ def record_movement(event: CardMovementEvent, conn: psycopg.Connection[Any]) -> 
         "event_id": event.event_id,
         "moved_at": event.moved_at,
         "balance_after": event.balance_after,
+        "balance_from_snapshot": event.balance_from_snapshot,
         "transaction_id": event.transaction_id,
+        "accrual_key": event.accrual_key,
     }
+    if event.accrual_key is not None or event.transaction_type == ACCRUAL:
+        record_accrual(row, conn)
+        return
     if effect is None:
         conn.execute(sql.UPSERT_MOVEMENT, row)
         return
@@ -87,6 +98,26 @@ def record_movement(event: CardMovementEvent, conn: psycopg.Connection[Any]) -> 
         sql.UPSERT_REDEMPTION_MOVEMENT,
         {**row, "redemption_id": child[0] if child else event.redemption_id, "effect": effect},
     )
+
+
+def record_accrual(row: dict[str, Any], conn: psycopg.Connection[Any]) -> None:
+    """An earning-rule accrual: one entry for its rewarded event, its transaction and its
+    balance event, whichever come and in whatever order (``sql.ACCRUAL_ENTRIES``)."""
+    found = conn.execute(sql.ACCRUAL_ENTRIES, row).fetchall()
+    exact = [entry for entry in found if entry[3]]
+    same = exact or found[:1]
+    if not same:
+        conn.execute(sql.UPSERT_MOVEMENT, row)
+        return
+    keep = same[0]  # the one that has its transaction, if one has
+    if row["transaction_id"] is not None and keep[1] not in (None, row["transaction_id"]):
+        # Another transaction holds this key (one rule, one order, twice): its own entry.
+        conn.execute(sql.UPSERT_MOVEMENT, {**row, "accrual_key": None})
+        return
+    for other in same[1:]:
+        if other[1] is None:  # the rewarded half of the movement, now in ``keep``
+            conn.execute(sql.DELETE_ENTRY, {"id": other[0]})
+    conn.execute(sql.MERGE_ACCRUAL, {**row, "id": keep[0]})
 
 
 def card_moved(event: CardMovementEvent, conn: psycopg.Connection[Any]) -> None:

@@ -146,22 +146,71 @@ DELETE_MOVEMENT_OF_TRANSACTION = """
 DELETE FROM ledger_entries WHERE transaction_id = %(transaction_id)s AND effect = %(movement)s
 """
 
+# A movement's balance after: a report of the movement's own replaces one read from the
+# card's snapshot in the event's voucher (``balance_from_snapshot``), never the other way;
+# otherwise the first report stays (migrations/0013_accruals.sql).
+_NEWER_BALANCE = """%(balance_after)s IS NOT NULL
+          AND (l.balance_after IS NULL
+               OR (l.balance_from_snapshot AND NOT %(balance_from_snapshot)s))"""
+_BALANCE_SET = f"""
+    balance_after = CASE WHEN {_NEWER_BALANCE}
+                         THEN %(balance_after)s ELSE l.balance_after END,
+    balance_from_snapshot = CASE WHEN {_NEWER_BALANCE}
+                                 THEN %(balance_from_snapshot)s
+                                 ELSE l.balance_from_snapshot END"""
+
 # A movement of no redemption (top-up, accrual, expiry, activation, manual change): one per
-# transaction id; the transaction event and its balance event twin are one entry.
-UPSERT_MOVEMENT = """
+# transaction id; the transaction event and its balance event twin are one entry. An
+# accrual's entry carries its key too (``ACCRUAL_ENTRIES``).
+UPSERT_MOVEMENT = f"""
 INSERT INTO ledger_entries AS l (customer_id, voucher_id, voucher_code, kind, amount,
                                  effect, reason, event_id, moved_at, balance_after,
-                                 transaction_id)
+                                 balance_from_snapshot, transaction_id, accrual_key)
 VALUES (%(customer_id)s, %(voucher_id)s, %(voucher_code)s, %(kind)s, %(amount)s,
         %(movement)s, %(reason)s, %(event_id)s, COALESCE(%(moved_at)s, now()),
-        %(balance_after)s, %(transaction_id)s)
-ON CONFLICT (transaction_id) DO UPDATE SET
-    balance_after = COALESCE(l.balance_after, EXCLUDED.balance_after),
+        %(balance_after)s, %(balance_from_snapshot)s, %(transaction_id)s, %(accrual_key)s)
+ON CONFLICT (transaction_id) DO UPDATE SET{_BALANCE_SET},
     customer_id = COALESCE(l.customer_id, EXCLUDED.customer_id),
     voucher_id = COALESCE(l.voucher_id, EXCLUDED.voucher_id),
     voucher_code = COALESCE(l.voucher_code, EXCLUDED.voucher_code),
     updated_at = now()
+"""  # noqa: S608 - constant fragments only, no input
+
+# The entries an accrual's event may be: the one of its transaction or of its key (exact),
+# else (loose) the one entry of the other half on the card with the same amount and
+# balance after -- a balance event names the transaction but not its earning rule, a
+# rewarded event the rule but not the transaction. The card's row is locked (the card's
+# report comes first), so the events of one card take their turns here.
+ACCRUAL_ENTRIES = """
+SELECT id, transaction_id, accrual_key,
+       (transaction_id = %(transaction_id)s OR accrual_key = %(accrual_key)s) AS exact
+FROM ledger_entries
+WHERE effect = %(movement)s AND voucher_id = %(voucher_id)s
+  AND (transaction_id = %(transaction_id)s OR accrual_key = %(accrual_key)s
+       OR (amount = %(amount)s AND balance_after = %(balance_after)s
+           AND NOT balance_from_snapshot
+           AND CASE WHEN %(transaction_id)s::text IS NULL
+                    THEN transaction_id IS NOT NULL AND accrual_key IS NULL
+                    ELSE transaction_id IS NULL AND accrual_key IS NOT NULL END))
+ORDER BY exact DESC, transaction_id IS NULL, id
 """
+
+# The accrual's entry learns what the event adds: its transaction's own figures and time
+# replace the rewarded event's (which has no transaction time: its webhook's).
+MERGE_ACCRUAL = f"""
+UPDATE ledger_entries l SET
+    transaction_id = COALESCE(l.transaction_id, %(transaction_id)s),
+    accrual_key = COALESCE(l.accrual_key, %(accrual_key)s),
+    amount = CASE WHEN %(transaction_id)s::text IS NOT NULL THEN %(amount)s ELSE l.amount END,
+    moved_at = CASE WHEN %(transaction_id)s::text IS NOT NULL
+                    THEN COALESCE(%(moved_at)s, l.moved_at) ELSE l.moved_at END,{_BALANCE_SET},
+    customer_id = COALESCE(l.customer_id, %(customer_id)s),
+    voucher_code = COALESCE(l.voucher_code, %(voucher_code)s),
+    updated_at = now()
+WHERE id = %(id)s
+"""  # noqa: S608 - constant fragments only, no input
+
+DELETE_ENTRY = "DELETE FROM ledger_entries WHERE id = %(id)s"
 
 # The card's balance as of its newest report, and its holder as of that report; heard_at
 # is when any event of the card last reached us (the drift job waits for quiet cards). An
