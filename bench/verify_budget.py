@@ -115,15 +115,18 @@ def never_settling(pool: ConnectionPool, ours: list[tuple[Any, ...]], flags: int
 
 
 def unhealable(pool: ConnectionPool, fake: FakeVoucherify, cards: int, at: datetime) -> None:
-    """Cards whose ledger misses 50 that Voucherify's transactions do not list either."""
+    """Cards whose ledger misses 50 that Voucherify's transactions do not list either.
+    Each has its holder, as its events named: no holder lookup (a one-off call per card,
+    ``workers.jobs.card_lookup``) is what never settles."""
     with pool.connection() as conn:
         for n in range(cards):
             card, code = f"v_drift_{n:03d}", f"DRIFT{n:03d}"
             fake.transactions[code] = []
             conn.execute(
-                "INSERT INTO card_balances (voucher_id, voucher_code, kind, reported_balance,"
-                " reported_at, heard_at) VALUES (%s, %s, 'gift_credit', 250, %s, %s)",
-                (card, code, at, at - timedelta(hours=1)),
+                "INSERT INTO card_balances (voucher_id, voucher_code, kind, customer_id,"
+                " reported_balance, reported_at, heard_at)"
+                " VALUES (%s, %s, 'gift_credit', %s, 250, %s, %s)",
+                (card, code, f"cust_drift_{n:03d}", at, at - timedelta(hours=1)),
             )
             for tx, amount, after, minutes in (("a", 100, 100, 0), ("c", 100, 250, 2)):
                 conn.execute(

@@ -3,9 +3,11 @@
 ``GET /v1/redemptions/<id>`` and ``GET /v1/redemptions`` (``limit`` up to 100, ``page``
 1 to 99 -- a page past 99 is a 400 like the real API's --, ``order=created_at``,
 ``created_at[after]`` / ``created_at[before]``; the answer ``{object: "list", data_ref,
-redemptions, total}``). Redemptions and rollbacks are built from the published examples
-copied into ``tests/fixtures/voucherify/`` (``api.redemption.get.*``, the REST rollback
-responses): no ``voucher.type`` -- the card's kind is in the top-level ``gift`` /
+redemptions, total}``), ``GET /v1/vouchers/<code or id>`` (the published voucher object,
+``api_voucher``; 404 when unknown) and ``GET /v1/vouchers/<code>/transactions``.
+Redemptions, rollbacks and vouchers are built from the published examples copied into
+``tests/fixtures/voucherify/`` (``api.redemption.get.*``, the REST rollback responses,
+``api.voucher.get.*``): no ``voucher.type`` -- the card's kind is in the top-level ``gift`` /
 ``loyalty_card`` object, as in the real answers. It checks the ``X-App-Id`` /
 ``X-App-Token`` headers, can answer 429 / 5xx with headers or drop the connection a
 given number of times first, and can add ``X-Rate-Limit-*`` headers to every answer.
@@ -49,6 +51,9 @@ class FakeVoucherify:
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     transactions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Card code (or id) -> its transactions, oldest first, as ``VoucherTransaction``."""
+    vouchers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Card code (or id) -> its voucher object (``api_voucher``), for ``GET /v1/vouchers/<code>``;
+    found by the object's ``id`` or ``code`` too, whatever its key."""
     rate_headers: dict[str, str] = field(default_factory=dict)
     """Added to every answer (``X-Rate-Limit-Limit`` / ``-Remaining`` / ``-Retry``)."""
     max_page: int = 99
@@ -62,7 +67,8 @@ class FakeVoucherify:
             self._by_date = None
 
     def fail_first(self, key: str, *failures: Failure) -> None:
-        """The next requests of ``key`` (an id, or ``LIST``) fail this way, in turn."""
+        """The next requests of ``key`` (a redemption's id, a voucher's code or id as requested,
+        or ``LIST``) fail this way, in turn."""
         with self.lock:
             self.failures.setdefault(key, []).extend(failures)
 
@@ -85,10 +91,13 @@ class FakeVoucherify:
             if split.path.startswith("/v1/vouchers/") and "/transactions" in split.path:
                 return _transactions_page(self, target)
             prefix = "/v1/redemptions/"
+            voucher = _voucher_key(split.path)
             if split.path == "/v1/redemptions":
                 key = LIST
             elif split.path.startswith(prefix):
                 key = split.path[len(prefix) :]
+            elif voucher is not None:
+                key = voucher
             else:
                 return 404, {}, {"code": 404, "key": "not_found"}
             pending = self.failures.get(key)
@@ -97,10 +106,19 @@ class FakeVoucherify:
                 return failure.status, failure.headers, {"code": failure.status}
             if key == LIST:
                 return self._list({k: v[0] for k, v in parse_qs(split.query).items()})
-            found = self.redemptions.get(key)
+            found = self._voucher(voucher) if voucher is not None else self.redemptions.get(key)
             if found is None:
                 return 404, {}, {"code": 404, "key": "not_found", "message": "Not found"}
             return 200, {}, found
+
+    def _voucher(self, key: str) -> dict[str, Any] | None:
+        """The voucher whose key, ``code`` or ``id`` is ``key`` (Voucherify takes either)."""
+        found = self.vouchers.get(key)
+        if found is not None:
+            return found
+        return next(
+            (v for v in self.vouchers.values() if key in (v.get("id"), v.get("code"))), None
+        )
 
     def _list(self, query: dict[str, str]) -> tuple[int, dict[str, str], Any]:
         limit, page = int(query.get("limit", "10")), int(query.get("page", "1"))
@@ -123,6 +141,15 @@ class FakeVoucherify:
             "total": len(keys),
         }
         return 200, {}, body
+
+
+def _voucher_key(path: str) -> str | None:
+    """The code (or id) of ``GET /v1/vouchers/<code>``; None for any other path (its
+    sub-paths, ``/transactions`` included, are not the voucher)."""
+    parts = path.split("/")
+    if len(parts) == 4 and parts[:3] == ["", "v1", "vouchers"] and parts[3]:
+        return unquote(parts[3])
+    return None
 
 
 def _transactions_page(fake: FakeVoucherify, path: str) -> tuple[int, dict[str, str], Any]:
@@ -231,11 +258,18 @@ def api_redemption(
     date: str = "2024-02-01T08:45:32.014Z",
     rollback_date: str = "2024-02-01T10:23:52.499Z",
     rollbacks: list[dict[str, str]] | None = None,
+    voucher_id: str | None = None,
+    voucher_code: str | None = None,
 ) -> dict[str, Any]:
     """``GET /v1/redemptions/<r_id>`` of a gift or loyalty card redemption: the published
     "Gift Card" / "Loyalty Card - Pay with Points" example, re-keyed (``status`` is in
-    the schema, not in the examples)."""
+    the schema, not in the examples); ``voucher_id`` / ``voucher_code``: another card than
+    the example's. Its ``voucher`` names no holder, as published."""
     redemption = copy.deepcopy(_published(GET_EXAMPLES[kind]))
+    if voucher_id is not None:
+        redemption["voucher"]["id"] = voucher_id
+    if voucher_code is not None:
+        redemption["voucher"]["code"] = voucher_code
     redemption.update(
         {
             "id": redemption_id,
@@ -315,3 +349,28 @@ def api_failed(redemption_id: str, date: str) -> dict[str, Any]:
     failed = copy.deepcopy(failed)
     failed.update({"id": redemption_id, "date": date})
     return dict(failed)
+
+
+VOUCHER_EXAMPLES = {
+    "gift": "api.voucher.get.gift-card",
+    "loyalty": "api.voucher.get.loyalty-card",
+}
+
+
+def api_voucher(
+    kind: str,
+    voucher_id: str,
+    code: str,
+    holder_id: str | None = "cust_card_test",
+    balance: int = 8000,
+) -> dict[str, Any]:
+    """``GET /v1/vouchers/<code>`` of a gift or loyalty card: the published "Gift Card" /
+    "Loyalty Card" example, re-keyed, with its holder (None: a card nobody holds, the
+    schema's null) and its balance now (``gift.balance`` / ``loyalty_card.balance``)."""
+    voucher = copy.deepcopy(_published(VOUCHER_EXAMPLES[kind]))
+    voucher.update({"id": voucher_id, "code": code, "holder_id": holder_id})
+    if kind == "gift":
+        voucher["gift"]["balance"] = balance
+    else:
+        voucher["loyalty_card"]["balance"] = balance
+    return voucher

@@ -33,6 +33,10 @@ itself with a note. When a person resolves a drift flag, the gap is accepted: th
 ``accepted_drift`` takes the gap of that moment and later runs measure from there; when
 the missing movement arrives after all (the gap is 0 again), nothing is accepted any more. The
 gauge ``reconciliation_drifting_cards`` gives the number of drifting cards per kind.
+
+With the API, before the cards are checked, the cards whose events never named a holder
+are asked for theirs (``workers.jobs.card_lookup``: one call per card, ever), so that
+their entries -- verify's heals among them -- are on the holder's books.
 """
 
 from __future__ import annotations
@@ -50,10 +54,11 @@ from psycopg_pool import ConnectionPool
 from config.logs import masked_code
 from schemas.vocabulary import FlagCategory, FlagStatus, LedgerKind
 from workers.jobs import metrics
+from workers.jobs.card_lookup import Lookups, learn_holders
 from workers.jobs.drift_heal import Card as HealCard
 from workers.jobs.drift_heal import TransactionLister, heal_card
 from workers.jobs.result import JobResult
-from workers.jobs.voucherify_api import BudgetExhausted, VoucherifyApiError
+from workers.jobs.voucherify_api import BudgetExhausted, VoucherifyApi, VoucherifyApiError
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +172,10 @@ class DriftResult(JobResult):
     """Cards no event has reported a balance of yet: nothing to measure them by."""
     healed: int = 0
     """Transactions listed from Voucherify's API and applied to close a gap."""
+    looked_up: int = 0
+    """Cards without a holder Voucherify was asked for (``GET /v1/vouchers/{id}``)."""
+    holders_learned: int = 0
+    """Of those, the cards whose holder it named: their entries are the holder's now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,10 +234,12 @@ def check_drift(
     deadline: float,
     batch_size: int = BATCH_SIZE,
     quiet_seconds: float = QUIET_SECONDS,
-    api: TransactionLister | None = None,
+    api: VoucherifyApi | None = None,
 ) -> DriftResult:
-    """Check every quiet card; with ``api``, heal a drifting card from its transactions
+    """Check every quiet card; with ``api``, learn the holder of the cards without one
+    (``workers.jobs.card_lookup``) first, and heal a drifting card from its transactions
     (``workers.jobs.drift_heal``) before flagging what is still missing."""
+    lookups = learn_holders(pool, api, deadline) if api is not None else Lookups()
     tally = _Tally()
     after = ""
     complete = False
@@ -265,6 +276,8 @@ def check_drift(
         waiting=tally.waiting,
         unmeasured=tally.unmeasured,
         healed=tally.healed,
+        looked_up=lookups.looked_up,
+        holders_learned=lookups.learned,
     )
 
 

@@ -107,8 +107,9 @@ def _verify(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: fl
 
 
 def _drift(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:
-    """Heals drifting cards from Voucherify's API when it is configured (as verify's),
-    leaving the window sweep's share of the day's calls to verify."""
+    """Heals drifting cards, and learns the holders of cards without one, from Voucherify's
+    API when it is configured (as verify's), leaving the window sweep's share of the day's
+    calls to verify."""
     api = _api(s, pool)
     if api is None:
         return check_drift(pool, deadline).as_dict()

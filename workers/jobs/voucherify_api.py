@@ -3,7 +3,8 @@
 Every request goes through ``VoucherifyApi.get``: the ``X-App-Id`` / ``X-App-Token``
 headers, the budget, the spacing of calls, the retries and Voucherify's own rate-limit
 headers are handled there once, so an endpoint method is a path and its query
-(``get_redemption``, ``list_redemptions``; add others the same way).
+(``get_redemption``, ``list_redemptions``, ``get_voucher``, ``list_voucher_transactions``;
+add others the same way).
 
 Why urllib3 and not the official ``voucherify`` package: the package (OpenAPI-generated,
 v6) does list redemptions with the ``created_at`` filters, but (1) its typed methods return
@@ -266,6 +267,13 @@ class VoucherifyApi:
         if not isinstance(items, list):
             raise VoucherifyApiError("GET /v1/redemptions: no 'redemptions' list in the answer")
         return [item for item in items if isinstance(item, dict)]
+
+    def get_voucher(self, code_or_id: str, deadline: float) -> dict[str, Any] | None:
+        """The voucher object, ``GET /v1/vouchers/{code}`` (its code or Voucherify's id):
+        ``holder_id``, ``gift.balance`` / ``loyalty_card.balance`` as of now; None when
+        Voucherify does not know it. For the drift job's holder lookups
+        (``workers.jobs.card_lookup``)."""
+        return self.get(f"/v1/vouchers/{quote(code_or_id, safe='')}", (), deadline)
 
     def list_voucher_transactions(
         self, code: str, deadline: float, starting_after_id: str | None = None

@@ -1,0 +1,190 @@
+"""Learn the holder of a card whose events never named one: one call per card, ever.
+
+Verify heals a lost redemption from Voucherify's listing (``GET /v1/redemptions``), whose
+``voucher`` names no holder; so does many a webhook of a gift card. Such a card's ledger
+entries have no ``customer_id`` (the card's holder, ``migrations/0006_card_ledger.sql``)
+and are on nobody's books (``/ops/api/customers/<holder>/ledger``). Before it checks the
+cards, the drift job asks Voucherify for each card with no holder that it has not asked
+yet (``GET /v1/vouchers/{id}``, the published voucher object) and, when the answer names
+``holder_id``, makes it the card's holder and moves every entry of the card to it
+(``sql.SYNC_HOLDER``: the ledger's entries follow the card's holder). A card no event has
+reported a balance of takes the one the answer gives (``gift.balance`` /
+``loyalty_card.balance``: ``loyalty_card.points`` is what the card earned over its life),
+reported now. A holder already set, by an event, is never replaced.
+
+The card is marked asked (``card_balances.looked_up_at``) whatever the answer: a card
+nobody holds (common for gift cards) or that Voucherify does not know (404) costs one call,
+ever. A call that fails counts against the card (``lookup_failures``) and the card is asked
+again on a later run, ``MAX_LOOKUP_FAILURES`` times at most. The card is asked by its id,
+not its code: a code can be spent by whoever reads it, and the client's logs and errors
+quote the request's path.
+
+Within the budget: at most ``LOOKUP_BATCH`` cards a run, within ``LOOKUP_TIME_SHARE`` of
+the run's time left (the cards' checks and heals come next), and of the calls of the day
+the caller may make (what the window sweep leaves, ``VoucherifyApi.leaving``) at most
+``LOOKUP_SHARE``: the rest stays the heals' and the flags' checks', so a backlog of cards
+to ask (every card without a holder, the day this shipped) cannot starve them. A call the
+budget refuses ends the lookups of the run; the cards left are asked on the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg.rows import class_row
+from psycopg_pool import ConnectionPool
+
+from config.logs import masked_code
+from schemas.vocabulary import LedgerKind
+from workers.handlers import sql
+from workers.jobs.voucherify_api import BudgetExhausted, VoucherifyApi, VoucherifyApiError
+
+log = logging.getLogger(__name__)
+
+LOOKUP_BATCH = 100
+"""Cards asked at most per run."""
+MAX_LOOKUP_FAILURES = 5
+"""Failed calls after which a card is not asked again."""
+LOOKUP_SHARE = 0.5
+"""Of the calls of the day the drift job may make, the share the lookups may spend."""
+LOOKUP_TIME_SHARE = 1 / 3
+"""Of the run's time left, the share the lookups may take (at the default pace, a call
+every 1.8 s: about 20 cards in a 120 s run)."""
+MAX_BALANCE = 2**63 - 1
+
+# The partial index card_balances_to_look_up (migrations/0014_card_lookups.sql) holds
+# exactly the cards not asked yet that have no holder.
+CARDS_TO_LOOK_UP = """
+SELECT voucher_id, voucher_code, kind FROM card_balances
+WHERE customer_id IS NULL AND looked_up_at IS NULL AND lookup_failures < %(max_failures)s
+ORDER BY lookup_failures, voucher_id
+LIMIT %(batch)s
+"""
+
+LOCK_CARD = "SELECT customer_id FROM card_balances WHERE voucher_id = %(voucher_id)s FOR UPDATE"
+
+# Asked, whatever the answer. The holder only where none is set (an event may have named
+# one since the card was selected); the balance only where no event reported one, as of
+# now (the answer is the card as it is now). heard_at stays: no event reached us.
+RECORD_LOOKUP = """
+UPDATE card_balances SET
+    looked_up_at = now(),
+    customer_id = COALESCE(customer_id, %(holder_id)s),
+    reported_balance = CASE WHEN reported_at IS NULL AND %(balance)s::bigint IS NOT NULL
+                            THEN %(balance)s::bigint ELSE reported_balance END,
+    reported_at = CASE WHEN reported_at IS NULL AND %(balance)s::bigint IS NOT NULL
+                       THEN now() ELSE reported_at END,
+    updated_at = now()
+WHERE voucher_id = %(voucher_id)s
+"""
+
+LOOKUP_FAILED = """
+UPDATE card_balances SET lookup_failures = lookup_failures + 1, updated_at = now()
+WHERE voucher_id = %(voucher_id)s
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Lookups:
+    looked_up: int = 0
+    """Cards Voucherify answered for (a 404 included): not asked again."""
+    learned: int = 0
+    """Of those, the cards whose holder the answer named: their entries moved to it."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Card:
+    voucher_id: str
+    voucher_code: str | None
+    kind: str
+
+
+def lookup_reserve(api: VoucherifyApi) -> int:
+    """The calls of the day the lookups leave to others: what the caller leaves already
+    (the window sweep's share), and ``1 - LOOKUP_SHARE`` of the rest."""
+    rest = max(0, api.budget.per_day - api.reserve)
+    return api.reserve + rest - int(rest * LOOKUP_SHARE)
+
+
+def learn_holders(
+    pool: ConnectionPool, api: VoucherifyApi, deadline: float, batch_size: int = LOOKUP_BATCH
+) -> Lookups:
+    """Ask Voucherify for the cards with no holder not asked yet; what was learned."""
+    now = api.clock()  # the clock the client's waits and retries keep to the deadline by
+    until = now + max(0.0, deadline - now) * LOOKUP_TIME_SHARE
+    with pool.connection() as conn:
+        cursor = conn.cursor(row_factory=class_row(_Card))
+        params = {"max_failures": MAX_LOOKUP_FAILURES, "batch": batch_size}
+        cards = cursor.execute(CARDS_TO_LOOK_UP, params).fetchall()
+    looked_up = learned = 0
+    with api.leaving(lookup_reserve(api)):
+        for card in cards:
+            if api.clock() >= until:
+                break
+            try:
+                voucher = api.get_voucher(card.voucher_id, until)
+            except BudgetExhausted:
+                break  # the lookups' share is spent: the cards left are asked next run
+            except VoucherifyApiError as exc:
+                log.warning(
+                    "drift.lookup_failed",
+                    extra={
+                        "voucher_id": card.voucher_id,
+                        "voucher_code": masked_code(card.voucher_code),
+                        "status": exc.status,
+                        "error": _masked(str(exc), card.voucher_code),
+                    },
+                )
+                if exc.permanent:
+                    break  # wrong credentials: no card of this run can do better
+                with pool.connection() as conn:
+                    conn.execute(LOOKUP_FAILED, {"voucher_id": card.voucher_id})
+                continue
+            looked_up += 1
+            learned += _record(pool, card, voucher)
+    return Lookups(looked_up, learned)
+
+
+def _record(pool: ConnectionPool, card: _Card, voucher: dict[str, Any] | None) -> bool:
+    """The answer on the card's row; True when it named the holder of a card without one."""
+    holder = _holder(voucher)
+    balance = _balance(voucher, card.kind)
+    with pool.connection() as conn, conn.transaction():
+        row = conn.execute(LOCK_CARD, {"voucher_id": card.voucher_id}).fetchone()
+        if row is None:
+            return False
+        params = {"voucher_id": card.voucher_id, "holder_id": holder, "balance": balance}
+        conn.execute(RECORD_LOOKUP, params)
+        learned = row[0] is None and holder is not None
+        moved = 0
+        if learned:
+            moved = conn.execute(sql.SYNC_HOLDER, {"voucher_id": card.voucher_id}).rowcount
+    extra = {"voucher_id": card.voucher_id, "voucher_code": masked_code(card.voucher_code)}
+    if learned:
+        log.info("drift.holder_learned", extra={**extra, "customer_id": holder, "entries": moved})
+    elif voucher is None:
+        log.info("drift.lookup_not_found", extra=extra)
+    return learned
+
+
+def _holder(voucher: dict[str, Any] | None) -> str | None:
+    holder = (voucher or {}).get("holder_id")
+    return holder if isinstance(holder, str) and holder else None
+
+
+def _balance(voucher: dict[str, Any] | None, kind: str) -> int | None:
+    """The card's balance now, in its own unit; None when the answer has no whole one."""
+    part = (voucher or {}).get("gift" if kind == LedgerKind.GIFT_CREDIT else "loyalty_card")
+    value = part.get("balance") if isinstance(part, dict) else None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_BALANCE:
+        return None
+    return value
+
+
+def _masked(text: str, code: str | None) -> str:
+    """``text`` with the card's code masked, wherever an answer's body quotes it."""
+    return text.replace(code, masked_code(code) or "") if code else text
