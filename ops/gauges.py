@@ -15,7 +15,7 @@ describes one moment.
 
 - ``pipeline_open_flags{category}``: flags waiting for a person.
 - ``pipeline_dead_letters_pending``: dead letters not replayed yet.
-- ``pipeline_unmeasured_cards{kind}``: cards no event has reported a balance of yet.
+- ``pipeline_unmeasured_cards{kind}``: cards no movement has reported the balance after of yet.
 - ``pipeline_oldest_waiting_event_age_seconds``: age of the oldest event not finished
   (``schemas.vocabulary.UNFINISHED_STATUSES``); 0 when none waits.
 - ``pipeline_waiting_events``: how many events are not finished.
@@ -145,7 +145,7 @@ def _table_gauges(tables: Tables) -> Iterable[Metric]:
     yield open_flags
     unmeasured = GaugeMetricFamily(
         "pipeline_unmeasured_cards",
-        "Cards no event has reported a balance of yet: the drift job cannot measure them",
+        "Cards no movement has reported the balance after of yet: drift cannot measure them",
         labels=["kind"],
     )
     for kind, count in tables.unmeasured_cards.items():

@@ -146,8 +146,14 @@ UPDATE flags SET status = %(resolved)s, note = %(note)s, resolved_at = now()
 WHERE id = %(id)s AND status = %(open)s
 """
 
+# The drift job's own test (workers/jobs/drift.py): a card is measured from its first
+# movement that reports the balance after it; a balance known otherwise (a lookup of the
+# card) does not measure its movements.
 UNMEASURED_CARDS = """
-SELECT kind, count(*) AS n FROM card_balances WHERE reported_at IS NULL GROUP BY kind
+SELECT c.kind, count(*) AS n FROM card_balances c
+WHERE NOT EXISTS (SELECT 1 FROM ledger_entries e
+                  WHERE e.voucher_id = c.voucher_id AND e.balance_after IS NOT NULL)
+GROUP BY c.kind
 """
 
 # --- orders, redemptions, ledger ------------------------------------------------------

@@ -149,14 +149,14 @@ DELETE FROM ledger_entries WHERE transaction_id = %(transaction_id)s AND effect 
 # A movement's balance after: a report of the movement's own replaces one read from the
 # card's snapshot in the event's voucher (``balance_from_snapshot``), never the other way;
 # otherwise the first report stays (migrations/0013_accruals.sql).
-_NEWER_BALANCE = """%(balance_after)s IS NOT NULL
+_NEWER_BALANCE = """%(balance_after)s::bigint IS NOT NULL
           AND (l.balance_after IS NULL
-               OR (l.balance_from_snapshot AND NOT %(balance_from_snapshot)s))"""
+               OR (l.balance_from_snapshot AND NOT %(balance_from_snapshot)s::boolean))"""
 _BALANCE_SET = f"""
     balance_after = CASE WHEN {_NEWER_BALANCE}
-                         THEN %(balance_after)s ELSE l.balance_after END,
+                         THEN %(balance_after)s::bigint ELSE l.balance_after END,
     balance_from_snapshot = CASE WHEN {_NEWER_BALANCE}
-                                 THEN %(balance_from_snapshot)s
+                                 THEN %(balance_from_snapshot)s::boolean
                                  ELSE l.balance_from_snapshot END"""
 
 # A movement of no redemption (top-up, accrual, expiry, activation, manual change): one per
