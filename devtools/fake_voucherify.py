@@ -11,6 +11,13 @@ Redemptions, rollbacks and vouchers are built from the published examples copied
 ``loyalty_card`` object, as in the real answers. It checks the ``X-App-Id`` /
 ``X-App-Token`` headers, can answer 429 / 5xx with headers or drop the connection a
 given number of times first, and can add ``X-Rate-Limit-*`` headers to every answer.
+
+Writes (``do_POST``, recorded in ``posts``): ``POST /v1/redemptions/<id>/rollback`` and
+``/v1/redemptions/<parent>/rollbacks`` (the redemption ``ROLLED_BACK``, a listed
+``redemption_rollback``; a second one 400 ``already_rolled_back``; ids in
+``rollback_window_closed`` 400 ``ROLLBACK_WINDOW_KEY``, not a published key) and
+``POST /v1/vouchers/<code>/balance`` (a ``CREDITS_ADDITION`` / ``POINTS_ADDITION``
+transaction, the published balance answer); ``timeout_after_effect`` drops the answer.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
@@ -57,6 +65,13 @@ class FakeVoucherify:
     rate_headers: dict[str, str] = field(default_factory=dict)
     """Added to every answer (``X-Rate-Limit-Limit`` / ``-Remaining`` / ``-Retry``)."""
     max_page: int = 99
+    posts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    """Each POST's target (path and query) and JSON body, in order."""
+    timeout_after_effect: set[str] = field(default_factory=set)
+    """POST paths (e.g. ``/v1/redemptions/r_1/rollback``) whose effect is applied and whose
+    connection is then dropped without an answer (``DROP``): an outcome unknown."""
+    rollback_window_closed: set[str] = field(default_factory=set)
+    """Redemption ids whose rollback is refused, 400 ``ROLLBACK_WINDOW_KEY``."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     _by_date: list[tuple[str, str]] | None = None  # (date, id), sorted; None: to rebuild
 
@@ -111,6 +126,167 @@ class FakeVoucherify:
                 return 404, {}, {"code": 404, "key": "not_found", "message": "Not found"}
             return 200, {}, found
 
+    def answer_post(
+        self, target: str, headers: dict[str, str], body: dict[str, Any]
+    ) -> tuple[int, dict[str, str], Any]:
+        """``POST /v1/redemptions/{id}/rollback``, ``/v1/redemptions/{parent}/rollbacks``,
+        ``/v1/vouchers/{code}/balance``; ``fail_first`` keyed by the path."""
+        with self.lock:
+            self.requests.append((target, headers))
+            self.posts.append((target, body))
+            if headers.get("x-app-id") != APP_ID or headers.get("x-app-token") != APP_TOKEN:
+                return 401, {}, _error(401, "unauthorized", "Unauthorized")
+            split = urlsplit(target)
+            pending = self.failures.get(split.path)
+            if pending:
+                failure = pending.pop(0)
+                return failure.status, failure.headers, {"code": failure.status}
+            query = dict(parse_qsl(split.query))
+            parts = [unquote(part) for part in split.path.split("/")]
+            if len(parts) == 5 and parts[:3] == ["", "v1", "redemptions"]:
+                if parts[4] == "rollback":
+                    answer = self._rollback(parts[3], query)
+                elif parts[4] == "rollbacks":
+                    answer = self._rollback_stack(parts[3], query)
+                else:
+                    answer = 404, {}, _error(404, "not_found", "Resource not found")
+            elif len(parts) == 5 and parts[:3] == ["", "v1", "vouchers"] and parts[4] == "balance":
+                answer = self._balance(parts[3], body)
+            else:
+                answer = 404, {}, _error(404, "not_found", "Resource not found")
+            if answer[0] == 200 and split.path in self.timeout_after_effect:
+                return DROP, {}, None
+            return answer
+
+    def _refusal(self, redemption_id: str) -> tuple[int, dict[str, str], Any] | None:
+        redemption = self.redemptions.get(redemption_id)
+        if redemption is None:
+            return 404, {}, _error(404, "not_found", "Resource not found", redemption_id)
+        if redemption.get("status") == "ROLLED_BACK":
+            message = "Redemption has been already rolled back"
+            return 400, {}, _error(400, "already_rolled_back", message, redemption_id)
+        if redemption_id in self.rollback_window_closed:
+            message = "Redemption can no longer be rolled back"
+            return 400, {}, _error(400, ROLLBACK_WINDOW_KEY, message, redemption_id)
+        return None
+
+    def _roll_back(
+        self, redemption_id: str, query: dict[str, str], parent: str | None = None
+    ) -> dict[str, Any]:
+        """The effect: a ``redemption_rollback``, listed; the redemption ``ROLLED_BACK``."""
+        redemption = self.redemptions[redemption_id]
+        kind = "gift" if redemption.get("gift") else "loyalty"
+        moved = redemption.get("gift") or redemption.get("loyalty_card") or {}
+        amount = int(moved.get("amount") or moved.get("points") or redemption.get("amount") or 0)
+        rollback_id = f"rr_fake_{len(self.posts):04d}_{redemption_id}"
+        date = _now()
+        rollback = api_rollback(
+            kind,
+            rollback_id,
+            redemption_id,
+            amount,
+            order_id=redemption.get("order", {}).get("id", "ord_card_test"),
+            customer_id=redemption.get("customer_id") or "cust_card_test",
+            date=date,
+        )
+        rollback.update({"reason": query.get("reason"), "tracking_id": query.get("tracking_id")})
+        if parent is not None:
+            rollback["parent_rollback_id"] = parent
+        redemption["status"] = "ROLLED_BACK"
+        related = redemption.setdefault("related_redemptions", {"rollbacks": [], "redemptions": []})
+        related.setdefault("rollbacks", []).append({"id": rollback_id, "date": date})
+        self.redemptions[rollback_id] = rollback
+        self._by_date = None
+        return rollback
+
+    def _rollback(
+        self, redemption_id: str, query: dict[str, str]
+    ) -> tuple[int, dict[str, str], Any]:
+        refused = self._refusal(redemption_id)
+        if refused is not None:
+            return refused
+        return 200, {}, self._roll_back(redemption_id, query)
+
+    def _rollback_stack(
+        self, parent_id: str, query: dict[str, str]
+    ) -> tuple[int, dict[str, str], Any]:
+        """The parent (``object: redemption``) and its children (``redemption`` = parent)."""
+        refused = self._refusal(parent_id)
+        if refused is not None:
+            return refused
+        children = [
+            key
+            for key, obj in self.redemptions.items()
+            if obj.get("redemption") == parent_id and obj.get("object") == "redemption"
+        ]
+        parent = self.redemptions[parent_id]
+        parent_rollback_id = f"rr_fake_{len(self.posts):04d}_{parent_id}"
+        rollbacks = [self._roll_back(child, query, parent_rollback_id) for child in children]
+        date = _now()
+        parent_rollback = {
+            "id": parent_rollback_id,
+            "object": "redemption_rollback",
+            "date": date,
+            "customer_id": parent.get("customer_id"),
+            "tracking_id": query.get("tracking_id"),
+            "metadata": None,
+            "redemption": parent_id,
+            "reason": query.get("reason"),
+            "result": "SUCCESS",
+            "status": "SUCCEEDED",
+            "order": rollbacks[0]["order"] if rollbacks else None,
+            "customer": parent.get("customer"),
+            "related_object_type": "redemption",
+            "related_object_id": parent_id,
+        }
+        parent["status"] = "ROLLED_BACK"
+        related = parent.setdefault("related_redemptions", {"rollbacks": [], "redemptions": []})
+        related.setdefault("rollbacks", []).append({"id": parent_rollback_id, "date": date})
+        self.redemptions[parent_rollback_id] = parent_rollback
+        self._by_date = None
+        body = {
+            "rollbacks": rollbacks,
+            "parent_rollback": parent_rollback,
+            "order": parent_rollback["order"],
+        }
+        return 200, {}, body
+
+    def _balance(self, code: str, body: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+        """The effect: the card's balance moved, a ``*_ADDITION`` transaction appended."""
+        voucher = self._voucher(code)
+        if voucher is None:
+            return 404, {}, _error(404, "not_found", "Resource not found", code)
+        amount = int(body.get("amount") or 0)
+        gift = voucher.get("gift")
+        card = gift if gift else voucher.setdefault("loyalty_card", {})
+        card["balance"] = int(card.get("balance") or 0) + amount
+        answer = copy.deepcopy(_published("api.voucher-balance.response"))
+        answer.update(
+            {
+                "amount": amount,
+                "total": card["balance"],
+                "balance": card["balance"],
+                "type": "gift_voucher" if gift else "loyalty_card",
+                "related_object": {"type": "voucher", "id": voucher.get("id")},
+            }
+        )
+        listed = self.transactions.setdefault(code, [])
+        listed.append(
+            {
+                "id": f"vtx_fake_{len(self.posts):04d}",
+                "source_id": body.get("source_id"),
+                "voucher_id": voucher.get("id"),
+                "campaign_id": voucher.get("campaign_id"),
+                "source": "API",
+                "reason": body.get("reason"),
+                "type": "CREDITS_ADDITION" if gift else "POINTS_ADDITION",
+                "details": {"balance": {**answer, "operation_type": "MANUAL"}},
+                "related_transaction_id": None,
+                "created_at": _now(),
+            }
+        )
+        return 200, {}, answer
+
     def _voucher(self, key: str) -> dict[str, Any] | None:
         """The voucher whose key, ``code`` or ``id`` is ``key`` (Voucherify takes either)."""
         found = self.vouchers.get(key)
@@ -141,6 +317,26 @@ class FakeVoucherify:
             "total": len(keys),
         }
         return 200, {}, body
+
+
+ROLLBACK_WINDOW_KEY = "rollback_window_expired"
+"""Not published: the key the fake gives a rollback refused for its age (our choice)."""
+
+
+def _error(status: int, key: str, message: str, details: str | None = None) -> dict[str, Any]:
+    """The published ``Error`` object (no example of it is published)."""
+    return {
+        "code": status,
+        "key": key,
+        "message": message,
+        "details": details or message,
+        "request_id": "v-fake-request",
+    }
+
+
+def _now() -> str:
+    moment = datetime.now(UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _voucher_key(path: str) -> str | None:
@@ -191,6 +387,33 @@ def fake_voucherify() -> Iterator[FakeVoucherify]:
         def do_GET(self) -> None:
             headers = {k.lower(): v for k, v in self.headers.items()}
             status, extra, body = fake.answer(self.path, headers)
+            if status == DROP:
+                self.close_connection = True
+                self.connection.close()
+                return
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in {**fake.rate_headers, **extra}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                payload = json.loads(raw) if raw else {}
+            except ValueError:
+                payload = {}
+            status, extra, body = fake.answer_post(
+                self.path, headers, payload if isinstance(payload, dict) else {}
+            )
+            self._send(status, extra, body)
+
+        def _send(self, status: int, extra: dict[str, str], body: Any) -> None:
             if status == DROP:
                 self.close_connection = True
                 self.connection.close()

@@ -1,4 +1,4 @@
-"""Read from Voucherify's REST API within a budget: one GET path, endpoint methods on top.
+"""Call Voucherify's REST API within a budget: one request path, endpoint methods on top.
 
 Every request goes through ``VoucherifyApi.get``: the ``X-App-Id`` / ``X-App-Token``
 headers, the budget, the spacing of calls, the retries and Voucherify's own rate-limit
@@ -32,6 +32,13 @@ Retries: 429, 408, 5xx, and any connection or TLS error (``urllib3.exceptions.HT
 ``OSError``) are retried with exponential backoff and jitter, honouring ``Retry-After`` (or
 ``X-Rate-Limit-Retry``), bounded by an attempt count and by the job's deadline; then
 ``VoucherifyApiError``, which the job counts and moves on from. 401 and 403 are permanent.
+
+Writes (``post``: ``rollback_redemption``, ``rollback_stack``, ``add_balance``) share that
+path, budget and headers, but a POST is not idempotent: it is resent only when it cannot
+have been processed (429, or the connection never made); a timeout, a connection dropped
+after sending or a 5xx raise ``OutcomeUnknown``: look the outcome up before sending again.
+A 4xx raises ``VoucherifyApiError`` with Voucherify's ``key`` (``already_rolled_back``).
+``max_wait=0``: the budget's slot now or ``BudgetExhausted`` at once (a person clicking).
 """
 
 from __future__ import annotations
@@ -115,9 +122,11 @@ class Grant:
 class VoucherifyApiError(Exception):
     """Voucherify did not give an answer we can use (after the retries, if any)."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, key: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.key = key
+        """Voucherify's ``key`` of the error (e.g. ``already_rolled_back``), when it said."""
 
     @property
     def permanent(self) -> bool:
@@ -131,6 +140,11 @@ class BudgetExhausted(VoucherifyApiError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"Voucherify API budget: {reason}")
         self.reason = reason
+
+
+class OutcomeUnknown(VoucherifyApiError):
+    """A write may have reached Voucherify (a timeout, a connection dropped after sending, a
+    5xx): it was not retried. Look the outcome up before sending it again."""
 
 
 class Budget:
@@ -291,52 +305,137 @@ class VoucherifyApi:
             raise VoucherifyApiError(f"GET {path}: HTTP 404", 404)
         return answer
 
-    # --- the one GET path -----------------------------------------------------------
+    # --- writes (not idempotent: never resent once they may have reached Voucherify) ------
+
+    def rollback_redemption(
+        self,
+        redemption_id: str,
+        reason: str,
+        tracking_id: str | None,
+        deadline: float,
+        max_wait: float | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/redemptions/{id}/rollback``: the ``redemption_rollback`` object."""
+        path = f"/v1/redemptions/{quote(redemption_id, safe='')}/rollback"
+        return self.post(path, _rollback_query(reason, tracking_id), {}, deadline, max_wait)
+
+    def rollback_stack(
+        self,
+        parent_id: str,
+        reason: str,
+        tracking_id: str | None,
+        deadline: float,
+        max_wait: float | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/redemptions/{parentRedemptionId}/rollbacks``: ``rollbacks``,
+        ``parent_rollback``, ``order``."""
+        path = f"/v1/redemptions/{quote(parent_id, safe='')}/rollbacks"
+        return self.post(path, _rollback_query(reason, tracking_id), {}, deadline, max_wait)
+
+    def add_balance(
+        self,
+        code: str,
+        amount: int,
+        reason: str,
+        source_id: str,
+        deadline: float,
+        max_wait: float | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/vouchers/{code}/balance``: the ``balance`` object."""
+        body = {"amount": amount, "reason": reason, "source_id": source_id}
+        path = f"/v1/vouchers/{quote(code, safe='')}/balance"
+        return self.post(path, (), body, deadline, max_wait)
+
+    # --- the one request path -------------------------------------------------------
 
     def get(
         self, path: str, query: Sequence[tuple[str, str]], deadline: float
     ) -> dict[str, Any] | None:
         """GET ``path`` with ``query``: the JSON object, or None for 404 (unknown id)."""
+        return self._request("GET", path, query, None, deadline, None)
+
+    def post(
+        self,
+        path: str,
+        query: Sequence[tuple[str, str]],
+        body: dict[str, Any],
+        deadline: float,
+        max_wait: float | None = None,
+    ) -> dict[str, Any]:
+        """POST ``body`` (JSON) to ``path``: the JSON object. Retried only when it cannot
+        have been processed (refused connection, 429); else ``OutcomeUnknown``.
+        ``max_wait=0``: the budget's slot now or ``BudgetExhausted`` at once (a person
+        waiting is never queued)."""
+        answer = self._request("POST", path, query, body, deadline, max_wait)
+        if answer is None:  # pragma: no cover - _request raises for a POST's 404
+            raise VoucherifyApiError(f"POST {path}: HTTP 404", 404)
+        return answer
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        query: Sequence[tuple[str, str]],
+        payload: dict[str, Any] | None,
+        deadline: float,
+        max_wait: float | None,
+    ) -> dict[str, Any] | None:
         target = self.url + path + ("?" + urlencode(query, safe="[]:") if query else "")
+        write = method != "GET"
+        headers_out = dict(self.headers)
+        data: bytes | None = None
+        if payload is not None:
+            data = json.dumps(payload).encode()
+            headers_out["Content-Type"] = "application/json"
         attempt = 0
         while True:
             attempt += 1
-            self._take_budget(deadline)
+            self._take_budget(deadline, max_wait)
             status: int | None = None
             headers: dict[str, str] = {}
             body = b""
+            unsent = False
             self.calls += 1
             try:
-                response = self._http.request("GET", target, headers=self.headers)
+                response = self._http.request(method, target, body=data, headers=headers_out)
                 status, body = response.status, response.data
                 headers = {k.lower(): v for k, v in response.headers.items()}
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
+                # Never connected (refused, connect timeout, name): nothing was sent.
+                unsent = isinstance(exc, urllib3.exceptions.ConnectTimeoutError)
             else:
                 error = f"HTTP {status}"
             metrics.VOUCHERIFY_API_REQUESTS.labels(str(status or "error")).inc()
             self._read_limits(headers)
             if status is not None and 200 <= status < 300:
-                return _json_object(body, path)
-            if status == 404:
+                return _json_object(body, path, method)
+            if status == 404 and not write:
                 return None
             if status is not None and not _retryable(status):
-                raise VoucherifyApiError(f"GET {path}: {error}: {body[:300]!r}", status)
+                key, detail = _error_of(body)
+                raise VoucherifyApiError(f"{method} {path}: {error}: {detail}", status, key)
+            if write and status != 429 and not unsent:
+                raise OutcomeUnknown(f"{method} {path}: {error}: not resent", status)
             delay = self._delay(attempt, headers)
             if attempt >= self.max_attempts or self.clock() + delay > deadline:
-                raise VoucherifyApiError(f"GET {path}: {error} after {attempt} attempts", status)
+                raise VoucherifyApiError(
+                    f"{method} {path}: {error} after {attempt} attempts", status
+                )
             log.warning(
                 "voucherify_api.retry",
                 extra={"path": path, "error": error, "delay": round(delay, 3)},
             )
             self.sleep(delay)
 
-    def _take_budget(self, deadline: float) -> None:
+    def _take_budget(self, deadline: float, max_wait: float | None = None) -> None:
         """Wait for this call's slot (the shared pace, Voucherify's pause) if the run has
-        the time; else the call is skipped (``BudgetExhausted``)."""
-        grant = self.budget.take(
-            self.wall_clock(), max(0.0, deadline - self.clock()), reserve=self.reserve
-        )
+        the time (at most ``max_wait`` when given); else the call is skipped
+        (``BudgetExhausted``)."""
+        wait = max(0.0, deadline - self.clock())
+        if max_wait is not None:
+            wait = min(wait, max(0.0, max_wait))
+        grant = self.budget.take(self.wall_clock(), wait, reserve=self.reserve)
         if grant.refused is not None:
             self._skip(grant.refused)
         if grant.wait > 0:
@@ -413,14 +512,35 @@ def _retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-def _json_object(body: bytes, path: str) -> dict[str, Any]:
+def _json_object(body: bytes, path: str, method: str = "GET") -> dict[str, Any]:
     try:
         document = json.loads(body)
     except ValueError as exc:
-        raise VoucherifyApiError(f"GET {path}: not JSON") from exc
+        raise VoucherifyApiError(f"{method} {path}: not JSON") from exc
     if not isinstance(document, dict):
-        raise VoucherifyApiError(f"GET {path}: not a JSON object")
+        raise VoucherifyApiError(f"{method} {path}: not a JSON object")
     return document
+
+
+def _error_of(body: bytes) -> tuple[str | None, str]:
+    """Voucherify's error object (``code``, ``key``, ``message``, ``details``): its key and
+    a line for the log; the raw start of the body when it is not one."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        return None, repr(body[:300])
+    key = document.get("key")
+    parts = [str(document.get(name)) for name in ("code", "key", "message", "details")]
+    return (key if isinstance(key, str) else None), " / ".join(parts)[:300]
+
+
+def _rollback_query(reason: str, tracking_id: str | None) -> list[tuple[str, str]]:
+    query = [("reason", reason)]
+    if tracking_id:
+        query.append(("tracking_id", tracking_id))
+    return query
 
 
 def sweep_reserve(api: VoucherifyApi) -> int:
