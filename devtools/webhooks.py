@@ -260,8 +260,10 @@ def card_transaction(
     voucher_id: str | None = None,
     redemption_id: str | None = None,
     rollback_id: str | None = None,
+    order_id: str | None = None,
 ) -> dict[str, Any]:
-    """The ``transaction`` object of a card movement, in the published examples' shape."""
+    """The ``transaction`` object of a card movement, in the published examples' shape; a
+    redemption's or rollback's names its order (``order_id``, else ``ord_<redemption_id>``)."""
     gift = kind == "gift"
     published = fixture(f"voucher.{'gift' if gift else 'loyalty_card'}.transaction.created")
     transaction = copy.deepcopy(published["transaction"])
@@ -272,7 +274,7 @@ def card_transaction(
     balance["related_object"]["id"] = card
     details: dict[str, Any] = {"balance": balance}
     if redemption_id:
-        details["order"] = {"id": f"ord_{redemption_id}", "source_id": None}
+        details["order"] = {"id": order_id or f"ord_{redemption_id}", "source_id": None}
         details["redemption"] = {"id": redemption_id}
     if rollback_id:
         details["rollback"] = {"id": rollback_id}
@@ -344,3 +346,183 @@ def card_balance_event(
     if "customer" in data and holder_id:
         data["customer"] = {**data["customer"], "id": holder_id}
     return event_type, data
+
+
+# --- stacked redemptions ---------------------------------------------------------------
+# A stacked redemption (POST /v1/redemptions with several redeemables) is a parent
+# (``object: redemption``, no voucher of its own) and one child per redeemable, each child
+# naming the parent in ``redemption.redemption``; the order lists the stack under the
+# parent (``order.redemptions[<parent>].stacked``). Rolling the parent back rolls back
+# every child: the parent's rollback webhook, and maybe one per child besides.
+
+
+def stack_child(
+    data: dict[str, Any], parent_id: str, parent_rollback_id: str | None = None
+) -> dict[str, Any]:
+    """A child's redemption or rollback ``data`` (``card_redemption``, ``card_rollback``,
+    ``coupon_redemption``...): its redemption names the stack's parent, a rollback its
+    parent's rollback (``parent_rollback_id``)."""
+    data["redemption"]["redemption"] = parent_id
+    if parent_rollback_id is not None and data.get("redemption_rollback"):
+        data["redemption_rollback"]["parent_rollback_id"] = parent_rollback_id
+    return data
+
+
+def _stacked_order(data: dict[str, Any], parent_id: str, children: list[str], date: Any) -> None:
+    """``order.redemptions[<parent>]`` and the parent's ``related_redemptions``, as a stack's."""
+    if not children:
+        return
+    data["order"]["redemptions"] = {
+        parent_id: {
+            "date": date,
+            "related_object_type": "redemption",
+            "related_object_id": parent_id,
+            "related_object_parent_id": None,
+            "stacked": list(children),
+        }
+    }
+    related = data["redemption"].setdefault("related_redemptions", {"rollbacks": []})
+    related["redemptions"] = [{"id": child, "date": date} for child in children]
+
+
+def stack_parent_redemption(
+    parent_id: str,
+    amount: int,
+    children: list[str] | tuple[str, ...] = (),
+    order_id: str | None = None,
+    customer_id: str | None = None,
+    date: str | None = None,
+) -> dict[str, Any]:
+    """``data`` of a stack's parent redemption.succeeded: no voucher, the children's total
+    ``amount``; the published order, customer and date unless given."""
+    data = copy.deepcopy(fixture("redemption.succeeded"))
+    data["voucher"] = None
+    data["redemption"].update(
+        {
+            "id": parent_id,
+            "amount": amount,
+            "object": "redemption",
+            "voucher": None,
+            "redemption": None,
+        }
+    )
+    if order_id is not None:
+        data["order"]["id"] = order_id
+        data["redemption"]["order"]["id"] = order_id
+    if customer_id is not None:
+        data["customer"]["id"] = customer_id
+        data["order"]["customer_id"] = customer_id
+        data["redemption"]["customer_id"] = customer_id
+    if date is not None:
+        data["redemption"]["date"] = date
+    _stacked_order(data, parent_id, list(children), data["redemption"]["date"])
+    return data
+
+
+def stack_parent_rollback(
+    parent_id: str,
+    rollback_id: str,
+    amount: int,
+    order_id: str | None = None,
+    customer_id: str | None = None,
+    date: str | None = None,
+) -> dict[str, Any]:
+    """``data`` of a stack's parent redemption.rollback.succeeded (no voucher; ``amount``
+    the children's total, made negative as published)."""
+    data = copy.deepcopy(fixture("redemption.rollback.succeeded"))
+    data["voucher"] = None
+    data["redemption"].update({"id": parent_id, "voucher": None, "redemption": None})
+    rollback = data["redemption_rollback"]
+    rollback.update(
+        {"id": rollback_id, "redemption": parent_id, "amount": -abs(amount), "voucher": None}
+    )
+    if order_id is not None:
+        for holder in (data, data["redemption"], rollback):
+            holder["order"]["id"] = order_id
+    if customer_id is not None:
+        data["customer"]["id"] = customer_id
+        data["order"]["customer_id"] = customer_id
+        data["redemption"]["customer_id"] = customer_id
+        rollback["customer_id"] = customer_id
+    if date is not None:
+        rollback["date"] = date
+    return data
+
+
+def coupon_redemption(
+    redemption_id: str,
+    order_id: str = "ord_card_test",
+    customer_id: str = "cust_card_test",
+    date: str = "2024-02-01T08:45:32.014Z",
+) -> dict[str, Any]:
+    """``data`` of a redemption.succeeded of the published discount coupon: no card moves."""
+    data = copy.deepcopy(fixture("redemption.succeeded"))
+    data["customer"]["id"] = customer_id
+    data["order"].update({"id": order_id, "customer_id": customer_id})
+    data["redemption"].update({"id": redemption_id, "date": date, "customer_id": customer_id})
+    data["redemption"]["order"]["id"] = order_id
+    return data
+
+
+def coupon_rollback(
+    redemption_id: str,
+    rollback_id: str,
+    order_id: str = "ord_card_test",
+    customer_id: str = "cust_card_test",
+    date: str = "2024-02-01T10:23:52.499Z",
+) -> dict[str, Any]:
+    """``data`` of a redemption.rollback.succeeded of the published discount coupon."""
+    data = copy.deepcopy(fixture("redemption.rollback.succeeded"))
+    data["customer"]["id"] = customer_id
+    data["order"].update({"id": order_id, "customer_id": customer_id})
+    data["redemption"].update({"id": redemption_id, "customer_id": customer_id})
+    data["redemption"]["order"]["id"] = order_id
+    rollback = data["redemption_rollback"]
+    rollback.update(
+        {"id": rollback_id, "redemption": redemption_id, "date": date, "customer_id": customer_id}
+    )
+    rollback["order"]["id"] = order_id
+    return data
+
+
+# --- orders ----------------------------------------------------------------------------
+
+
+def order_event(
+    event_type: str,
+    order_id: str,
+    status: str,
+    updated_at: str | None,
+    amount: int = 10_000,
+    created_at: str = "2024-03-12T08:00:00.000Z",
+    customer_id: str | None = None,
+) -> dict[str, Any]:
+    """``data`` of a ``customer.order.*`` event: the published example with this order as of
+    one change (``updated_at`` None: never updated since ``created_at``)."""
+    data = copy.deepcopy(fixture(event_type))
+    data["order"].update(
+        {
+            "id": order_id,
+            "status": status,
+            "amount": amount,
+            "total_amount": amount,
+            "created_at": created_at,
+            "updated_at": updated_at,
+        }
+    )
+    if customer_id is not None:
+        data["order"]["customer_id"] = customer_id
+        if isinstance(data["order"].get("customer"), dict):
+            data["order"]["customer"]["id"] = customer_id
+        if isinstance(data.get("customer"), dict):
+            data["customer"]["id"] = customer_id
+    return data
+
+
+def with_order_as_of(
+    data: dict[str, Any], status: str, created_at: str, updated_at: str | None
+) -> dict[str, Any]:
+    """A redemption or rollback ``data`` whose order snapshot shows the order as of one
+    change: its status then, and that change's ``updated_at`` (None: never updated)."""
+    data["order"].update({"status": status, "created_at": created_at, "updated_at": updated_at})
+    return data

@@ -3,7 +3,6 @@ holds the latest change by the order's ``updated_at``, whatever the arrival orde
 
 from __future__ import annotations
 
-import copy
 import itertools
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from devtools.webhooks import card_redemption, fixture
+from devtools.webhooks import order_event as build_order_event
 from tests.conftest import deliver
 from workers.handlers.orders import ORDER_EVENT_TYPES
 
@@ -26,18 +26,7 @@ def order_event(
     created_at: str = "2024-03-12T08:00:00.000Z",
 ) -> dict[str, Any]:
     """``data`` of a ``customer.order.*`` event: the published example with our order."""
-    data = copy.deepcopy(fixture(event_type))
-    data["order"].update(
-        {
-            "id": ORDER_ID,
-            "status": status,
-            "amount": amount,
-            "total_amount": amount,
-            "created_at": created_at,
-            "updated_at": updated_at,
-        }
-    )
-    return data
+    return build_order_event(event_type, ORDER_ID, status, updated_at, amount, created_at)
 
 
 def redemption_seeing(status: str, updated_at: str | None) -> dict[str, Any]:

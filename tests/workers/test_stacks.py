@@ -4,7 +4,6 @@ webhooks and whether a rollback webhook comes for each child too."""
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +17,9 @@ from devtools.webhooks import (
     card_rollback,
     card_transaction,
     card_transaction_event,
-    fixture,
+    stack_child,
+    stack_parent_redemption,
+    stack_parent_rollback,
 )
 from tests.conftest import deliver
 
@@ -30,34 +31,21 @@ CHILDREN = {"gift": ("r_stack_gift", 1000, 9000), "loyalty": ("r_stack_loyalty",
 def child_redemption(kind: str) -> dict[str, Any]:
     redemption_id, amount, after = CHILDREN[kind]
     data = card_redemption(kind, redemption_id, amount=amount, balance_after=after)
-    data["redemption"]["redemption"] = PARENT
-    return data
+    return stack_child(data, PARENT)
 
 
 def child_rollback(kind: str) -> dict[str, Any]:
     redemption_id, amount, after = CHILDREN[kind]
     data = card_rollback(kind, redemption_id, f"rr_{redemption_id}", amount, after + amount)
-    data["redemption"]["redemption"] = PARENT
-    return data
+    return stack_child(data, PARENT, PARENT_ROLLBACK)
 
 
 def parent_redemption() -> dict[str, Any]:
-    data = copy.deepcopy(fixture("redemption.succeeded"))
-    data["voucher"] = None
-    data["redemption"].update(
-        {"id": PARENT, "amount": 1030, "object": "redemption", "voucher": None, "redemption": None}
-    )
-    return data
+    return stack_parent_redemption(PARENT, 1030, [child for child, _, _ in CHILDREN.values()])
 
 
 def parent_rollback() -> dict[str, Any]:
-    data = copy.deepcopy(fixture("redemption.rollback.succeeded"))
-    data["voucher"] = None
-    data["redemption"].update({"id": PARENT, "voucher": None, "redemption": None})
-    data["redemption_rollback"].update(
-        {"id": PARENT_ROLLBACK, "redemption": PARENT, "amount": -1030, "voucher": None}
-    )
-    return data
+    return stack_parent_rollback(PARENT, PARENT_ROLLBACK, 1030)
 
 
 Step = tuple[str, str, Callable[[], dict[str, Any]]]
