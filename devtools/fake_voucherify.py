@@ -387,18 +387,7 @@ def fake_voucherify() -> Iterator[FakeVoucherify]:
         def do_GET(self) -> None:
             headers = {k.lower(): v for k, v in self.headers.items()}
             status, extra, body = fake.answer(self.path, headers)
-            if status == DROP:
-                self.close_connection = True
-                self.connection.close()
-                return
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in {**fake.rate_headers, **extra}.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
+            self._send(status, extra, body)
 
         def do_POST(self) -> None:
             headers = {k.lower(): v for k, v in self.headers.items()}
