@@ -223,11 +223,13 @@ ORDER BY id
 LIMIT %(limit)s
 """
 
+# A stack's parent shows the entries still waiting for its children (transactions that
+# named it before the child on their card was heard of).
 LEDGER_OF_REDEMPTION = """
 SELECT id, customer_id, redeemer_id, voucher_id, voucher_code, kind, amount, redemption_id,
        transaction_id, effect, reason, moved_at, balance_after, event_id, created_at
 FROM ledger_entries
-WHERE redemption_id = %(redemption_id)s
+WHERE redemption_id = %(redemption_id)s OR stack_parent_id = %(redemption_id)s
 ORDER BY id
 """
 

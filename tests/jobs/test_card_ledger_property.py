@@ -17,9 +17,6 @@ the child or the parent. Every redemption has an order with its own random histo
 one of those changes. Delivered through ``process_delivery`` in a random interleaving
 with random duplicates, against the migrated PostgreSQL.
 
-Of a stack's children, one at most has its transactions name the parent (both its debit's
-and its refund's): two known bugs otherwise (``_Timeline.stack``).
-
 Histories are generated first and applied after (hypothesis would count the random calls
 of a pool's threads against the strategy); each example starts from empty tables.
 """
@@ -116,9 +113,11 @@ class Child:
     kind: str
     redemption_id: str
     spent: int
-    names_parent: bool
-    """Whether its card transactions (its debit's and its refund's) name the stack's
-    parent rather than the child itself."""
+    debit_names_parent: bool
+    """Whether its debit's card transaction names the stack's parent rather than the
+    child itself."""
+    refund_names_parent: bool
+    """Likewise its refund's (drawn on its own)."""
 
 
 @dataclass
@@ -311,20 +310,14 @@ class _Timeline:
         kinds = draw(st.permutations(draw(st.sampled_from(choices))))
         who = {"customer_id": REDEEMER, "order_id": order.id, "date": _stamp(at)}
         stack = Stack(parent_id, order, seen, [], None)
-        # KNOWN BUGS, excluded here: one child of a stack at most has transactions naming
-        # the parent, and its debit's and refund's both do. Two cards' transactions naming
-        # the parent before the children are known are one ledger entry, the second
-        # overwriting the first; and the parent's redemption webhook after its rollback
-        # restores a child's debit keyed by the parent, a second restore once the child's
-        # refund names the child (tests/jobs/test_stack_transactions_naming_the_parent.py,
-        # xfail strict).
-        naming = draw(st.sampled_from([None, *kinds]))
         for kind in kinds:
             spent = draw(st.integers(1, self.balance[kind]))
-            child = Child(kind, f"{parent_id}_{kind}", spent, names_parent=kind == naming)
+            child = Child(
+                kind, f"{parent_id}_{kind}", spent, draw(st.booleans()), draw(st.booleans())
+            )
             self.balance[kind] -= child.spent
             balance = self.balance[kind]
-            named = parent_id if child.names_parent else child.redemption_id
+            named = parent_id if child.debit_names_parent else child.redemption_id
             transaction = card_transaction(
                 kind,
                 f"vtx_{kind}_{i}",
@@ -382,7 +375,7 @@ class _Timeline:
             self.balance[kind] += child.spent
             balance = self.balance[kind]
             child_rollback_id = f"rr_{child.redemption_id}"
-            named = parent_id if child.names_parent else child.redemption_id
+            named = parent_id if child.refund_names_parent else child.redemption_id
             transaction = card_transaction(
                 kind,
                 f"vtx_{kind}_{i}",
@@ -511,6 +504,8 @@ def _assert_books(db: psycopg.Connection[Any], history: History) -> None:
         (history.parents,),
     ).fetchall()
     assert keyed_by_parent == []  # a child's card entries are the child's
+    waiting = db.execute("SELECT count(*) FROM ledger_entries WHERE stack_parent_id IS NOT NULL")
+    assert waiting.fetchone() == (0,)  # every child came, and took what waited for it
     # The holder's ledger (ops), not the redeemer's, holds the cards' movements.
     holder = store.ledger(db, HOLDER, limit=200)["totals"]
     assert holder == {KINDS[c.kind]: c.balance for c in history.cards}

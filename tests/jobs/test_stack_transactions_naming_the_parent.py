@@ -1,21 +1,15 @@
-"""Known bugs, shrunk from the card-ledger property (tests/jobs/test_card_ledger_property.py):
-a stack's card transaction naming the parent, heard of before the child that moved the
-card, is keyed by the parent (``sql.CHILD_ON_CARD`` finds no child yet), and an entry so
-keyed is taken for the parent's own.
+"""A stack's card transaction naming the parent, heard of before the child that moved the
+card, waits for that child (keyed by its transaction, ``stack_parent_id``) and is the
+child's entry once the child is heard of: never the parent's, never another card's.
+Shrunk from the card-ledger property (tests/jobs/test_card_ledger_property.py), where both
+were bugs:
 
-1. Two cards' transactions naming the parent before the children: both are keyed
-   (parent, effect), so the ledger's key makes them one entry; the second overwrites the
-   first one's amount and transaction id, on the first one's card
-   (``sql.UPSERT_REDEMPTION_MOVEMENT``). When the children come, the gift child takes that
-   entry (``sql.REKEY_PARENT_ENTRIES``): the gift card is debited the loyalty card's 30
-   points, not its 1000; the loyalty child's debit is its redemption webhook's. The gift
-   card's ledger is 970 off Voucherify's balance: a drift flag, though every webhook came.
-2. The parent's redemption webhook after its rollback (``sql.RESTORE_IF_ROLLED_BACK`` for
-   the parent's id) mirrors a child's debit keyed by the parent into a restore keyed by
-   the parent. When the child's refund transaction names the child and comes before the
-   child's redemption, the child then has a restore of its own: re-keying leaves the
-   parent's, and the card is restored twice (+30 off Voucherify's balance). The parent's
-   restore so made can also collide as in 1 with another card's refund naming the parent.
+1. Two cards' transactions naming the parent before the children were both keyed
+   (parent, effect): one entry, the second overwriting the first one's amount and
+   transaction; the gift child then took it, and the gift card's ledger was 970 off.
+2. The parent's redemption webhook after its rollback mirrored a child's debit keyed by
+   the parent into a restore keyed by the parent: with the child's own refund, the card
+   was restored twice (+30 off Voucherify's balance).
 """
 
 from __future__ import annotations
@@ -60,11 +54,6 @@ def _transaction_naming_the_parent(kind: str, effect: str) -> tuple[str, dict[st
     return card_transaction_event(kind, transaction)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two cards' transactions naming a stack's parent before its children are known "
-    "are keyed (parent, effect): one entry, the second overwrites the first (issue 23)",
-)
 @pytest.mark.parametrize("effect", ["debit", "restore"])
 def test_both_cards_transactions_naming_the_parent_before_the_children_are_each_childs_entry(
     pool: ConnectionPool, db: psycopg.Connection[Any], effect: str
@@ -75,6 +64,11 @@ def test_both_cards_transactions_naming_the_parent_before_the_children_are_each_
     for kind in ("gift", "loyalty"):
         event_type, data = _transaction_naming_the_parent(kind, effect)
         assert deliver(pool, event_type, data, event_id=f"ev_tx_{kind}") == "processed"
+    # Until the children are heard of, each card's entry waits for its child.
+    waiting = db.execute(
+        "SELECT voucher_id, redemption_id, stack_parent_id FROM ledger_entries ORDER BY 1"
+    ).fetchall()
+    assert waiting == [(card, None, PARENT) for card in sorted(CARD_IDS.values())]
     for kind in ("gift", "loyalty"):
         deliver(pool, "redemption.succeeded", child_redemption(kind), event_id=f"ev_r_{kind}")
         if effect == "restore":
@@ -86,21 +80,13 @@ def test_both_cards_transactions_naming_the_parent_before_the_children_are_each_
         (effect,),
     ).fetchall()
     sign = -1 if effect == "debit" else 1
-    # What the books should say: each child's entry on its own card, with its own
-    # transaction and amount. They say (debit): r_stack_gift on the gift card -30 with
-    # vtx_debit_loyalty, and r_stack_loyalty -30 without a transaction.
+    # Each child's entry on its own card, with its own transaction and amount.
     assert entries == [
         ("r_stack_gift", CARD_IDS["gift"], sign * 1000, f"vtx_{effect}_gift"),
         ("r_stack_loyalty", CARD_IDS["loyalty"], sign * 30, f"vtx_{effect}_loyalty"),
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a stack parent's redemption webhook after its rollback restores a child's debit "
-    "keyed by the parent (a transaction naming the parent): a second restore once the "
-    "child's refund names the child (issue 23)",
-)
 def test_a_parents_late_redemption_restores_no_childs_debit_that_names_the_parent(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
@@ -137,10 +123,8 @@ def test_a_parents_late_redemption_restores_no_childs_debit_that_names_the_paren
     entries = db.execute(
         "SELECT redemption_id, effect, amount FROM ledger_entries ORDER BY 1, 2"
     ).fetchall()
-    # What the books should say: the child's debit and its one restore, 0 in all, as
-    # Voucherify's 1000 after the refund says. They say, besides those two, a restore of
-    # +30 keyed by the parent (from the parent's redemption webhook): the loyalty card's
-    # ledger adds up to 30 more than Voucherify's balance.
+    # The child's debit and its one restore, 0 in all, as Voucherify's 1000 after the
+    # refund says; no restore keyed by the parent.
     assert entries == [
         ("r_stack_loyalty", "debit", -30),
         ("r_stack_loyalty", "restore", 30),

@@ -88,16 +88,30 @@ def record_movement(event: CardMovementEvent, conn: psycopg.Connection[Any]) -> 
         # the redemption's entry: the redemption or rollback webhook, or the transaction
         # event that names it, makes that entry.
         return
-    # A transaction naming a stack's parent moved the card of one of its children.
-    child = conn.execute(
-        sql.CHILD_ON_CARD,
-        {"redemption_id": event.redemption_id, "voucher_id": event.voucher_id},
-    ).fetchone()
-    conn.execute(sql.DELETE_MOVEMENT_OF_TRANSACTION, row)
-    conn.execute(
-        sql.UPSERT_REDEMPTION_MOVEMENT,
-        {**row, "redemption_id": child[0] if child else event.redemption_id, "effect": effect},
-    )
+    record_redemption_movement({**row, "effect": effect}, event.redemption_id, conn)
+
+
+def record_redemption_movement(
+    row: dict[str, Any], named: str, conn: psycopg.Connection[Any]
+) -> None:
+    """A redemption's or rollback's movement: the entry of the redemption it names, or of
+    the child on this card of the stack's parent it names; before that child is known, an
+    entry waiting for it (``sql.UPSERT_WAITING_MOVEMENT``), never the parent's."""
+    keys = {"redemption_id": named, "voucher_id": row["voucher_id"]}
+    child = conn.execute(sql.CHILD_ON_CARD, keys).fetchone()
+    if child is None and _exists(conn.execute(sql.NAMES_A_PARENT, keys).fetchone()):
+        conn.execute(sql.PARENT_ENTRIES_WAIT, keys)  # the other cards' entries keyed by it
+        conn.execute(sql.DELETE_OTHER_ENTRIES_OF_TRANSACTION, {**row, "redemption_id": None})
+        conn.execute(sql.UPSERT_WAITING_MOVEMENT, {**row, "parent_id": named})
+        return
+    row = {**row, "redemption_id": child[0] if child else named}
+    conn.execute(sql.DELETE_OTHER_ENTRIES_OF_TRANSACTION, row)
+    conn.execute(sql.UPSERT_REDEMPTION_MOVEMENT, row)
+
+
+def _exists(row: Any) -> bool:
+    """The answer of a ``SELECT EXISTS (...)``."""
+    return bool(row and row[0])
 
 
 def record_accrual(row: dict[str, Any], conn: psycopg.Connection[Any]) -> None:

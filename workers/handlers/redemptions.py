@@ -174,13 +174,23 @@ def roll_back_children(conn: psycopg.Connection[Any], parent_id: str | None, eve
 
 
 def take_parent_entries(event: RedemptionEvent, conn: psycopg.Connection[Any]) -> None:
-    """A child's card entries that a transaction naming its parent made first are the child's."""
+    """A child's card entries that transactions naming its parent made first are the
+    child's (``sql.TAKE_WAITING_ENTRIES``); a parent has none of its own
+    (``sql.PARENT_ENTRIES_WAIT``)."""
     card, parent_id = event.card, event.redemption.parent_id
-    if not parent_id or card is None or card.id is None:
+    if card is None or card.id is None:
+        conn.execute(sql.PARENT_ENTRIES_WAIT, {"redemption_id": event.redemption.id})
+        return
+    if not parent_id:
         return
     conn.execute(
-        sql.REKEY_PARENT_ENTRIES,
-        {"redemption_id": event.redemption.id, "parent_id": parent_id, "voucher_id": card.id},
+        sql.TAKE_WAITING_ENTRIES,
+        {
+            **sql.EFFECTS,
+            "redemption_id": event.redemption.id,
+            "parent_id": parent_id,
+            "voucher_id": card.id,
+        },
     )
 
 

@@ -106,7 +106,8 @@ ON CONFLICT (redemption_id, effect) DO NOTHING
 """
 
 # The rollback came first and could not tell how much to restore; the redemption now
-# tells what was debited: restore that, at the rollback's date.
+# tells what was debited: restore that, at the rollback's date. Only the debit of the
+# redemption's own card: a stack's parent has none (its children's are theirs).
 RESTORE_IF_ROLLED_BACK = """
 INSERT INTO ledger_entries (customer_id, redeemer_id, voucher_id, voucher_code, kind, amount,
                             redemption_id, effect, reason, event_id, moved_at)
@@ -115,6 +116,7 @@ SELECT d.customer_id, d.redeemer_id, d.voucher_id, d.voucher_code, d.kind, -d.am
        COALESCE(r.rollback_at, r.last_event_at, now())
 FROM ledger_entries d
 JOIN redemptions r ON r.redemption_id = d.redemption_id AND r.status = %(rolled_back)s
+                  AND r.voucher_id = d.voucher_id
 WHERE d.redemption_id = %(redemption_id)s AND d.effect = %(debit)s
 ON CONFLICT (redemption_id, effect) DO NOTHING
 """
@@ -123,7 +125,7 @@ ON CONFLICT (redemption_id, effect) DO NOTHING
 # the same entry as the redemption or rollback webhook's. Its figures are the movement's
 # own (Voucherify's transaction), so they replace what the webhook said; the rest is
 # filled in. A movement row an under-described event of the same transaction made first
-# (no type) gives way to it (DELETE_MOVEMENT_OF_TRANSACTION).
+# (no type) gives way to it (DELETE_OTHER_ENTRIES_OF_TRANSACTION).
 UPSERT_REDEMPTION_MOVEMENT = """
 INSERT INTO ledger_entries AS l (customer_id, voucher_id, voucher_code, kind, amount,
                                  redemption_id, effect, reason, event_id, moved_at,
@@ -142,8 +144,15 @@ ON CONFLICT (redemption_id, effect) DO UPDATE SET
     updated_at = now()
 """
 
-DELETE_MOVEMENT_OF_TRANSACTION = """
-DELETE FROM ledger_entries WHERE transaction_id = %(transaction_id)s AND effect = %(movement)s
+# The transaction's entry under another key gives way to the one it is now known to be:
+# a movement row an under-described event made, or an entry that waited for a stack's
+# child (or was keyed by the parent) before the child was known. ``%(redemption_id)s``
+# NULL: the entry waits (UPSERT_WAITING_MOVEMENT), and a waiting one stays.
+DELETE_OTHER_ENTRIES_OF_TRANSACTION = """
+DELETE FROM ledger_entries
+WHERE transaction_id = %(transaction_id)s
+  AND (effect = %(movement)s OR effect <> %(effect)s
+       OR redemption_id IS DISTINCT FROM %(redemption_id)s::text)
 """
 
 # A movement's balance after: a report of the movement's own replaces one read from the
@@ -311,12 +320,58 @@ WHERE parent_redemption_id = %(redemption_id)s AND voucher_id = %(voucher_id)s
 ORDER BY redemption_id LIMIT 1
 """
 
-# The child heard of after such a transaction: the entries keyed by its parent on its card
-# move to the child (unless the child has that entry already), so the child's own debit and
-# restore are those entries, not second ones.
-REKEY_PARENT_ENTRIES = """
-UPDATE ledger_entries l SET redemption_id = %(redemption_id)s, updated_at = now()
-WHERE l.redemption_id = %(parent_id)s AND l.voucher_id = %(voucher_id)s
-  AND NOT EXISTS (SELECT 1 FROM ledger_entries o
-                  WHERE o.redemption_id = %(redemption_id)s AND o.effect = l.effect)
+# Whether the redemption a card transaction names is a stack's parent: children name it,
+# it has no card or another card (a redemption moves its own card only), or another
+# card's transaction named it already.
+NAMES_A_PARENT = """
+SELECT EXISTS (SELECT 1 FROM redemptions
+               WHERE parent_redemption_id = %(redemption_id)s
+                  OR (redemption_id = %(redemption_id)s
+                      AND voucher_id IS DISTINCT FROM %(voucher_id)s))
+    OR EXISTS (SELECT 1 FROM ledger_entries
+               WHERE redemption_id = %(redemption_id)s
+                 AND voucher_id IS DISTINCT FROM %(voucher_id)s)
+"""
+
+# A parent has no card entries of its own: those its transactions made keyed by it (when
+# nothing told yet that it is a parent) wait for their children
+# (migrations/0015_stack_waiting_entries.sql).
+PARENT_ENTRIES_WAIT = """
+UPDATE ledger_entries
+SET stack_parent_id = redemption_id, redemption_id = NULL, updated_at = now()
+WHERE redemption_id = %(redemption_id)s AND transaction_id IS NOT NULL
+"""
+
+# A transaction naming a parent, its child on the card not yet known: the entry waits,
+# keyed by its transaction. Its figures are the transaction's own.
+UPSERT_WAITING_MOVEMENT = """
+INSERT INTO ledger_entries AS l (customer_id, voucher_id, voucher_code, kind, amount,
+                                 stack_parent_id, effect, reason, event_id, moved_at,
+                                 balance_after, transaction_id)
+VALUES (%(customer_id)s, %(voucher_id)s, %(voucher_code)s, %(kind)s, %(amount)s,
+        %(parent_id)s, %(effect)s, %(reason)s, %(event_id)s, COALESCE(%(moved_at)s, now()),
+        %(balance_after)s, %(transaction_id)s)
+ON CONFLICT (transaction_id) DO UPDATE SET
+    amount = EXCLUDED.amount,
+    moved_at = EXCLUDED.moved_at,
+    balance_after = COALESCE(EXCLUDED.balance_after, l.balance_after),
+    customer_id = COALESCE(l.customer_id, EXCLUDED.customer_id),
+    voucher_code = COALESCE(l.voucher_code, EXCLUDED.voucher_code),
+    updated_at = now()
+"""
+
+# The child heard of: what waits for it on its card (and what a transaction keyed by its
+# parent before anything told the parent was one) becomes its entry, one of each effect,
+# unless it has that entry already. Its own debit and restore are those entries, not
+# second ones.
+TAKE_WAITING_ENTRIES = """
+UPDATE ledger_entries l
+SET redemption_id = %(redemption_id)s, stack_parent_id = NULL, updated_at = now()
+WHERE l.id IN (
+    SELECT DISTINCT ON (w.effect) w.id FROM ledger_entries w
+    WHERE (w.stack_parent_id = %(parent_id)s OR w.redemption_id = %(parent_id)s)
+      AND w.voucher_id = %(voucher_id)s AND w.effect <> %(movement)s
+      AND NOT EXISTS (SELECT 1 FROM ledger_entries o
+                      WHERE o.redemption_id = %(redemption_id)s AND o.effect = w.effect)
+    ORDER BY w.effect, w.moved_at, w.id)
 """
