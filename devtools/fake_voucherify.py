@@ -70,6 +70,9 @@ class FakeVoucherify:
     timeout_after_effect: set[str] = field(default_factory=set)
     """POST paths (e.g. ``/v1/redemptions/r_1/rollback``) whose effect is applied and whose
     connection is then dropped without an answer (``DROP``): an outcome unknown."""
+    held_after_effect: dict[str, threading.Event] = field(default_factory=dict)
+    """POST paths whose effect is applied and whose answer then waits for the event (a
+    test kills the caller meanwhile: a crash between the call and its record)."""
     rollback_window_closed: set[str] = field(default_factory=set)
     """Redemption ids whose rollback is refused, 400 ``ROLLBACK_WINDOW_KEY``."""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -270,7 +273,7 @@ class FakeVoucherify:
                 "related_object": {"type": "voucher", "id": voucher.get("id")},
             }
         )
-        listed = self.transactions.setdefault(code, [])
+        listed = self.transactions.setdefault(self._card_key(code), [])
         listed.append(
             {
                 "id": f"vtx_fake_{len(self.posts):04d}",
@@ -280,12 +283,29 @@ class FakeVoucherify:
                 "source": "API",
                 "reason": body.get("reason"),
                 "type": "CREDITS_ADDITION" if gift else "POINTS_ADDITION",
-                "details": {"balance": {**answer, "operation_type": "MANUAL"}},
+                # A loyalty card's transaction says its points (details.balance.points).
+                "details": {
+                    "balance": {**answer, "operation_type": "MANUAL"}
+                    | ({} if gift else {"points": amount})
+                },
                 "related_transaction_id": None,
                 "created_at": _now(),
             }
         )
         return 200, {}, answer
+
+    def _card_key(self, key: str) -> str:
+        """Where a card's transactions are kept: under the key the test gave, else under
+        the card's code (Voucherify takes its code or its id)."""
+        if key in self.transactions:
+            return key
+        voucher = self._voucher(key)
+        if voucher is None:
+            return key
+        for alias in (voucher.get("code"), voucher.get("id")):
+            if alias in self.transactions:
+                return str(alias)
+        return str(voucher.get("code") or key)
 
     def _voucher(self, key: str) -> dict[str, Any] | None:
         """The voucher whose key, ``code`` or ``id`` is ``key`` (Voucherify takes either)."""
@@ -353,7 +373,7 @@ def _transactions_page(fake: FakeVoucherify, path: str) -> tuple[int, dict[str, 
     ``data_ref``, ``data``, ``has_more``, ``more_starting_after``), ``order=-id`` or ``id``,
     ``limit`` (10 by default), cursor ``starting_after_id``. (The ledger helper's route.)"""
     parts = urlsplit(path)
-    code = unquote(parts.path.split("/")[3])
+    code = fake._card_key(unquote(parts.path.split("/")[3]))
     query = dict(parse_qsl(parts.query))
     if code not in fake.transactions:
         return 404, {}, {"code": 404, "key": "not_found", "message": "Resource not found"}
@@ -400,6 +420,9 @@ def fake_voucherify() -> Iterator[FakeVoucherify]:
             status, extra, body = fake.answer_post(
                 self.path, headers, payload if isinstance(payload, dict) else {}
             )
+            held = fake.held_after_effect.get(urlsplit(self.path).path)
+            if held is not None and status == 200:
+                held.wait(timeout=60)
             self._send(status, extra, body)
 
         def _send(self, status: int, extra: dict[str, str], body: Any) -> None:

@@ -27,6 +27,7 @@ from ops.auth import bearer_matches
 from ops.context import current, current_token
 from ops.params import ParamError, Query, dumps, parse_bool
 from ops.stats import pipeline_stats
+from workers.jobs.flag_actions import ActionRefused
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,12 @@ def pruned(_: service.PayloadPruned) -> Response:
     return error(409, "payload_pruned", detail="the event's payload was removed by retention")
 
 
+@api.errorhandler(ActionRefused)
+def action_refused(exc: ActionRefused) -> Response:
+    headers = {"Retry_After": str(exc.retry_after)} if exc.retry_after is not None else {}
+    return json_response(exc.status, {"error": exc.code, "detail": exc.detail}, **headers)
+
+
 @api.errorhandler(service.BrokerUnavailable)
 def broker_down(exc: service.BrokerUnavailable) -> Response:
     log.error("ops.replay_failed", extra={"error": str(exc)})
@@ -206,6 +213,13 @@ def show_flag(flag_id: int) -> Response:
 @api.post("/flags/<int:flag_id>/resolve")
 def resolve_flag(flag_id: int) -> Response:
     return ok(service.resolve_flag(current(), flag_id, json_body().get("note")))
+
+
+@api.post("/flags/<int:flag_id>/actions")
+def flag_action(flag_id: int) -> Response:
+    """``{"kind": "compensate" | "retry" | "settle", "confirm": false}`` previews, ``true``
+    acts; ``by`` names who asks (the audit log's ``requested_by``; default ``ops-api``)."""
+    return ok(service.flag_action(current(), flag_id, json_body(), by="ops-api"))
 
 
 # --- dead letters -----------------------------------------------------------------------

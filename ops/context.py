@@ -23,9 +23,11 @@ from typing import Any
 import psycopg
 import redis
 from flask import current_app
+from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
 from workers import queue
+from workers.jobs.voucherify_api import Budget, VoucherifyApi
 
 Connect = Callable[[float], AbstractContextManager[psycopg.Connection[Any]]]
 
@@ -38,19 +40,51 @@ class OpsContext:
         self.settings = settings
         self.database_url: str = settings.database_url
         self.redis_url: str = settings.redis_url
+        self._in_process_pool = connect is None
         self._connect = connect or self._pooled
         self._redis: redis.Redis | None = None
+        self._api: VoucherifyApi | None = None
         self._lock = threading.Lock()
 
-    def _pooled(self, timeout: float) -> AbstractContextManager[psycopg.Connection[Any]]:
+    def _process_pool(self) -> ConnectionPool:
         from workers.db import get_pool
 
-        pool = get_pool(
+        return get_pool(
             self.database_url,
             self.settings.web_db_pool_max_size,
             prepare_threshold=self.settings.db_prepare_threshold,
         )
-        return pool.connection(timeout=timeout)
+
+    @contextlib.contextmanager
+    def pool(self) -> Iterator[ConnectionPool]:
+        """A pool for what runs through the workers' own code (a flag's action, which
+        applies its result as an event): the web process's, or one for the CLI's command."""
+        if self._in_process_pool:
+            yield self._process_pool()
+            return
+        kwargs = {"prepare_threshold": None}
+        with ConnectionPool(self.database_url, min_size=1, max_size=3, kwargs=kwargs) as pool:
+            yield pool
+
+    def voucherify_api(self, pool: ConnectionPool) -> VoucherifyApi | None:
+        """The API client of a person's actions (one shared budget with the jobs; a call
+        waits ``ACTION_MAX_WAIT`` at most for its slot); None when not configured."""
+        from workers.jobs.flag_actions import ACTION_MAX_WAIT  # the delivery path: on use
+
+        s = self.settings
+        url, app_id, token = s.voucherify_api_url, s.voucherify_app_id, s.voucherify_app_token
+        if not (url and app_id and token):
+            return None
+        with self._lock:
+            if self._api is None or self._api.budget.pool is not pool:
+                budget = Budget(
+                    pool, s.voucherify_api_calls_per_minute, s.voucherify_api_calls_per_day
+                )
+                self._api = VoucherifyApi(url, app_id, token, budget, max_wait=ACTION_MAX_WAIT)
+            return self._api
+
+    def _pooled(self, timeout: float) -> AbstractContextManager[psycopg.Connection[Any]]:
+        return self._process_pool().connection(timeout=timeout)
 
     @contextlib.contextmanager
     def transaction(

@@ -39,6 +39,7 @@ from ops.context import current, current_token
 from ops.params import MAX_NOTE_CHARS, ParamError, Query
 from ops.stats import overview as read_overview
 from schemas.vocabulary import DeliveryOutcome, FlagStatus
+from workers.jobs.flag_actions import ActionKind, ActionRefused
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ NOTICES = {
     "broker_unavailable": "Redis did not take the message; nothing changed. Try again.",
     "not_found": "{id} was not found.",
     "expired_form": "The form had expired; nothing changed. Try again.",
+    "action_succeeded": "Action {id} succeeded: the flag is resolved.",
+    "action_failed": "Action {id} did not succeed: see the flag's note and actions.",
+    "action_refused": "The action was not done: {id}",
 }
 
 dashboard = Blueprint("ops_dashboard", __name__, url_prefix="/ops", template_folder=str(TEMPLATES))
@@ -318,6 +322,17 @@ def flags() -> Response:
     )
 
 
+@dashboard.get("/flags/<int:flag_id>")
+def flag(flag_id: int, preview: Mapping[str, Any] | None = None) -> Response:
+    return page(
+        "flag.html",
+        f=service.flag(current(), flag_id),
+        preview=preview,
+        actions_enabled=current().settings.voucherify_api_enabled,
+        action_kinds=tuple(ActionKind),
+    )
+
+
 @dashboard.get("/dead-letters")
 def dead_letters() -> Response:
     found = service.dead_letters(current(), service.DeadLetterFilter.parse(query()))
@@ -339,6 +354,25 @@ def resolve_flag(flag_id: int) -> Response:
     except service.NotFound:
         return back("not_found", f"Flag {flag_id}")
     return back("flag_resolved", flag_id)
+
+
+@dashboard.post("/flags/<int:flag_id>/actions")
+def flag_action(flag_id: int) -> Response:
+    """Preview (the flag's page with the preview and its confirm button) or, with
+    ``confirm``, do an action; back to the flag's page with what became of it."""
+    form = {
+        "kind": request.form.get("kind"),
+        "confirm": request.form.get("confirm") == "true",
+        "by": (request.form.get("by") or "").strip() or "dashboard",
+    }
+    try:
+        answer = service.flag_action(current(), flag_id, form, by="dashboard")
+    except ActionRefused as exc:
+        return back("action_refused", exc.detail)
+    if not form["confirm"]:
+        return flag(flag_id, preview=answer)
+    notice = "action_succeeded" if answer.get("state") == "succeeded" else "action_failed"
+    return back(notice, answer.get("id", ""))
 
 
 def requeue(action: Callable[[], service.ReplayStep], ident: object) -> Response:

@@ -140,6 +140,11 @@ FROM flags
 WHERE id = %(id)s
 """
 
+FLAG_ACTIONS = """
+SELECT id, kind, state, requested_by, request, result, error, created_at, finished_at
+FROM flag_actions WHERE flag_id = %(id)s ORDER BY id
+"""
+
 # A state transition that only moves forward: resolving twice changes nothing.
 RESOLVE_FLAG = """
 UPDATE flags SET status = %(resolved)s, note = %(note)s, resolved_at = now()

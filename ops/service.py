@@ -16,6 +16,7 @@ cannot be replayed (``PayloadPruned``); a dry run changes nothing and says what 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -235,6 +236,41 @@ def resolve_flag(context: OpsContext, flag_id: int, note: object = None) -> Row:
         row = _found("flag", flag_id, store.resolve_flag(conn, flag_id, checked))
     log.info("ops.flag_resolved", extra={"flag_id": flag_id})
     return row
+
+
+ACTION_SECONDS = 30.0
+"""The most a flag's action may take (its few calls, each waiting a few seconds at most)."""
+MAX_BY_CHARS = 200
+
+
+def flag_action(context: OpsContext, flag_id: int, body: dict[str, Any], by: str) -> Row:
+    """Preview (``confirm`` false) or do (true) an action on a flag through Voucherify's API
+    (``workers.jobs.flag_actions``): ``ActionRefused`` says why not, with its HTTP status."""
+    from workers.jobs import flag_actions  # the workers' apply path: loaded when acting
+
+    kind = body.get("kind")
+    if not isinstance(kind, str) or kind not in set(flag_actions.ActionKind):
+        choices = ", ".join(k.value for k in flag_actions.ActionKind)
+        raise ParamError("kind", f"expected one of {choices}")
+    confirm = body.get("confirm", False)
+    if not isinstance(confirm, bool):
+        raise ParamError("confirm", "expected true or false")
+    asked_by = body.get("by", by)
+    if not isinstance(asked_by, str) or not asked_by.strip() or len(asked_by) > MAX_BY_CHARS:
+        raise ParamError("by", f"a name of 1 to {MAX_BY_CHARS} characters")
+    with context.pool() as pool:
+        api = context.voucherify_api(pool)
+        if api is None:
+            raise flag_actions.ActionRefused(
+                409,
+                "voucherify_api_not_configured",
+                "acting on a flag calls Voucherify's API: set VOUCHERIFY_API_URL, "
+                "VOUCHERIFY_APP_ID and VOUCHERIFY_APP_TOKEN",
+            )
+        deadline = time.monotonic() + ACTION_SECONDS
+        if not confirm:
+            return flag_actions.preview(pool, api, flag_id, kind, deadline)
+        return flag_actions.act(pool, api, flag_id, kind, asked_by.strip(), deadline)
 
 
 def dead_letters(context: OpsContext, wanted: DeadLetterFilter) -> Page:

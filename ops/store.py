@@ -201,7 +201,10 @@ def flags(
 def flag(conn: Conn, flag_id: int) -> Row | None:
     if not _bigint(flag_id):
         return None
-    return _one(conn, q.FLAG, {"id": flag_id})
+    found = _one(conn, q.FLAG, {"id": flag_id})
+    if found is not None:
+        found["actions"] = _all(conn, q.FLAG_ACTIONS, {"id": flag_id})
+    return found
 
 
 def resolve_flag(conn: Conn, flag_id: int, note: str | None) -> Row | None:

@@ -11,8 +11,16 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from devtools.fake_voucherify import APP_ID, APP_TOKEN, FakeVoucherify, fake_voucherify
-from devtools.webhooks import card_redemption, card_rollback
+from devtools.fake_voucherify import (
+    APP_ID,
+    APP_TOKEN,
+    ROLLBACK_WINDOW_KEY,
+    FakeVoucherify,
+    api_redemption,
+    api_voucher,
+    fake_voucherify,
+)
+from devtools.webhooks import card_redemption, card_rollback, card_rollback_failed, gift_voucher
 from tests.conftest import deliver
 from tests.jobs.conftest import rows
 from workers.jobs.verify import VerifyResult, verify
@@ -118,3 +126,35 @@ def roll_back(pool: ConnectionPool, redemption_id: str, rollback_id: str) -> Non
     """Our record of its rollback, from its webhook."""
     data = card_rollback("gift", redemption_id, rollback_id, 2000, 10000, date=ROLLED)
     deliver(pool, "redemption.rollback.succeeded", data)
+
+
+CARD = gift_voucher(0)
+CARD_ID, CARD_CODE = CARD["id"], CARD["code"]
+"""The gift card ``card_redemption`` redeems by default."""
+RETRY_REASON = "customer returned the order"
+"""The reason of the failed rollback ``failed_rollback_flag`` makes."""
+
+
+def failed_rollback_flag(
+    pool: ConnectionPool,
+    db: psycopg.Connection[Any],
+    fake: FakeVoucherify,
+    code: str = ROLLBACK_WINDOW_KEY,
+    redemption_id: str = "r_1",
+) -> int:
+    """A gift card redemption of 2000 (balance 8000 after it), its rollback refused with
+    ``code``; the fake knows the redemption and the card."""
+    deliver(
+        pool,
+        "redemption.succeeded",
+        card_redemption("gift", redemption_id, 2000, 8000, date=REDEEMED),
+    )
+    failed = card_rollback_failed(redemption_id, f"rr_{redemption_id}", code, voucher_id=CARD_ID)
+    failed["redemption_rollback"]["reason"] = RETRY_REASON
+    deliver(pool, "redemption.rollback.failed", failed)
+    theirs = api_redemption("gift", redemption_id, 2000, date=REDEEMED, voucher_id=CARD_ID)
+    theirs["tracking_id"] = "track_1"
+    fake.add(theirs)
+    fake.vouchers[CARD_CODE] = api_voucher("gift", CARD_ID, CARD_CODE, balance=8000)
+    [(flag_id,)] = rows(db, "SELECT id FROM flags WHERE redemption_id = %s", redemption_id)
+    return int(flag_id)

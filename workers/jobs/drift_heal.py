@@ -56,17 +56,18 @@ def event_type_of(kind: str) -> str:
     return f"voucher.{family}.transaction.created"
 
 
-def webhook_body(card: Card, transaction: dict[str, Any]) -> tuple[str, str]:
-    """(event id, raw body) of the transaction webhook Voucherify would have sent."""
+def webhook_body(card: Card, transaction: dict[str, Any], job: str = "drift") -> tuple[str, str]:
+    """(event id, raw body) of the transaction webhook Voucherify would have sent; the
+    ``job`` that learned of it names its source and its event id (``<job>:<transaction>``)."""
     event_type = event_type_of(card.kind)
-    event_id = f"drift:{transaction['id']}"
+    event_id = f"{job}:{transaction['id']}"
     created_at = transaction.get("created_at") or datetime.now(UTC).isoformat()
     data = {
         "transaction": transaction,
         "voucher": {"id": card.voucher_id, "code": card.voucher_code, "holder_id": card.holder_id},
         "holder": {"id": card.holder_id} if card.holder_id else None,
     }
-    return event_id, synthetic.webhook_body("drift", event_id, event_type, data, created_at)
+    return event_id, synthetic.webhook_body(job, event_id, event_type, data, created_at)
 
 
 def _created(transaction: dict[str, Any]) -> datetime | None:

@@ -219,6 +219,7 @@ class VoucherifyApi:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        max_wait: float | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.headers = {
@@ -241,6 +242,9 @@ class VoucherifyApi:
         """Requests sent by this client (answered or not)."""
         self.skipped = 0
         """Calls refused for budget (each one stops its job's run)."""
+        self.max_wait = max_wait
+        """The longest a call waits for its slot of the budget (None: until its deadline);
+        a person's action never waits longer than a few seconds."""
         self.reserve = 0
         """Calls of the day this client leaves to others (``Budget.take``): the window
         sweep's share, set while the flags and the drift job call."""
@@ -433,6 +437,7 @@ class VoucherifyApi:
         the time (at most ``max_wait`` when given); else the call is skipped
         (``BudgetExhausted``)."""
         wait = max(0.0, deadline - self.clock())
+        max_wait = max_wait if max_wait is not None else self.max_wait
         if max_wait is not None:
             wait = min(wait, max(0.0, max_wait))
         grant = self.budget.take(self.wall_clock(), wait, reserve=self.reserve)

@@ -232,6 +232,20 @@ def reconcile(
         rollback = _rollback_of(api, theirs, deadline)
         if rollback is not None:
             status = RedemptionStatus.ROLLED_BACK  # an answer without status: its rollback says
+    return heal_from(pool, redemption_id, theirs, status, rollback, tally, recheck_after)
+
+
+def heal_from(
+    pool: ConnectionPool,
+    redemption_id: str,
+    theirs: dict[str, Any],
+    status: str | None,
+    rollback: dict[str, Any] | None,
+    tally: Tally | None = None,
+    recheck_after: int = RECHECK_AFTER_SECONDS,
+) -> Check:
+    """Apply what our records miss of a redemption Voucherify answered (and its successful
+    rollback, if any), say whether they now agree (also for a flag's action's answer)."""
     ours = _ours(pool, redemption_id)
     events = compare.missing_events(theirs, status, rollback, ours)
     found = window.Heal(
@@ -242,7 +256,7 @@ def reconcile(
         events,
         lambda after: compare.disagreement(theirs, status, rollback, after),
     )
-    return _heal(pool, found, tally, recheck_after)
+    return _heal(pool, found, tally if tally is not None else Tally(), recheck_after)
 
 
 def _heal(
