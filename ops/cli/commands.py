@@ -8,6 +8,8 @@ and ``ParamError`` are turned into one line on stderr by ``ops.cli.main``.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -220,6 +222,48 @@ def flags_resolve(args: argparse.Namespace, ctx: OpsContext, out: Output) -> int
     if not show(out, row):
         out.line(f"flag {row['id']} {row['status']} at {text(row['resolved_at'])}")
     return 0
+
+
+def flags_act(args: argparse.Namespace, ctx: OpsContext, out: Output) -> int:
+    """Preview the action; do it with ``--yes`` or a ``y`` at the prompt (a terminal only:
+    without one and without ``--yes`` nothing is done)."""
+    from workers.jobs.flag_actions import ActionRefused  # the apply path: when acting
+
+    flag_id = positional_id("FLAG_ID", args.flag_id)
+    by = args.by or f"cli:{os.environ.get('USER') or 'unknown'}"
+    body: dict[str, Any] = {"kind": args.kind, "confirm": False, "by": by}
+    try:
+        if not args.yes:
+            shown = service.flag_action(ctx, flag_id, body, by=by)
+            if show(out, shown):
+                return 0  # the preview's document; --yes acts
+            _preview_lines(out, shown)
+            if not (sys.stdin.isatty() and input("Do it? [y/N] ").strip().lower() == "y"):
+                out.line("not done: run again with --yes to act")
+                return 0
+        done = service.flag_action(ctx, flag_id, {**body, "confirm": True}, by=by)
+    except ActionRefused as exc:
+        if out.as_json:
+            out.json({"error": exc.code, "detail": exc.detail})
+        complain(f"{exc.code}: {exc.detail}")
+        return 1
+    if not show(out, done):
+        out.line(f"action {done['id']} {done['state']}: {text(done.get('error'))}")
+    return 0 if done["state"] == "succeeded" else 1
+
+
+def _preview_lines(out: Output, shown: dict[str, Any]) -> None:
+    out.line(f"{shown['kind']} of redemption {shown['redemption_id']}:")
+    for card in shown.get("cards") or []:
+        out.line(
+            f"  add {card['amount']} {card['kind']} to card {card['voucher_id']}"
+            f" (Voucherify's balance now: {text(card.get('balance_now'))})"
+        )
+    if not shown.get("cards"):
+        for call in shown["calls"]:
+            out.line(f"  {call['method']} {call['path']} reason {call['reason']!r}")
+        if not shown["calls"]:
+            out.line("  no write: settled from what Voucherify reports now")
 
 
 def step_line(step: ReplayStep) -> str:

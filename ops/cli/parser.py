@@ -141,7 +141,7 @@ def add_lookups(tree: Tree) -> None:
 
 
 def add_flags(tree: Tree) -> None:
-    flags = tree.group("flags", "flags raised for a person: list, resolve")
+    flags = tree.group("flags", "flags raised for a person: list, resolve, act")
     p = tree.command(flags, "list", c.flags_list, "list flags, newest first", paged=True)
     p.add_argument("--status", help=one_of(values(FlagStatus)))
     p.add_argument("--code", help="failure code, e.g. already_rolled_back")
@@ -151,6 +151,17 @@ def add_flags(tree: Tree) -> None:
     )
     p.add_argument("flag_id", metavar="FLAG_ID")
     p.add_argument("--note", help="what was done about it")
+    p = tree.command(
+        flags,
+        "act",
+        c.flags_act,
+        "compensate, retry or settle a flag through Voucherify's API: previews, then acts "
+        "once confirmed (--yes, or y at the prompt)",
+    )
+    p.add_argument("flag_id", metavar="FLAG_ID")
+    p.add_argument("--kind", required=True, choices=("compensate", "retry", "settle"))
+    p.add_argument("--yes", action="store_true", help="act without asking")
+    p.add_argument("--by", help="who asks (the audit log's requested_by; default: $USER)")
 
 
 def add_dead_letters(tree: Tree) -> None:

@@ -13,9 +13,13 @@ import psycopg
 import pytest
 import redis
 
+from devtools.fake_voucherify import APP_ID, APP_TOKEN, FakeVoucherify
 from ops.cli import build_parser, main
+from tests.jobs.verify_support import CARD_CODE, _fresh_verify_tables, failed_rollback_flag, fake
 from tests.ops.conftest import State
 from workers.queue import DELIVERY_QUEUE
+
+__all__ = ["_fresh_verify_tables", "fake"]  # fixtures
 
 COMMANDS = [
     [],
@@ -33,6 +37,7 @@ COMMANDS = [
     ["flags"],
     ["flags", "list"],
     ["flags", "resolve"],
+    ["flags", "act"],
     ["dead-letters"],
     ["dead-letters", "list"],
     ["dead-letters", "replay"],
@@ -265,3 +270,25 @@ def test_jobs_run_refuses_an_unknown_job(cli: Cli, capsys: pytest.CaptureFixture
         cli("jobs", "run", "vacuum")
     assert exit_info.value.code == 2
     assert "invalid choice: 'vacuum'" in capsys.readouterr().err
+
+
+def test_flags_act_previews_without_yes_and_acts_with_it(
+    cli: Cli, fake: FakeVoucherify, pool: Any, db: psycopg.Connection[Any]
+) -> None:
+    flag_id = failed_rollback_flag(pool, db, fake)
+    cli.environ.update(
+        VOUCHERIFY_API_URL=fake.url, VOUCHERIFY_APP_ID=APP_ID, VOUCHERIFY_APP_TOKEN=APP_TOKEN
+    )
+
+    code, out, _ = cli("flags", "act", str(flag_id), "--kind", "compensate")
+    assert code == 0
+    assert "add 2000 gift_credit to card" in out
+    assert "not done: run again with --yes" in out
+    assert fake.posts == []
+
+    done = cli.json("flags", "act", str(flag_id), "--kind", "compensate", "--yes", "--by", "ops")
+    assert (done["state"], done["requested_by"]) == ("succeeded", "ops")
+    assert len(fake.transactions[CARD_CODE]) == 1
+    code, _, err = cli("flags", "act", str(flag_id), "--kind", "retry", "--yes")
+    assert code == 1
+    assert "flag_resolved" in err
