@@ -17,12 +17,17 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from psycopg_pool import ConnectionPool
 
+from devtools.fake_voucherify import APP_ID, APP_TOKEN, FakeVoucherify
 from tests.conftest import ROOT, PipelineEnv, Processes
+from tests.jobs.verify_support import CARD_CODE, _fresh_verify_tables, failed_rollback_flag, fake
 from tests.ops.conftest import TOKEN, State
 from workers.queue import DELIVERY_QUEUE
 
 pytestmark = pytest.mark.e2e
+
+__all__ = ["_fresh_verify_tables", "fake"]  # fixtures
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM_ARGS = [
@@ -127,3 +132,67 @@ def test_an_operator_logs_in_resolves_a_flag_and_replays_a_dead_letter(
     page.click("button:has-text('Log out')")
     page.wait_for_selector("input[name=token]")
     assert page.goto(f"{base}/ops/").status == 401
+
+
+def test_an_operator_previews_and_confirms_a_compensation_on_the_flags_page(
+    page: Any,
+    processes: Processes,
+    pipeline_env: PipelineEnv,
+    fake: FakeVoucherify,
+    pool: ConnectionPool,
+    db: psycopg.Connection[Any],
+) -> None:
+    flag_id = failed_rollback_flag(pool, db, fake)
+    env = pipeline_env(
+        OPS_API_TOKEN=TOKEN,
+        VOUCHERIFY_API_URL=fake.url,
+        VOUCHERIFY_APP_ID=APP_ID,
+        VOUCHERIFY_APP_TOKEN=APP_TOKEN,
+    )
+    _, port = processes.web(env)
+    base = f"http://127.0.0.1:{port}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.set_default_timeout(15_000)
+    page.goto(f"{base}/ops/login?next=/ops/flags/{flag_id}")
+    page.fill("input[name=token]", TOKEN)
+    page.click("button[type=submit]")
+    page.wait_for_selector(f"h1:has-text('Flag {flag_id}')")
+
+    page.click("#preview-compensate")
+    page.wait_for_selector("#preview")
+    preview = page.inner_text("#preview")
+    assert "2000" in preview  # the amount, from our ledger
+    assert "8000" in preview  # the balance Voucherify reports now
+    assert fake.posts == []
+    page.screenshot(path=str(ARTIFACTS / "ops-flag-preview.png"), full_page=True)
+
+    page.fill("#preview input[name=by]", "alice")
+    page.click("#confirm")
+    page.wait_for_selector("text=succeeded: the flag is resolved")
+
+    assert "compensate asked by alice" in page.inner_text("#flag-note")
+    assert "succeeded" in page.inner_text("#actions")
+    assert len(fake.transactions[CARD_CODE]) == 1
+    [(status,)] = db.execute("SELECT status FROM flags WHERE id = %s", (flag_id,)).fetchall()
+    assert status == "resolved"
+    page.screenshot(path=str(ARTIFACTS / "ops-flag-acted.png"), full_page=True)
+
+
+def test_the_flags_page_hides_the_actions_without_the_api(
+    page: Any,
+    processes: Processes,
+    pipeline_env: PipelineEnv,
+    fake: FakeVoucherify,
+    pool: ConnectionPool,
+    db: psycopg.Connection[Any],
+) -> None:
+    flag_id = failed_rollback_flag(pool, db, fake)
+    _, port = processes.web(pipeline_env(OPS_API_TOKEN=TOKEN))
+    page.set_default_timeout(15_000)
+    page.goto(f"http://127.0.0.1:{port}/ops/login?next=/ops/flags/{flag_id}")
+    page.fill("input[name=token]", TOKEN)
+    page.click("button[type=submit]")
+    page.wait_for_selector(f"h1:has-text('Flag {flag_id}')")
+
+    assert page.locator("#preview-compensate").count() == 0
+    assert "needs Voucherify's API" in page.content()
