@@ -15,10 +15,9 @@ from devtools.fake_voucherify import (
     ROLLBACK_WINDOW_KEY,
     Failure,
     FakeVoucherify,
+    api_voucher,
 )
-from devtools.webhooks import (
-    card_transaction_event,
-)
+from devtools.webhooks import card_redemption, card_rollback_failed, card_transaction_event
 from tests.conftest import deliver
 from tests.jobs.conftest import rows
 from tests.jobs.verify_support import (
@@ -298,3 +297,29 @@ def test_a_drift_flag_and_an_unknown_kind_are_refused_clearly(
     with pytest.raises(ActionRefused) as drift:
         preview(pool, api, int(drift_id), "compensate", clock.monotonic() + 30)
     assert (drift.value.status, drift.value.code) == (409, "not_actionable")
+
+
+def test_a_loyalty_cards_compensation_adds_its_points(
+    pool: ConnectionPool,
+    db: psycopg.Connection[Any],
+    api: VoucherifyApi,
+    fake: FakeVoucherify,
+    clock: Clock,
+) -> None:
+    deliver(pool, "redemption.succeeded", card_redemption("loyalty", "r_pts", 300, 700))
+    failed = card_rollback_failed(
+        "r_pts", "rr_pts", ROLLBACK_WINDOW_KEY, voucher_id="v_loyalty_test"
+    )
+    deliver(pool, "redemption.rollback.failed", failed)
+    fake.vouchers["LOYAL-1"] = api_voucher("loyalty", "v_loyalty_test", "LOYAL-1", balance=700)
+    [(flag_id,)] = rows(db, "SELECT id FROM flags WHERE redemption_id = 'r_pts'")
+
+    action = act(pool, api, int(flag_id), "compensate", "alice", clock.monotonic() + 30)
+
+    assert action["state"] == "succeeded"
+    assert fake.posts[0][1]["amount"] == 300
+    assert rows(
+        db,
+        "SELECT kind, effect, amount FROM ledger_entries WHERE voucher_id = 'v_loyalty_test'"
+        " ORDER BY id",
+    ) == [("loyalty_points", "debit", -300), ("loyalty_points", "movement", 300)]

@@ -19,8 +19,17 @@ import urllib3
 from psycopg_pool import ConnectionPool
 
 from devtools.fake_voucherify import FakeVoucherify, api_redemption
-from devtools.webhooks import card_redemption, stack_child, stack_parent_redemption
-from tests.conftest import PipelineEnv, Processes, deliver
+from devtools.webhooks import (
+    body_of,
+    card_redemption,
+    card_transaction_event,
+    envelope,
+    sign,
+    stack_child,
+    stack_parent_redemption,
+    wait_until,
+)
+from tests.conftest import PipelineEnv, Processes, deliver, http_call
 from tests.jobs.conftest import rows
 from tests.jobs.verify_support import (
     CARD_CODE,
@@ -95,6 +104,32 @@ def test_compensate_preview_then_confirm_adds_the_ledgers_amount_once(
     )
     [action] = json.loads(shown_flag.data)["actions"]
     assert (action["kind"], action["state"]) == ("compensate", "succeeded")
+
+    # Voucherify's own webhook of the transaction, later, through the receiver and a
+    # worker: the same ledger entry.
+    processes.worker(api_env(pipeline_env, fake))
+    [transaction] = fake.transactions[CARD_CODE]
+    event_type, data = card_transaction_event("gift", transaction)
+    body = body_of(envelope(event_type, data, event_id="evtx_after_action"))
+    answer, _ = http_call(
+        port,
+        "POST",
+        "/webhooks/voucherify",
+        body,
+        {"Content-Type": "application/json", "x-voucherify-signature": sign(body)},
+    )
+    assert answer.status == 202
+    wait_until(
+        lambda: (
+            rows(db, "SELECT status FROM events WHERE event_id = 'evtx_after_action'")
+            == [("processed",)]
+        ),
+        what=processes.logs,
+    )
+    assert rows(db, "SELECT effect, amount FROM ledger_entries ORDER BY id") == [
+        ("debit", -2000),
+        ("movement", 2000),
+    ]
 
 
 def test_retry_of_a_single_redemption_and_of_a_stack(
