@@ -132,7 +132,9 @@ def test_retry_rolls_back_with_the_attempts_reason_and_tracking_id(
         ("ROLLED_BACK",)
     ]
     assert [e[:2] for e in card_entries(db)] == [("debit", -2000), ("restore", 2000)]
-    assert flag_row(db, flag_id)[0] == "resolved"
+    status, note = flag_row(db, flag_id)
+    assert status == "resolved"
+    assert note.startswith(f"retry asked by alice (action {action['id']}): rolled back")
 
 
 def test_retry_of_what_voucherify_shows_rolled_back_sends_nothing_and_heals(

@@ -139,9 +139,13 @@ ATTEMPT_REASON = """
 SELECT COALESCE(payload, raw_body::jsonb) -> 'data' -> 'redemption_rollback' ->> 'reason'
 FROM events WHERE event_id = %(event_id)s
 """
+# Also a flag the action's own effect resolved meanwhile (a rollback ends the review flags
+# of its redemption, migrations/0009): the note says which action, who asked, the result.
 RESOLVE = """
 UPDATE flags SET status = %(resolved)s, resolved_at = now(), note = %(note)s
-WHERE id = %(id)s AND status = %(open)s
+WHERE id = %(id)s
+  AND (status = %(open)s
+       OR resolved_at >= (SELECT created_at FROM flag_actions WHERE id = %(action_id)s))
 """
 ANNOTATE = "UPDATE flags SET note = %(note)s WHERE id = %(id)s AND status = %(open)s"
 
@@ -395,7 +399,7 @@ def _end(
             FINISH, {"id": action_id, "state": state, "result": Jsonb(result), "error": error}
         )
         query = RESOLVE if state == ActionState.SUCCEEDED else ANNOTATE
-        conn.execute(query, {**words, "note": note})
+        conn.execute(query, {**words, "note": note, "action_id": action_id})
         cursor = conn.cursor(row_factory=dict_row)
         row = cursor.execute(
             "SELECT id, flag_id, kind, state, requested_by, request, result, error,"
