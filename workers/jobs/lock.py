@@ -1,10 +1,11 @@
-"""One run of a job at a time, whoever starts it: a lock in Redis with an expiry.
+"""One run of a job at a time, whoever starts it: redis-py's ``Lock`` with an expiry.
 
-``SET key token NX PX ttl`` takes the lock; a Lua compare-and-delete releases it only when
-it still holds our token, so a run whose lock expired can never release the next run's.
-The expiry frees the lock of a run whose process died; it is set longer than a run can
-last (the job's time budget plus the Celery hard time limit's margin), so it never expires
-under a live run.
+redis-py's ``Lock`` takes the key with ``SET NX PX`` and releases it with a Lua
+compare-and-delete, so a run whose lock expired can never release the next run's. The
+expiry frees the lock of a run whose process died; it is set longer than a run can last
+(the job's time budget plus the Celery hard time limit's margin), so it never expires
+under a live run. ``JobLock`` only adds the job's key, a non-blocking take, and a release
+that never raises over the run's own outcome.
 
 Redis rather than a PostgreSQL advisory lock: the lock must have an expiry that does not
 depend on the database noticing a dead client, and Redis is already where every process
@@ -15,34 +16,31 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
 
 import redis
+from redis.exceptions import LockError
 
 log = logging.getLogger(__name__)
 
 LOCK_PREFIX = "voucherify:jobs:lock:"
-
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-    return redis.call('del', KEYS[1])
-end
-return 0
-"""
 
 
 class JobLock:
     """``acquire()`` is False while another run holds the lock; ``release_quietly()`` after."""
 
     def __init__(self, client: redis.Redis, job: str, ttl_seconds: float) -> None:
-        self.client = client
         self.key = LOCK_PREFIX + job
-        self.ttl_ms = max(1, int(ttl_seconds * 1000))
-        self.token = uuid.uuid4().hex
+        # Not thread-local: the run that took it may release it from another thread.
+        self._lock = client.lock(
+            self.key, timeout=max(0.001, ttl_seconds), blocking=False, thread_local=False
+        )
         self.held = False
 
+        self.token = uuid.uuid4().hex
+        """This holder's value of the key while it holds the lock."""
+
     def acquire(self) -> bool:
-        self.held = bool(self.client.set(self.key, self.token, nx=True, px=self.ttl_ms))
+        self.held = bool(self._lock.acquire(blocking=False, token=self.token))
         return self.held
 
     def release(self) -> bool:
@@ -50,8 +48,11 @@ class JobLock:
         if not self.held:
             return False
         self.held = False
-        released: Any = self.client.eval(_RELEASE, 1, self.key, self.token)
-        return bool(released)
+        try:
+            self._lock.release()
+        except LockError:  # LockNotOwnedError: expired, maybe taken by the next run
+            return False
+        return True
 
     def release_quietly(self) -> None:
         """Release at the end of a run; never raises over the run's own outcome."""
