@@ -38,7 +38,8 @@ Reliability settings, each on purpose:
   pool is joined (``compat.celery_asynpool``): half a job would hold the join forever.
 
 The tasks (``workers.tasks``, ``workers.jobs.schedule``) register themselves at import by
-name and read the settings from the app they run in: ``settings_of(app)``.
+name and read the settings from the app they run in: ``settings_of(app)``
+(``workers.app_settings``, a leaf: the tasks never import this module).
 """
 
 from __future__ import annotations
@@ -53,21 +54,11 @@ from celery import Celery, signals
 from compat import billiard_pool, celery_asynpool, kombu_redis
 from config import logs
 from config.settings import Settings
+from workers.app_settings import JOB_TASK_PREFIX, SETTINGS_KEY
 from workers.queue import DELIVERY_QUEUE, JOBS_QUEUE
 from workers.queue.client import sentinel_options, tls_options
 
 log = logging.getLogger(__name__)
-
-
-SETTINGS_KEY = "pipeline_settings"
-JOB_TASK_PREFIX = "voucherify.jobs."
-"""The jobs' tasks are ``voucherify.jobs.<job>`` (registered in ``workers.jobs.schedule``)."""
-
-
-def settings_of(app: Celery) -> Settings:
-    """The settings the app was made with (``make_celery``)."""
-    settings: Settings = app.conf[SETTINGS_KEY]
-    return settings
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -17,7 +17,7 @@ a transient fault retry with exponential backoff and jitter, bounded. Nothing is
 event out of retries is left ``failed`` in the inbox for the re-drive job, and when even
 that cannot be written (PostgreSQL down all along) the message is parked in Redis, where
 the re-drive job picks it up again. Each task reads the settings from its app
-(``workers.celery_app.settings_of``).
+(``workers.app_settings.settings_of``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from config import logs
 from config.settings import Settings
 from schemas.vocabulary import DeliveryOutcome
 from workers import metrics, processing, queue
+from workers.app_settings import settings_of
 from workers.batching import BatchTask, Item
-from workers.celery_app import settings_of
 from workers.db import get_pool
 from workers.delivery import contention_keys
 from workers.faults import TransientError, where

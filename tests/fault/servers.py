@@ -14,7 +14,7 @@ from psycopg import sql
 
 from devtools.servers import EmbeddedPostgres, EmbeddedRedis
 from migrations import apply_migrations
-from workers.celery_app import JOB_TASK_PREFIX
+from workers.app_settings import JOB_TASK_PREFIX
 from workers.jobs.lock import LOCK_PREFIX
 
 

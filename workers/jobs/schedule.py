@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Task, shared_task, signals
 
-from workers.celery_app import JOB_TASK_PREFIX, settings_of
+from workers.app_settings import JOB_TASK_PREFIX, settings_of
 from workers.jobs.durability import report_broker_durability
 from workers.jobs.runner import JOBS, JobSpec, run_job
 
