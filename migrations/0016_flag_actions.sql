@@ -17,7 +17,7 @@ CREATE TABLE flag_actions (
     error         text,
     created_at    timestamptz NOT NULL DEFAULT now(),
     finished_at   timestamptz,
-    CHECK ((state IN ('pending', 'unknown')) = (finished_at IS NULL))
+    CHECK ((finished_at IS NULL) = (state = 'pending' OR state = 'unknown'))
 );
 -- One open action per flag: a second, while one is pending or its outcome unknown, is
 -- refused (the web's 409), whatever process asks.

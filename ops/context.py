@@ -18,7 +18,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import redis
@@ -27,7 +27,9 @@ from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
 from workers import queue
-from workers.jobs.voucherify_api import Budget, VoucherifyApi
+
+if TYPE_CHECKING:
+    from workers.jobs.voucherify_api import VoucherifyApi
 
 Connect = Callable[[float], AbstractContextManager[psycopg.Connection[Any]]]
 
@@ -69,7 +71,9 @@ class OpsContext:
     def voucherify_api(self, pool: ConnectionPool) -> VoucherifyApi | None:
         """The API client of a person's actions (one shared budget with the jobs; a call
         waits ``ACTION_MAX_WAIT`` at most for its slot); None when not configured."""
-        from workers.jobs.flag_actions import ACTION_MAX_WAIT  # the delivery path: on use
+        # The jobs' package (and through it the delivery path): imported when acting only.
+        from workers.jobs.flag_actions import ACTION_MAX_WAIT
+        from workers.jobs.voucherify_api import Budget, VoucherifyApi
 
         s = self.settings
         url, app_id, token = s.voucherify_api_url, s.voucherify_app_id, s.voucherify_app_token

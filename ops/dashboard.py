@@ -38,8 +38,8 @@ from ops.auth import (
 from ops.context import current, current_token
 from ops.params import MAX_NOTE_CHARS, ParamError, Query
 from ops.stats import overview as read_overview
-from schemas.vocabulary import DeliveryOutcome, FlagStatus
-from workers.jobs.flag_actions import ActionKind, ActionRefused
+from schemas.vocabulary import ActionKind, DeliveryOutcome, FlagStatus
+from workers.jobs.flag_actions import ActionRefused
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from ops.params import (
     parse_time,
 )
 from ops.store import EventCursor, Page, Row
-from schemas.vocabulary import EventStatus, FlagCategory, FlagStatus
+from schemas.vocabulary import ActionKind, EventStatus, FlagCategory, FlagStatus
 from workers import queue
 from workers.queue import BrokerUnavailable as BrokerUnavailable  # raised by a replay
 
@@ -249,8 +249,8 @@ def flag_action(context: OpsContext, flag_id: int, body: dict[str, Any], by: str
     from workers.jobs import flag_actions  # the workers' apply path: loaded when acting
 
     kind = body.get("kind")
-    if not isinstance(kind, str) or kind not in set(flag_actions.ActionKind):
-        choices = ", ".join(k.value for k in flag_actions.ActionKind)
+    if not isinstance(kind, str) or kind not in set(ActionKind):
+        choices = ", ".join(ActionKind)
         raise ParamError("kind", f"expected one of {choices}")
     confirm = body.get("confirm", False)
     if not isinstance(confirm, bool):

@@ -113,6 +113,33 @@ class FlagStatus(StrEnum):
     RESOLVED = "resolved"
 
 
+class ActionKind(StrEnum):
+    """``flag_actions.kind``: what a person asks done about a flag through Voucherify's API."""
+
+    COMPENSATE = "compensate"
+    RETRY = "retry"
+    SETTLE = "settle"
+
+
+class ActionState(StrEnum):
+    """``flag_actions.state``: ``pending`` and ``unknown`` are open (looked up before
+    anything is sent again)."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+class JobName(StrEnum):
+    """The reconciliation jobs (``workers.jobs.runner.JOBS``, ``job_runs.job``)."""
+
+    REDRIVE = "redrive"
+    VERIFY = "verify"
+    DRIFT = "drift"
+    RETENTION = "retention"
+
+
 class JobOutcome(StrEnum):
     """``job_runs.outcome``."""
 
@@ -133,6 +160,8 @@ CHECKED_COLUMNS: dict[tuple[str, str], type[StrEnum]] = {
     ("flags", "category"): FlagCategory,
     ("flags", "status"): FlagStatus,
     ("job_runs", "outcome"): JobOutcome,
+    ("flag_actions", "kind"): ActionKind,
+    ("flag_actions", "state"): ActionState,
 }
 """Each column with a CHECK (col IN (...)) and the enum that lists the same values."""
 

@@ -10,8 +10,7 @@ from ops.cli import commands as c
 from ops.cli.output import PROG
 from ops.params import ANY, DEFAULT_LIMIT, MAX_LIMIT, one_of
 from ops.service import ATTENTION_STATUSES, MAX_REPLAY_EVENTS
-from schemas.vocabulary import EventStatus, FlagCategory, FlagStatus, values
-from workers.jobs import JOB_NAMES
+from schemas.vocabulary import ActionKind, EventStatus, FlagCategory, FlagStatus, JobName, values
 
 TIME_HELP = "ISO 8601 time (naive = UTC), 'today', 'yesterday', or an age such as 90m, 24h, 7d"
 EVENT_STATUS_HELP = f"{', '.join(values(EventStatus))} (repeat or comma-separate)"
@@ -85,7 +84,7 @@ def add_jobs(tree: Tree) -> None:
         "result as JSON; exit 0 when it succeeded, 1 when it failed, 3 when it did not run "
         "(another run holds its lock, or verify has no API settings)",
     )
-    p.add_argument("job", choices=JOB_NAMES, metavar="JOB", help=", ".join(JOB_NAMES))
+    p.add_argument("job", choices=values(JobName), metavar="JOB", help=", ".join(JobName))
 
 
 def add_events(tree: Tree) -> None:
@@ -159,7 +158,7 @@ def add_flags(tree: Tree) -> None:
         "once confirmed (--yes, or y at the prompt)",
     )
     p.add_argument("flag_id", metavar="FLAG_ID")
-    p.add_argument("--kind", required=True, choices=("compensate", "retry", "settle"))
+    p.add_argument("--kind", required=True, choices=values(ActionKind))
     p.add_argument("--yes", action="store_true", help="act without asking")
     p.add_argument("--by", help="who asks (the audit log's requested_by; default: $USER)")
 

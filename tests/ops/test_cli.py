@@ -292,3 +292,16 @@ def test_flags_act_previews_without_yes_and_acts_with_it(
     code, _, err = cli("flags", "act", str(flag_id), "--kind", "retry", "--yes")
     assert code == 1
     assert "flag_resolved" in err
+
+
+def test_the_cli_starts_without_the_jobs_or_the_delivery_path() -> None:
+    """``vfy-pipeline`` imports a job (and the apply path under it) only when it runs one."""
+    probe = (
+        "import sys, ops.cli; "
+        "print(sorted(m for m in sys.modules if m.startswith(('workers.jobs', "
+        "'workers.processing', 'workers.handlers', 'celery'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"

@@ -40,7 +40,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import Any
 
 import psycopg
@@ -49,7 +48,14 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from config.logs import masked_code
-from schemas.vocabulary import DeliveryOutcome, FlagCategory, FlagStatus, RedemptionStatus
+from schemas.vocabulary import (
+    ActionKind,
+    ActionState,
+    DeliveryOutcome,
+    FlagCategory,
+    FlagStatus,
+    RedemptionStatus,
+)
 from workers import processing
 from workers.jobs import drift_heal
 from workers.jobs.verify import compare
@@ -73,19 +79,6 @@ ACTION_MAX_WAIT = 5.0
 two, never a queue behind the jobs (``voucherify_api.Budget``); else the 503."""
 LOOKUP_PAGES = 3
 """Pages (100 transactions, newest first) searched for an action's own transaction."""
-
-
-class ActionKind(StrEnum):
-    COMPENSATE = "compensate"
-    RETRY = "retry"
-    SETTLE = "settle"
-
-
-class ActionState(StrEnum):
-    PENDING = "pending"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    UNKNOWN = "unknown"
 
 
 class ActionRefused(Exception):

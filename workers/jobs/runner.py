@@ -34,7 +34,7 @@ from psycopg_pool import ConnectionPool
 
 from config import logs
 from config.settings import Settings
-from schemas.vocabulary import JobOutcome
+from schemas.vocabulary import JobName, JobOutcome
 from workers import queue
 from workers.db import get_pool
 from workers.faults import describe, where
@@ -124,13 +124,14 @@ def _retention(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline:
 JOBS: dict[str, JobSpec] = {
     spec.name: spec
     for spec in (
-        JobSpec("redrive", 60, _redrive, lambda s: s.redrive_interval_seconds),
-        JobSpec("verify", 180, _verify, lambda s: s.verify_interval_seconds),
-        JobSpec("drift", 120, _drift, lambda s: s.drift_interval_seconds),
-        JobSpec("retention", 180, _retention, lambda s: s.retention_interval_seconds),
+        JobSpec(JobName.REDRIVE, 60, _redrive, lambda s: s.redrive_interval_seconds),
+        JobSpec(JobName.VERIFY, 180, _verify, lambda s: s.verify_interval_seconds),
+        JobSpec(JobName.DRIFT, 120, _drift, lambda s: s.drift_interval_seconds),
+        JobSpec(JobName.RETENTION, 180, _retention, lambda s: s.retention_interval_seconds),
     )
 }
 JOB_NAMES = tuple(JOBS)
+assert tuple(JobName) == JOB_NAMES, "every job has its JobName (the CLI's choices)"
 
 START_RUN = "INSERT INTO job_runs (job, runner) VALUES (%(job)s, %(runner)s) RETURNING id"
 FINISH_RUN = """
