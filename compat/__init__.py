@@ -4,8 +4,9 @@ Each module here leans on one upstream symbol that is not a public API, says why
 a test in ``tests/compat/`` that fails when that symbol moves or changes shape, so a minor
 upgrade inside the pinned series (``pyproject.toml``) cannot break delivery silently.
 
-- ``kombu_redis``: ``kombu.transport.redis.QoS.ack`` / ``.reject`` and
-  ``kombu.transport.TRANSPORT_ALIASES``: a failed ack frees its prefetch slot.
+- ``kombu_redis``: ``kombu.transport.redis.QoS.ack`` / ``.reject``,
+  ``kombu.transport.TRANSPORT_ALIASES`` and ``kombu.message.Message._state``: a failed
+  ack frees its prefetch slot; a batch's messages acknowledged in one round trip.
 - ``billiard_pool``: ``billiard.pool.GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT``: a warm
   shutdown takes 2 s, not 30 s.
 - ``celery_asynpool``: ``AsynPool.flush``, ``._flush_writer``, ``._active_writers`` and a

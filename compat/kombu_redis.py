@@ -84,6 +84,13 @@ class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
 
 
+def mark_acknowledged(message: Any) -> None:
+    """A message ``QoS.ack_many`` acknowledged, marked so as ``Message.ack`` marks it
+    (``kombu.message.Message._state``, a slot): a second ack of it raises, as kombu's own
+    would, instead of acknowledging it twice."""
+    message._state = "ACK"
+
+
 def use_for_redis_urls() -> None:
     """Make broker URLs with a Redis scheme use ``Transport`` (``sentinel://``:
     ``SentinelTransport``), idempotent, per process."""

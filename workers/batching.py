@@ -53,6 +53,8 @@ from celery.worker.request import Request, create_request_cls
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 from kombu.message import Message as KombuMessage
 
+from compat import kombu_redis
+
 log = logging.getLogger(__name__)
 
 Item = tuple[str, dict[str, Any], int]
@@ -162,7 +164,7 @@ class BatchTask(Task):  # type: ignore[misc]  # celery ships no annotations
                 utc=utc,
                 connection_errors=connection_errors,
             )
-            buffer.append((request, task.keys_of(request._payload[1]), time.monotonic()))
+            buffer.append((request, task.keys_of(request.kwargs), time.monotonic()))
             if len(buffer) >= task.flush_every:
                 flush()
             elif not deadline:
@@ -204,8 +206,8 @@ def dispatch(task: BatchTask, pool: Any, requests: list[Request], done: Callable
     then ``done()``."""
     items: list[Item] = []
     for request in requests:
-        _, kwargs, _ = request._payload
-        items.append((request.id, kwargs, int(request.request_dict.get("retries") or 0)))
+        retries = int(request.request_dict.get("retries") or 0)
+        items.append((request.id, request.kwargs, retries))
 
     def on_return(unfinished: Sequence[str] | None) -> None:
         given_back = set(unfinished or ())
@@ -240,7 +242,7 @@ def acknowledge(requests: list[Request]) -> None:
     except Exception as exc:  # noqa: BLE001 - as Celery's own "Couldn't ack"
         log.error("batch.ack_failed", extra={"error": type(exc).__name__, "size": len(requests)})
     for request in requests:  # as Message.ack and Request.acknowledge mark them
-        request.message._state = "ACK"
+        kombu_redis.mark_acknowledged(request.message)
         request.acknowledged = True
 
 

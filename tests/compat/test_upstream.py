@@ -154,3 +154,12 @@ def test_psycopg_still_keeps_its_prepared_names_where_forget_prepared_clears_the
         ).fetchone() == (0,)
         assert conn.execute("SELECT 1").fetchone() == (1,)
         assert conn.execute("SELECT 1").fetchone() == (1,)  # by the name prepared anew
+
+
+def test_kombu_messages_still_keep_their_ack_state_in_the_state_slot() -> None:
+    # compat.kombu_redis.mark_acknowledged sets it as Message.ack does.
+    from kombu.message import ACK_STATES, Message
+
+    assert "_state" in Message.__slots__
+    assert "ACK" in ACK_STATES
+    assert "self._state = 'ACK'" in inspect.getsource(Message.ack)
