@@ -10,8 +10,9 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from migrations import apply_migrations, migration_files
+from migrations import apply_migrations
 from tests.conftest import create_database, drop_database
+from tests.migrations import migrate_before
 from workers.jobs.drift import DriftResult, check_drift
 
 LEGACY = """
@@ -35,15 +36,7 @@ def test_existing_entries_move_to_the_holder_keep_the_redeemer_and_do_not_drift(
     url = create_database(postgres_server, migrated=False)
     try:
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(
-                "CREATE TABLE schema_migrations ("
-                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for version, sql in migration_files():
-                if version >= "0006":
-                    break
-                conn.execute(sql.encode())
-                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+            migrate_before(conn, "0006")
             conn.execute(LEGACY.encode())
 
             assert "0006_card_ledger" in apply_migrations(conn)

@@ -9,8 +9,9 @@ from typing import Any
 
 import psycopg
 
-from migrations import apply_migrations, migration_files
+from migrations import apply_migrations
 from tests.conftest import create_database, drop_database
+from tests.migrations import migrate_before
 
 # Two stacks' parents (the old key allowed one parent-keyed debit each): p_1's child c_gift
 # on card v_gift is known, p_2's child on v_points is not yet. r_plain is an ordinary
@@ -38,15 +39,7 @@ def test_parent_keyed_transactions_wait_for_their_child_or_go_to_the_known_one(
     url = create_database(postgres_server, migrated=False)
     try:
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(
-                "CREATE TABLE schema_migrations ("
-                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for version, sql in migration_files():
-                if version >= "0015":
-                    break
-                conn.execute(sql.encode())
-                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+            migrate_before(conn, "0015")
             conn.execute(BEFORE.encode())
 
             assert "0015_stack_waiting_entries" in apply_migrations(conn)

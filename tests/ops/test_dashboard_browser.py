@@ -152,11 +152,7 @@ def test_an_operator_previews_and_confirms_a_compensation_on_the_flags_page(
     _, port = processes.web(env)
     base = f"http://127.0.0.1:{port}"
     ARTIFACTS.mkdir(exist_ok=True)
-    page.set_default_timeout(15_000)
-    page.goto(f"{base}/ops/login?next=/ops/flags/{flag_id}")
-    page.fill("input[name=token]", TOKEN)
-    page.click("button[type=submit]")
-    page.wait_for_selector(f"h1:has-text('Flag {flag_id}')")
+    open_flag_page(page, base, flag_id)
 
     page.click("#preview-compensate")
     page.wait_for_selector("#preview")
@@ -188,11 +184,16 @@ def test_the_flags_page_hides_the_actions_without_the_api(
 ) -> None:
     flag_id = failed_rollback_flag(pool, db, fake)
     _, port = processes.web(pipeline_env(OPS_API_TOKEN=TOKEN))
-    page.set_default_timeout(15_000)
-    page.goto(f"http://127.0.0.1:{port}/ops/login?next=/ops/flags/{flag_id}")
-    page.fill("input[name=token]", TOKEN)
-    page.click("button[type=submit]")
-    page.wait_for_selector(f"h1:has-text('Flag {flag_id}')")
+    open_flag_page(page, f"http://127.0.0.1:{port}", flag_id)
 
     assert page.locator("#preview-compensate").count() == 0
     assert "needs Voucherify's API" in page.content()
+
+
+def open_flag_page(page: Any, base: str, flag_id: int) -> None:
+    """Log in and land on the flag's page."""
+    page.set_default_timeout(15_000)
+    page.goto(f"{base}/ops/login?next=/ops/flags/{flag_id}")
+    page.fill("input[name=token]", TOKEN)
+    page.click("button[type=submit]")
+    page.wait_for_selector(f"h1:has-text('Flag {flag_id}')")
