@@ -19,13 +19,15 @@ metadata). Three loads per app:
   500 req/s (one request every 2 ms). The issue's p99 target is judged on this one.
 
 Every run is checked: all answers must be 202, and for ours the Redis list must then hold
-exactly as many messages as there were 202s (then it is emptied). The webhook path never
-touches PostgreSQL, so DATABASE_URL points at a port nothing listens on (/readyz is not
-called). Needs ``hey`` (Debian/Ubuntu: ``apt-get install -y hey``). The machine is shared:
-the load average is printed before and after; ``--rounds`` repeats and takes medians,
-running the two apps in turn in alternating order (ours first, then bare first, ...), and
-prints each round's ours/bare ratios beside the ratios of the medians: the two apps of one
-round ran seconds apart, under nearly the same load from the machine's other users.
+exactly as many messages as there were 202s (then it is emptied). Before each app is
+served, Redis is emptied and its AOF rewritten, so every round meets the same Redis. The
+webhook path never touches PostgreSQL, so DATABASE_URL points at a port nothing listens on
+(/readyz is not called). Needs ``hey`` (Debian/Ubuntu: ``apt-get install -y hey``). The
+machine is shared: the load average is printed before and after; ``--rounds`` repeats and
+takes medians, running the two apps in turn in alternating order (ours first, then bare
+first, ...), and prints each round's ours/bare ratios beside the ratios of the medians:
+the two apps of one round ran seconds apart, under nearly the same load from the machine's
+other users.
 CPU per answered request is printed for gunicorn's processes, Redis and hey.
 """
 
@@ -190,8 +192,22 @@ class Bench:
         wait_for_port(port, timeout=30)
         return proc, f"http://127.0.0.1:{port}/webhooks/voucherify"
 
+    def empty_redis(self) -> None:
+        """Every app and round starts from the same Redis: no keys, and an AOF rewritten to
+        nothing (deleting keys leaves the AOF as long as every push made it)."""
+        self.redis.delete(DELIVERY_QUEUE, ACCEPTED_HASH, ACCEPTED_INDEX)
+        self.redis.bgrewriteaof()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            info = self.redis.info("persistence")
+            if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("Redis did not finish rewriting its AOF within 60 s")
+
     def measure(self, name: str, worker_class: str) -> tuple[dict[str, Run], list[str]]:
         log = self.workdir / f"gunicorn-{worker_class}-{name}.log"
+        self.empty_redis()
         proc, url = self.serve(APPS[name], worker_class, log)
         runs: dict[str, Run] = {}
         problems: list[str] = []

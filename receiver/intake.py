@@ -1,9 +1,8 @@
 """What the webhook answers, computed from the WSGI environ: verify, check, enqueue.
 
-The one place that decides a webhook's answer. Two adapters serve it: ``receiver.front``
-(a plain WSGI callable in front of Flask, what production runs) and the Flask view of
-``receiver.views`` (the same answer as a Flask ``Response``). Neither adds logic: every
-code, body and header of docs/contract.md's Receiver table is built here, once, as bytes.
+The one place that decides a webhook's answer; the Flask view of ``receiver.views`` turns
+it into a ``Response`` and adds nothing. Every code, body and header of docs/contract.md's
+Receiver table is built here, once, as bytes.
 
 Cheapest refusals first: the content type, the declared length and the signature header's
 form (64 hex characters) are checked before the body is read, so a malformed header costs

@@ -2,13 +2,10 @@
 
 ``install(app, settings)`` builds the ``Intake`` (the secrets, the body limit, the
 publisher), puts it in ``app.extensions[EXTENSION]`` and mounts the blueprint
-(``receiver``) with one route, ``POST /webhooks/voucherify``. The web process's
-composition root (``web.app``) calls it, then puts ``receiver.front`` in front of Flask:
-in production that front answers the webhook's POSTs before Flask sees them, and this
-view serves whoever mounts the blueprint without the front. Both answer what
-``receiver.intake.answer`` decides; ``tests/receiver/test_front.py`` holds them to the
-same bytes. No PostgreSQL here: the only thing the request touches is Redis, through the
-queue contract (``workers.queue``).
+(``receiver``) with one route, ``POST /webhooks/voucherify``, which answers what
+``receiver.intake.answer`` decides. The web process's composition root (``web.app``) calls
+it. No PostgreSQL here: the only thing the request touches is Redis, through the queue
+contract (``workers.queue``).
 """
 
 from __future__ import annotations

@@ -3,9 +3,7 @@
 ``create_app(settings)`` reads no environment and opens no connection until a request
 needs one (``web/wsgi.py`` is the entry point). It mounts:
 
-- the receiver (``POST /webhooks/voucherify``; Redis only): its blueprint, and in front of
-  Flask its plain WSGI callable (``receiver.front``), which answers the webhook's POSTs
-  without a Flask request (the same bytes; every other request goes through Flask),
+- the receiver (``POST /webhooks/voucherify``; Redis only): its blueprint,
 - the ops blueprints (``/ops/api/``, ``/ops/``; only with ``OPS_API_TOKEN``) and the
   ``pipeline_*`` gauges,
 - ``/healthz`` (the process answers), ``/readyz`` (Redis and PostgreSQL answer, asked at
@@ -24,7 +22,6 @@ from flask import Flask, Response, request
 from werkzeug.wrappers import Response as BaseResponse
 
 import ops
-import receiver.front
 import receiver.metrics
 import receiver.views
 from config.settings import Settings
@@ -44,7 +41,6 @@ def create_app(
     intake = receiver.views.install(app, settings, publisher)
     ops.install(app, settings)  # /ops/ (only with OPS_API_TOKEN) and the pipeline gauges
     app.after_request(_count_request)
-    app.wsgi_app = receiver.front.WebhookFront(intake, app.wsgi_app)  # type: ignore[method-assign]
     readiness = health.Readiness(
         {"redis": intake.publisher.ping, "postgres": lambda: check_db(settings.database_url)}
     )
