@@ -14,14 +14,8 @@ upgrade inside the pinned series (``pyproject.toml``) cannot break delivery sile
   joined.
 - ``celery_worker``: ``celery.apps.worker.safe_say``: the lines Celery writes from its
   signal handlers come out as JSON.
-- ``prometheus``: ``prometheus_client.values.ValueClass``: multi-process mode chosen even
-  after an early import.
-- ``redis_raw``: redis-py connections' ``send_packed_command`` / ``read_response``: the
-  receiver's push in one write.
 - ``gunicorn_gthread``: gunicorn's gthread worker (``ThreadWorker``'s accept and
   hand-over): each request is read whole by the main loop before a thread takes it.
-- ``psycopg_prepared``: ``psycopg.Connection._prepared.clear()``: a statement whose
-  ``Parse`` PostgreSQL skipped after an error in a pipeline is not reused as prepared.
 
 Nothing here imports the project's own packages.
 """

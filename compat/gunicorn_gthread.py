@@ -35,6 +35,11 @@ The gunicorn internals this relies on (``tests/compat/`` checks them): ``ThreadW
 ``nr_conns``; ``TConn``'s ``sock``, ``init()``, ``parser``, ``data_ready``; and the
 parser's ``unreader.unread`` / ``take_buffered``. TLS sockets (``cfg.is_ssl``) are left
 to gthread as it is: TLS is terminated by the platform's router in front of us.
+
+Checked on gunicorn 27.0.1 (pinned ``>=27.0,<27.1``). Upstream: benoitc/gunicorn#3518
+(closed) and #3519 (merged in 26: a thread waits 5 s for a request's first bytes, then
+hands it back; a client trickling the rest still holds the thread, what this fixes);
+#2222 (closed: the maintainer's answer is a buffering proxy).
 """
 
 from __future__ import annotations

@@ -23,6 +23,11 @@ see ``workers.celery_app``) the same fix on kombu's ``SentinelChannel``. Everyth
 kombu's: the URL is parsed as before, ``rediss://`` still turns TLS on (kombu decides that
 by the scheme's name, which is why this is not done with Celery's ``broker_transport``),
 and the transport options apply unchanged.
+
+Checked on kombu 5.7.0 (pinned ``>=5.7,<5.8``). Upstream: no issue found for the
+failed ack holding its slot nor for a one-round-trip ack of many messages (the issue we
+would file is in the issue-25 notes); near it, celery/kombu#857 (acks on a dead
+connection, closed).
 """
 
 # kombu's QoS methods carry no annotations; calling them is the whole point here.

@@ -43,7 +43,6 @@ from marshmallow import ValidationError
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from compat.psycopg_prepared import forget_prepared
 from schemas.envelope import LEGACY_FORMAT
 from schemas.vocabulary import FINAL_STATUSES, UNFINISHED_STATUSES, DeliveryOutcome, EventStatus
 from workers import handlers  # noqa: F401 - importing registers the handlers
@@ -141,15 +140,14 @@ def process_batch(
     try:
         with pool.connection() as conn:
             storable_text(conn)
-            if len(deliveries) > 1 and all(_plain(d) for d in deliveries):
+            if all(_plain(d) for d in deliveries):
                 together = _apply_together(conn, deliveries, routes)
                 if together is not None:
                     return together
             # Pipeline mode: statements go out without waiting for each answer; each
             # delivery waits for its claim and for one sync at the end of its savepoint.
-            # Prepared statements stay on (the pool's threshold): ``_savepoint`` makes
-            # psycopg forget its prepared names when a delivery fails.
-            with conn.pipeline() as pipe, conn.transaction():
+            # Nothing is prepared in this pass (see ``_unprepared``).
+            with _unprepared(conn), conn.pipeline() as pipe, conn.transaction():
                 if len(deliveries) > 1:
                     conn.execute(BATCH_LOCK_TIMEOUT)
                 return [_apply_isolated(conn, pipe, d, routes) for d in deliveries]
@@ -170,12 +168,14 @@ def _apply_together(
     statements and one round trip fewer per delivery, for the batches where nothing fails
     (nearly all). None when a statement failed: the transaction rolled back (psycopg's own
     rollback forgets its prepared names), and the batch is applied again, each delivery in
-    its savepoint, so that the one that failed is rolled back alone. Raises when the
+    its savepoint, so that the one that failed is rolled back alone. A batch of one too:
+    a delivery that fails has its own savepoint only on its second pass. Raises when the
     connection is lost or the soft time limit came: the batch as a whole is then the
     caller's business."""
     try:
         with conn.pipeline(), conn.transaction():
-            conn.execute(BATCH_LOCK_TIMEOUT)
+            if len(deliveries) > 1:
+                conn.execute(BATCH_LOCK_TIMEOUT)
             return [_apply(conn, d, routes, "jsonb") for d in deliveries]
     except SoftTimeLimitExceeded:
         raise
@@ -249,16 +249,30 @@ def _savepoint(conn: psycopg.Connection[Any], pipe: psycopg.Pipeline) -> Iterato
         # until a sync), then back to the savepoint.
         with suppress(psycopg.Error):
             pipe.sync()
-        # The server skipped the Parse of any statement psycopg chose to prepare in that
-        # stretch, yet psycopg recorded it prepared: its next run would name a statement
-        # the server lacks (InvalidSqlStatementName, bench.load, 2026-12-02). Forget them
-        # all before queuing anything (ROLLBACK TO, RELEASE could be among them); these
-        # two go unprepared, as psycopg's DEALLOCATE ALL follows the first of them.
-        forget_prepared(conn)
-        conn.execute("ROLLBACK TO SAVEPOINT delivery", prepare=False)
-        conn.execute("RELEASE SAVEPOINT delivery", prepare=False)
+        conn.execute("ROLLBACK TO SAVEPOINT delivery")
+        conn.execute("RELEASE SAVEPOINT delivery")
         pipe.sync()
         raise
+
+
+@contextmanager
+def _unprepared(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """No statement prepared, nor run by a prepared name, while inside (psycopg's public
+    ``prepare_threshold``, None), for the savepoint pass.
+
+    Why: psycopg records a statement as prepared when it *sends* its ``Parse``. After a
+    statement fails in pipeline mode, PostgreSQL skips every message until the next sync;
+    a statement reaching its threshold in that stretch would be recorded prepared though
+    its ``Parse`` never ran, and its next run would name a statement the server lacks
+    (``InvalidSqlStatementName``, seen in bench.load on 2026-12-02). This pass runs only
+    after a failure, so it costs nothing that matters; the one-pass batches prepare as
+    the pool says."""
+    threshold = conn.prepare_threshold
+    conn.prepare_threshold = None
+    try:
+        yield
+    finally:
+        conn.prepare_threshold = threshold
 
 
 def _apply(

@@ -4,29 +4,29 @@ fail when one of them moves or changes shape, before a delivery can break silent
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import inspect
 import json
+import re
+import tomllib
 
 import billiard.pool
 import celery.apps.worker
 import kombu.transport
-import prometheus_client.values
-import psycopg
-import redis
+import pytest
 from celery import Celery
 from celery.concurrency import asynpool
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from psycopg._preparing import PrepareManager
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from compat import (
     billiard_pool,
     celery_asynpool,
     celery_worker,
-    prometheus,
-    psycopg_prepared,
-    redis_raw,
 )
+from tests.conftest import ROOT
 from workers.queue import DELIVERY_QUEUE, PROCESS_DELIVERY_TASK, Message
 
 
@@ -93,28 +93,6 @@ def test_celery_signal_handlers_still_say_through_the_module_attribute() -> None
     assert said == ["worker: Warm shutdown"]
 
 
-def test_prometheus_still_chooses_its_value_class_by_a_function() -> None:
-    before = prometheus_client.values.ValueClass
-    assert callable(prometheus_client.values.get_value_class)
-    try:
-        prometheus.rechoose_value_class()
-        assert prometheus_client.values.ValueClass is not None
-    finally:
-        prometheus_client.values.ValueClass = before
-
-
-def test_redis_connections_still_take_a_packed_command_and_give_its_reply() -> None:
-    connection_class = redis.ConnectionPool.from_url("redis://127.0.0.1:1/0").connection_class
-    for name in ("send_packed_command", "read_response", "disconnect"):
-        assert callable(getattr(connection_class, name)), name
-    pool = redis.ConnectionPool.from_url("redis://127.0.0.1:1/3", socket_timeout=1)
-    connection = redis_raw.new_connection(pool)
-    assert (connection.host, connection.port, connection.db) == ("127.0.0.1", 1, 3)
-    assert redis_raw.pack_command(b"LPUSH", b"q", b"v") == b"".join(
-        redis.connection.Connection().pack_command("LPUSH", "q", "v")
-    )
-
-
 def test_the_delivery_message_is_what_celery_itself_would_send() -> None:
     """The receiver builds Celery's protocol-2 message by hand (workers.queue.message)."""
     app = Celery("compat-check", set_as_current=False)
@@ -136,26 +114,6 @@ def test_the_delivery_message_is_what_celery_itself_would_send() -> None:
     assert ours["content-type"] == "application/json"
 
 
-def test_psycopg_still_keeps_its_prepared_names_where_forget_prepared_clears_them(
-    database_url: str,
-) -> None:
-    # compat.psycopg_prepared clears ``Connection._prepared`` (a PrepareManager): psycopg
-    # deallocates the server's copies with its next statement, then prepares them anew.
-    assert "_prepared.clear()" in inspect.getsource(psycopg_prepared.forget_prepared)
-    with psycopg.connect(database_url, prepare_threshold=0) as conn:
-        assert isinstance(conn._prepared, PrepareManager)
-        conn.execute("SELECT 1")
-        assert conn._prepared._names
-        psycopg_prepared.forget_prepared(conn)
-        assert not conn._prepared._names
-        conn.execute("SELECT 2", prepare=False)  # DEALLOCATE ALL goes out after it
-        assert conn.execute(
-            "SELECT count(*) FROM pg_prepared_statements", prepare=False
-        ).fetchone() == (0,)
-        assert conn.execute("SELECT 1").fetchone() == (1,)
-        assert conn.execute("SELECT 1").fetchone() == (1,)  # by the name prepared anew
-
-
 def test_kombu_messages_still_keep_their_ack_state_in_the_state_slot() -> None:
     # compat.kombu_redis.mark_acknowledged sets it as Message.ack does.
     from kombu.message import ACK_STATES, Message
@@ -163,3 +121,29 @@ def test_kombu_messages_still_keep_their_ack_state_in_the_state_slot() -> None:
     assert "_state" in Message.__slots__
     assert "ACK" in ACK_STATES
     assert "self._state = 'ACK'" in inspect.getsource(Message.ack)
+
+
+CHECKED_ON = re.compile(r"Checked on (\S+) (\d+\.\d+\.\d+) \(pinned ``([^`]+)``\)")
+
+
+@pytest.mark.parametrize(
+    "module", sorted(p.stem for p in (ROOT / "compat").glob("*.py") if p.stem != "__init__")
+)
+def test_each_patch_names_the_version_it_was_checked_on_and_that_is_what_runs(
+    module: str,
+) -> None:
+    """Each compat/ module says which release its upstream-shape tests ran on and the range
+    pyproject.toml holds it to: a lock refresh that moves the library is a re-check."""
+    text = (ROOT / "compat" / f"{module}.py").read_text(encoding="utf-8")
+    found = CHECKED_ON.search(text)
+    assert found, f"compat/{module}.py names no 'Checked on <library> X.Y.Z (pinned ``...``)'"
+    library, checked, pinned = found.groups()
+    declared = {
+        Requirement(spec).name: str(Requirement(spec).specifier)
+        for spec in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    assert SpecifierSet(declared[library]) == SpecifierSet(pinned), (library, declared[library])
+    assert importlib.metadata.version(library) == checked, (
+        f"{library} {importlib.metadata.version(library)} runs, compat/{module}.py was"
+        f" checked on {checked}: run tests/compat/ and update its line"
+    )

@@ -10,24 +10,14 @@ import time
 
 import pytest
 import redis
-from redis.connection import Connection
 
-from compat.redis_raw import pack_command
 from workers.queue import (
     ACCEPTED_HASH,
     ACCEPTED_INDEX,
     DELIVERY_QUEUE,
     BrokerUnavailable,
     DeliveryPublisher,
-    Message,
 )
-
-
-def test_command_is_what_redis_py_would_send() -> None:
-    value = Message('{"a":"é"}', "d1", "2024-01-01T00:00:00+00:00").encode()
-    assert pack_command(b"LPUSH", DELIVERY_QUEUE.encode(), value) == b"".join(
-        Connection().pack_command("LPUSH", DELIVERY_QUEUE, value)
-    )
 
 
 def publish_one(redis_url: str) -> None:

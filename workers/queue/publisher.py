@@ -7,9 +7,9 @@ per its AOF policy). A failing broker gets a short, bounded retry; past the budg
 caller answers 503 and Voucherify retries later, so nothing is acknowledged that is not
 stored.
 
-The push is one write and one read on a connection kept per thread
-(``compat.redis_raw``): redis-py's client calls cost several times more CPU per call on
-this path. Any error drops the connection; the next attempt connects again (through
+The push is one ``EVAL`` on a client of one connection kept per thread (redis-py's
+``single_connection_client``), so that a ``WAIT`` after it counts that push. An error
+drops the connection (redis-py's own handling); the next attempt connects again (through
 Sentinel, when it names the primary: to the primary it names then, see ``client``).
 
 With a minimum of replicas (``ENQUEUE_MIN_REPLICAS``), the push is followed by ``WAIT n
@@ -25,15 +25,13 @@ delivery only one server had.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
 
 import redis
-from redis.connection import AbstractConnection
 
-from compat.redis_raw import drop, new_connection, pack_command, round_trip
+from config.per_process import PerProcess
 from workers.queue.client import BrokerUnavailable, connect, error_text, primary_address
 from workers.queue.keys import (
     ACCEPTED_HASH,
@@ -53,7 +51,7 @@ log = logging.getLogger(__name__)
 # nothing and answers the delivery id that carried it first; it rewrites the mark (same
 # value, same expiry) so that a ``WAIT`` after it confirms the first acceptance as well
 # (replicas apply one stream in order).
-ACCEPT_SCRIPT = b"""\
+ACCEPT_SCRIPT = """\
 if KEYS[4] then
   local first = redis.call('GET', KEYS[4])
   if first then
@@ -76,19 +74,15 @@ class ReplicasUnconfirmed(BrokerUnavailable):
 
 def accept_command(
     delivery_id: str, accepted_at: float, message: bytes, event_id: str | None = None
-) -> bytes:
-    """``EVAL`` of the accept script for one delivery, packed; with ``event_id``, a
+) -> tuple[list[bytes], list[bytes]]:
+    """The keys and arguments of the accept script for one delivery; with ``event_id``, a
     repeat of it pushes nothing."""
     keys = [DELIVERY_QUEUE.encode(), ACCEPTED_HASH.encode(), ACCEPTED_INDEX.encode()]
     args = [delivery_id.encode(), b"%.3f" % accepted_at, message]
     if event_id is not None:
         keys.append((SEEN_PREFIX + event_id).encode("utf-8", "surrogatepass"))
         args.append(b"%d" % SEEN_SECONDS)
-    return pack_command(b"EVAL", ACCEPT_SCRIPT, b"%d" % len(keys), *keys, *args)
-
-
-def wait_command(replicas: int, timeout_ms: int) -> bytes:
-    return pack_command(b"WAIT", b"%d" % replicas, b"%d" % timeout_ms)
+    return keys, args
 
 
 class DeliveryPublisher:
@@ -101,12 +95,14 @@ class DeliveryPublisher:
     ) -> None:
         self.budget_seconds = budget_seconds
         self.min_replicas = min_replicas
-        self._wait = wait_command(min_replicas, replica_timeout_ms) if min_replicas else None
+        self.replica_timeout_ms = replica_timeout_ms
         # Short socket timeouts so one hung attempt cannot eat the whole budget (a WAIT
         # may take its own timeout on top).
         timeout = min(2.0, budget_seconds) + (replica_timeout_ms / 1000 if min_replicas else 0)
         self._client = connect(redis_url, timeout=timeout, retry=False)
-        self._local = threading.local()
+        self._threads: PerProcess[redis.Redis] = PerProcess(
+            "the publisher's client", self._one_connection_client, redis.Redis.close
+        )
 
     def publish(
         self, body: str, delivery_id: str, received_at: str, event_id: str | None = None
@@ -140,11 +136,10 @@ class DeliveryPublisher:
 
     def _confirm(self, delivery_id: str) -> None:
         """``WAIT`` for the replicas, when a minimum is set; never a second push."""
-        if self._wait is None:
+        if not self.min_replicas:
             return
-        connection = self._connection()
         try:
-            confirmed = round_trip(connection, self._wait)
+            confirmed = self._connection().wait(self.min_replicas, self.replica_timeout_ms)
         except redis.RedisError as exc:
             raise ReplicasUnconfirmed(f"WAIT failed: {error_text(exc)}") from exc
         if not isinstance(confirmed, int) or confirmed < self.min_replicas:
@@ -160,24 +155,24 @@ class DeliveryPublisher:
                 f"{confirmed} of {self.min_replicas} replicas confirmed the delivery"
             )
 
-    def _push(self, command: bytes, delivery_id: str) -> str:
-        connection = self._connection()
-        reply = round_trip(connection, command)
+    def _push(self, command: tuple[list[bytes], list[bytes]], delivery_id: str) -> str:
+        keys, args = command
+        reply = self._connection().eval(ACCEPT_SCRIPT, len(keys), *keys, *args)
         if isinstance(reply, int):  # pushed: the queue's new length
             return delivery_id
         if isinstance(reply, bytes):  # a repeat: the delivery id that carried it first
             return reply.decode()
-        drop(connection)
         raise redis.ResponseError(f"unexpected reply to the accept script: {reply!r}")
 
-    def _connection(self) -> AbstractConnection:
-        """This thread's connection (created after a fork, never shared across one)."""
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            local.pid = os.getpid()
-            local.connection = new_connection(self._client.connection_pool)
-        connection: AbstractConnection = local.connection
-        return connection
+    def _connection(self) -> redis.Redis:
+        """This thread's client of one connection (made after a fork, never shared across
+        one), from the publisher's pool: its URL, timeouts, TLS and Sentinel."""
+        return self._threads.get(threading.get_ident())
+
+    def _one_connection_client(self, _thread: int) -> redis.Redis:
+        return redis.Redis(
+            connection_pool=self._client.connection_pool, single_connection_client=True
+        )
 
     def ping(self) -> bool:
         return bool(self._client.ping())
@@ -187,8 +182,6 @@ class DeliveryPublisher:
         return primary_address(self._client)
 
     def close(self) -> None:
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
-            drop(connection)
+        self._threads.close()
         self._client.close()
         self._client.connection_pool.disconnect()
