@@ -49,13 +49,9 @@ class OpsContext:
         self._lock = threading.Lock()
 
     def _process_pool(self) -> ConnectionPool:
-        from workers.db import get_pool
+        from workers.db import settings_pool
 
-        return get_pool(
-            self.database_url,
-            self.settings.web_db_pool_max_size,
-            prepare_threshold=self.settings.db_prepare_threshold,
-        )
+        return settings_pool(self.settings, self.settings.web_db_pool_max_size)
 
     @contextlib.contextmanager
     def pool(self) -> Iterator[ConnectionPool]:

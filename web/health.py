@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from psycopg_pool import ConnectionPool
 
+from config.per_process import PerProcess
+
 log = logging.getLogger(__name__)
 
 CACHE_SECONDS = 1.0
@@ -139,65 +141,57 @@ class Readiness:
 
 # --- PostgreSQL --------------------------------------------------------------------------
 
-_lock = threading.Lock()
-_pool: ConnectionPool | None = None
-_pool_key: tuple[int, str] | None = None
+
+def _open_readiness_pool(database_url: str) -> ConnectionPool:
+    pid = os.getpid()
+    timeout_ms = str(int(CHECK_TIMEOUT_SECONDS * 1000))
+    pool = ConnectionPool(
+        database_url,
+        min_size=0,
+        max_size=1,
+        timeout=CHECK_TIMEOUT_SECONDS,
+        # A failed connect is tried again for about one check's time, then the pool gives
+        # up until the next check asks: no retry loop against a database that is down,
+        # one attempt (or three) per check instead.
+        reconnect_timeout=CHECK_TIMEOUT_SECONDS,
+        num_workers=1,
+        kwargs={
+            "autocommit": True,  # SELECT 1 is the one round trip: no COMMIT after
+            "connect_timeout": max(1, int(CHECK_TIMEOUT_SECONDS)),
+            # No startup options of ours (there was ``-c statement_timeout``): they are
+            # session state, which PgBouncer in transaction mode refuses ("unsupported
+            # startup parameter: options") or, told to ignore them, drops; and SELECT 1
+            # waits on nothing a server-side timeout would end. The connect, pool and TCP
+            # timeouts bound the check, and the probe's OVERDUE answer bounds /readyz
+            # (docs/deployment.md, PgBouncer). Unacknowledged bytes this long (a peer gone
+            # silent) fail the check instead of hanging it until the kernel gives up.
+            "tcp_user_timeout": timeout_ms,
+            "application_name": f"voucherify-readyz-{pid}",
+            # The same SELECT 1 on and on would be prepared after psycopg's 5 runs: behind
+            # PgBouncer that statement would be missing on, or clash with, the next server
+            # connection. Never prepared, whatever the pooler.
+            "prepare_threshold": None,
+        },
+        open=False,
+        name=f"readyz-{pid}",
+    )
+    pool.open(wait=False)  # a web process must start even while PostgreSQL is down
+    return pool
+
+
+_readiness_pools: PerProcess[ConnectionPool] = PerProcess(
+    "the readiness pool", _open_readiness_pool, ConnectionPool.close
+)
 
 
 def readiness_pool(database_url: str) -> ConnectionPool:
     """This process's pool of the PostgreSQL check: at most one connection, kept between
-    checks, made on demand (none before the first check); re-made after a fork."""
-    global _pool, _pool_key
-    key = (os.getpid(), database_url)
-    if _pool is not None and _pool_key == key:
-        return _pool
-    with _lock:
-        if _pool is None or _pool_key != key:
-            if _pool is not None and _pool_key is not None and _pool_key[0] == key[0]:
-                _pool.close()
-            timeout_ms = str(int(CHECK_TIMEOUT_SECONDS * 1000))
-            _pool = ConnectionPool(
-                database_url,
-                min_size=0,
-                max_size=1,
-                timeout=CHECK_TIMEOUT_SECONDS,
-                # A failed connect is tried again for about one check's time, then the
-                # pool gives up until the next check asks: no retry loop against a
-                # database that is down, one attempt (or three) per check instead.
-                reconnect_timeout=CHECK_TIMEOUT_SECONDS,
-                num_workers=1,
-                kwargs={
-                    "autocommit": True,  # SELECT 1 is the one round trip: no COMMIT after
-                    "connect_timeout": max(1, int(CHECK_TIMEOUT_SECONDS)),
-                    # No startup options of ours (there was ``-c statement_timeout``): they
-                    # are session state, which PgBouncer in transaction mode refuses
-                    # ("unsupported startup parameter: options") or, told to ignore them,
-                    # drops; and SELECT 1 waits on nothing a server-side timeout would end.
-                    # The connect, pool and TCP timeouts bound the check, and the probe's
-                    # OVERDUE answer bounds /readyz (docs/deployment.md, PgBouncer).
-                    # Unacknowledged bytes this long (a peer gone silent) fail the check
-                    # instead of hanging it until the kernel gives up, minutes later.
-                    "tcp_user_timeout": timeout_ms,
-                    "application_name": f"voucherify-readyz-{key[0]}",
-                    # The same SELECT 1 on and on would be prepared after psycopg's 5 runs:
-                    # behind PgBouncer that statement would be missing on, or clash with,
-                    # the next server connection. Never prepared, whatever the pooler.
-                    "prepare_threshold": None,
-                },
-                open=False,
-                name=f"readyz-{key[0]}",
-            )
-            _pool.open(wait=False)  # a web process must start even while PostgreSQL is down
-            _pool_key = key
-    return _pool
+    checks, made on demand (none before the first check); made again after a fork."""
+    return _readiness_pools.get(database_url)
 
 
 def close_readiness_pool() -> None:
-    global _pool, _pool_key
-    with _lock:
-        if _pool is not None and _pool_key is not None and _pool_key[0] == os.getpid():
-            _pool.close()
-        _pool, _pool_key = None, None
+    _readiness_pools.close()
 
 
 def check_database(database_url: str) -> None:

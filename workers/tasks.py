@@ -38,7 +38,7 @@ from schemas.vocabulary import DeliveryOutcome
 from workers import metrics, processing, queue
 from workers.app_settings import settings_of
 from workers.batching import BatchTask, Item
-from workers.db import get_pool
+from workers.db import settings_pool
 from workers.delivery import contention_keys
 from workers.faults import TransientError, where
 
@@ -81,11 +81,7 @@ def process_one(task: Task, body: str, delivery_id: str, received_at: str) -> st
     retries = int(task.request.retries or 0)
     with logs.bind(delivery_id=delivery_id, attempt=retries + 1):
         started = time.perf_counter()
-        pool = get_pool(
-            settings.database_url,
-            settings.db_pool_max_size,
-            prepare_threshold=settings.db_prepare_threshold,
-        )
+        pool = settings_pool(settings)
         [start] = queue.count_starts(
             queue.process_client(settings.redis_url, timeout=2), [delivery_id]
         )
@@ -204,11 +200,7 @@ class ProcessBatch(BatchTask):
         """
         settings = settings_of(self.app)
         started = time.perf_counter()
-        pool = get_pool(
-            settings.database_url,
-            settings.db_pool_max_size,
-            prepare_threshold=settings.db_prepare_threshold,
-        )
+        pool = settings_pool(settings)
         messages = [
             (queue.Message(kw["body"], kw["delivery_id"], kw["received_at"]), retries)
             for _, kw, retries in items

@@ -20,10 +20,8 @@ get the same TLS options and their own password (``REDIS_SENTINEL_PASSWORD``).
 
 from __future__ import annotations
 
-import os
 import re
 import ssl
-import threading
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,6 +29,7 @@ import redis
 from redis.connection import parse_url
 from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
+from config.per_process import PerProcess
 from config.settings import redis_tls_params, sentinel_target
 
 HEALTH_CHECK_SECONDS = 30
@@ -157,16 +156,12 @@ def primary_address(client: redis.Redis) -> str | None:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-_lock = threading.Lock()
-_clients: dict[tuple[int, str, float], redis.Redis] = {}
+_clients: PerProcess[redis.Redis] = PerProcess(
+    "the Redis client", lambda key: connect(*key), redis.Redis.close
+)
 
 
 def process_client(url: str, timeout: float = 5.0) -> redis.Redis:
     """This process's client for ``url`` and ``timeout`` (made after a fork, never shared
     across one)."""
-    key = (os.getpid(), url, timeout)
-    with _lock:
-        client = _clients.get(key)
-        if client is None:
-            client = _clients[key] = connect(url, timeout)
-        return client
+    return _clients.get((url, timeout))
