@@ -46,6 +46,7 @@ from devtools.fake_voucherify import APP_ID, APP_TOKEN, FakeVoucherify, fake_vou
 from devtools.servers import EmbeddedPostgres
 from migrations import apply_migrations
 from workers.jobs.drift import check_drift
+from workers.jobs.runner import VERIFY_OVERLAP_SECONDS
 from workers.jobs.verify import verify
 from workers.jobs.voucherify_api import SWEEP_SHARE, Budget, VoucherifyApi, sweep_reserve
 
@@ -53,7 +54,7 @@ DEFAULTS = Settings(database_url="", redis_url="")
 VERIFY_EVERY = DEFAULTS.verify_interval_seconds
 DRIFT_EVERY = DEFAULTS.drift_interval_seconds
 SETTLE = DEFAULTS.verify_after_seconds
-OVERLAP = DEFAULTS.verify_overlap_seconds
+OVERLAP = VERIFY_OVERLAP_SECONDS
 PER_MINUTE = DEFAULTS.voucherify_api_calls_per_minute
 PER_DAY = DEFAULTS.voucherify_api_calls_per_day
 

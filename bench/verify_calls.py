@@ -42,13 +42,14 @@ from devtools.fake_voucherify import (
 )
 from devtools.servers import EmbeddedPostgres
 from migrations import apply_migrations
+from workers.jobs.runner import VERIFY_OVERLAP_SECONDS
 from workers.jobs.verify import verify
 from workers.jobs.voucherify_api import Budget, VoucherifyApi
 
 DEFAULTS = Settings(database_url="", redis_url="")
 INTERVAL = DEFAULTS.verify_interval_seconds
 SETTLE = DEFAULTS.verify_after_seconds
-OVERLAP = DEFAULTS.verify_overlap_seconds
+OVERLAP = VERIFY_OVERLAP_SECONDS
 DAY = timedelta(days=1)
 ROLLED_BACK_EVERY = 50  # 2 %
 LOST_REDEMPTION_EVERY = 1000  # 0.1 %

@@ -1,40 +1,15 @@
 """A Celery task that is handed its messages in batches: ``BatchTask``.
 
-The worker's consumer (the main process) does not send each message of a batch task to
-the pool: it buffers the requests, and sends one pool job per batch, when ``flush_every``
-requests are buffered or once the oldest buffered one has waited ``flush_interval``
-seconds, whichever is first, and at most one batch per pool process at a time (the others
-wait in the buffer, so under a backlog every batch is full; the end of a batch is no
-reason to send the next one half empty before its deadline). Two batches in flight never share a
-key (``BatchTask.keys_of``: for a delivery, the ids of the rows its event writes): a
-request whose keys a batch in flight holds waits in the buffer until that batch is over,
-so two pool processes never wait on each other's row locks. The job runs
-``BatchTask.run_batch(items)`` in a pool process; each request is acknowledged after the
-job returned, or given back to the broker:
-
-- the job returns the task ids it did not finish (neither applied, recorded nor parked):
-  those are rejected with ``requeue`` (kombu pushes them back), the others acknowledged;
-- the job failed or its process died (an exception, a hard time limit, a SIGKILL: billiard
-  calls the error callback with ``WorkerLostError``): every request of the batch is
-  rejected with ``requeue``, as ``task_reject_on_worker_lost`` does for a single task;
-- the worker stopped with requests still buffered: they were never acknowledged, and
-  kombu's Redis transport restores its unacknowledged messages when its channel closes
-  (or, after a SIGKILL of the whole worker, after the visibility timeout).
-
-Once a shutdown began no batch is dispatched: what is buffered goes back to the queue. (A
-batch job is larger than a pipe's buffer, so one already on its way to a pool process is
-written in pieces: ``compat.celery_asynpool`` makes the shutdown finish it.)
-
-Modelled on ``celery-batches`` (``celery_batches.Batches``; see docs/architecture.md,
-"Batches"), which it does not depend on: that package pins ``celery<5.7`` (we run 5.7),
-acknowledges every request of a batch whose task raised (its trace swallows the error,
-then its ``on_return`` acks), passes no error callback (the requests of a batch whose
-process died stay unacknowledged in the worker, holding their prefetch slots, until the
-visibility timeout), and flushes on a repeating timer rather than a deadline counted
-from the first buffered request.
-
-The prefetch window must hold more than a batch, or no batch ever fills:
-``workers.celery_app`` sets the multiplier from the batch size.
+The worker's consumer buffers a batch task's requests and sends the pool one job per batch
+(``run_batch(items)``) once ``flush_every`` requests are buffered or the oldest has waited
+``flush_interval`` seconds: at most one batch per pool process, and never two batches in
+flight that share a key (``keys_of``: the rows a delivery's event writes), so that two pool
+processes never wait on each other's row locks. A request is acknowledged only after its
+job returned; one the job did not finish, and every request of a job that raised or whose
+process died, is rejected with ``requeue``; once a shutdown began nothing is dispatched
+and what is buffered goes back to the queue (the job already on its way to a pool process:
+``compat.celery_asynpool``). Why our own and not ``celery-batches``, and why the prefetch
+window is twice a batch (``workers.celery_app``): docs/architecture.md, "Batches".
 """
 
 from __future__ import annotations

@@ -1,45 +1,16 @@
 """The Celery app: ``make_celery(settings)`` builds it; nothing happens at import.
 
-Reliability settings, each on purpose:
-
-- ``task_acks_late``: a message is acknowledged after its task returned, not when it was
-  received, so a worker that dies mid-task leaves the message to be delivered again.
-- ``task_reject_on_worker_lost``: when a pool process is killed (SIGKILL, OOM), its message
-  goes back to the queue instead of being acknowledged as failed.
-- ``worker_prefetch_multiplier``: 4 without batching (``WORKER_BATCH_SIZE=1``): each
-  process reserves a few messages ahead so it never waits on the broker between events.
-  With batching, twice the batch size (``prefetch_multiplier``): a batch can only fill
-  from messages the worker holds unacknowledged, so each process needs room for one
-  batch being applied and one filling. A worker SIGKILLed whole strands that many until
-  the visibility timeout (they are then delivered again, and recorded once).
-- ``visibility_timeout`` (``BROKER_VISIBILITY_TIMEOUT_SECONDS``, default 300 s): a message
-  reserved by a worker that vanished (its whole process group SIGKILLed) is handed out
-  again after this long (plus a sweep of at most 5 s), instead of kombu's default of one
-  hour plus up to 100 s. Every retry countdown is
-  kept below it (``Settings.checked``), else Redis would hand a waiting retry to a second
-  worker.
-- ``task_time_limit`` 60 s hard / 50 s soft: one event is a few milliseconds of SQL; a
-  task still running after a minute is stuck, and is killed and redelivered.
-- Sentinel (``REDIS_SENTINELS``): the broker URL is kombu's ``sentinel://h1:p1/db;
-  sentinel://h2:p2/db`` with the primary's user and password (``broker_url``), and the
-  transport options name the primary (``master_name``) and how to talk to the Sentinels
-  (``sentinel_kwargs``: their password, TLS and timeouts). kombu asks the Sentinels for
-  the primary at each (re)connection: after a failover the worker's and beat's reconnect
-  reaches the new one.
-- ``broker_use_ssl`` from ``workers.queue.tls_options``: a ``rediss://`` broker's certificate
-  is verified unless ``REDIS_URL`` says ``ssl_cert_reqs=none`` (or ``optional``), as for
-  every other Redis client. kombu, given a ``rediss://`` URL and no options, would skip the
-  verification with only a warning.
-- JSON only, in and out: the message carries text, never pickles.
-- No result backend: nobody reads task results; the outcome lives in PostgreSQL.
-- A pool process waits at most 2 s, not billiard's 30 s, for the main process to read its
-  last results before it exits (``compat.billiard_pool``): a warm shutdown stays quick.
-- A warm shutdown finishes writing the batch job on its way to a pool process before the
-  pool is joined (``compat.celery_asynpool``): half a job would hold the join forever.
-
-The tasks (``workers.tasks``, ``workers.jobs.schedule``) register themselves at import by
-name and read the settings from the app they run in: ``settings_of(app)``
-(``workers.app_settings``, a leaf: the tasks never import this module).
+Each setting of ``celery_config`` keeps a message from being lost or held for good: late
+acknowledgement and a re-queue when a pool process dies (acknowledged only once its task
+returned); a prefetch of 4, or twice the batch size so that a batch can fill; a visibility
+timeout (``BROKER_VISIBILITY_TIMEOUT_SECONDS``) swept every 5 s at most, above every retry
+countdown; 60 s hard / 50 s soft time limits; JSON only; no result backend; Sentinel, and
+TLS verified as for every Redis client (``workers.queue.client``). It first applies the
+patches of ``compat``: ``kombu_redis``, ``billiard_pool`` and ``celery_asynpool`` (a warm
+shutdown writes the batch job on its way to a pool process whole). The tasks register
+themselves at import and read the settings through ``settings_of(app)``
+(``workers.app_settings``, a leaf: they never import this module). Each reason at length:
+docs/architecture.md, "Celery settings".
 """
 
 from __future__ import annotations
@@ -92,7 +63,7 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """Celery's settings (each explained in the module's docstring)."""
+    """Celery's settings (why each is what it is: docs/architecture.md, "Celery settings")."""
     return {
         "broker_url": broker_url(settings),
         "broker_transport_options": broker_transport_options(settings),

@@ -1,30 +1,15 @@
 """Learn the holder of a card whose events never named one: one call per card, ever.
 
-Verify heals a lost redemption from Voucherify's listing (``GET /v1/redemptions``), whose
-``voucher`` names no holder; so does many a webhook of a gift card. Such a card's ledger
-entries have no ``customer_id`` (the card's holder, ``migrations/0006_card_ledger.sql``)
-and are on nobody's books (``/ops/api/customers/<holder>/ledger``). Before it checks the
-cards, the drift job asks Voucherify for each card with no holder that it has not asked
-yet (``GET /v1/vouchers/{id}``, the published voucher object) and, when the answer names
-``holder_id``, makes it the card's holder and moves every entry of the card to it
-(``sql.SYNC_HOLDER``: the ledger's entries follow the card's holder). A card no event has
-reported a balance of takes the one the answer gives (``gift.balance`` /
-``loyalty_card.balance``: ``loyalty_card.points`` is what the card earned over its life),
-reported now. A holder already set, by an event, is never replaced.
-
-The card is marked asked (``card_balances.looked_up_at``) whatever the answer: a card
-nobody holds (common for gift cards) or that Voucherify does not know (404) costs one call,
-ever. A call that fails counts against the card (``lookup_failures``) and the card is asked
-again on a later run, ``MAX_LOOKUP_FAILURES`` times at most. The card is asked by its id,
-not its code: a code can be spent by whoever reads it, and the client's logs and errors
-quote the request's path.
-
-Within the budget: at most ``LOOKUP_BATCH`` cards a run, within ``LOOKUP_TIME_SHARE`` of
-the run's time left (the cards' checks and heals come next), and of the calls of the day
-the caller may make (what the window sweep leaves, ``VoucherifyApi.leaving``) at most
-``LOOKUP_SHARE``: the rest stays the heals' and the flags' checks', so a backlog of cards
-to ask (every card without a holder, the day this shipped) cannot starve them. A call the
-budget refuses ends the lookups of the run; the cards left are asked on the next one.
+A card no event named the holder of (every card verify heals from the listing, many a gift
+card) has its ledger entries on nobody's books. Before it checks the cards, the drift job
+asks Voucherify for each such card not asked yet (``GET /v1/vouchers/{id}``: by its id,
+since a code can be spent by whoever reads it in a log); a holder the answer names becomes
+the card's, every entry of the card moves to it (``sql.SYNC_HOLDER``), and a card no event
+reported a balance of takes the answer's. The card is marked asked whatever the answer; a
+failed call is tried again on later runs, ``MAX_LOOKUP_FAILURES`` times at most; a holder
+an event set is never replaced. ``LOOKUP_BATCH``, ``LOOKUP_TIME_SHARE`` and
+``LOOKUP_SHARE`` bound the lookups so that a backlog of cards cannot starve the heals and
+the flags' checks. Details: docs/reconciliation.md, "Learning a card's holder".
 """
 
 from __future__ import annotations

@@ -1,42 +1,16 @@
 """Balance drift: does each card's ledger add up to the balance Voucherify reports?
 
-The ledger holds every movement of a card's balance once (``workers/handlers/cards.py``,
-``workers/handlers/redemptions.py``), each with its own time (``moved_at``: Voucherify's
-transaction time, else the redemption's or rollback's date), its signed amount and,
-where the event reported it, the card's balance right after it (``balance_after``). So,
-for a card, with its movements in their own order:
-
-    first         the earliest movement that reports its balance after
-    last          the latest movement that reports its balance after
-    start         first.balance_after - first.amount: the balance before ``first``
-    implied       start + the amounts of every movement from ``first`` to ``last``
-    drift         last.balance_after - implied - accepted_drift
-
-When every movement between ``first`` and ``last`` is in the ledger, the sum telescopes:
-``implied`` is ``last.balance_after`` exactly, whatever the order the webhooks came in and
-however often (duplicates are one entry). Order only matters for choosing ``first`` and
-``last``; movements at one instant are ordered by their balances (the chain's first is the
-one no other movement of that instant leads to, its last the one that leads to none). A
-movement missing from the ledger leaves its amount as the drift, to the unit: the gap.
-
-A webhook still on its way looks like a missing one. So the job checks a card only once it
-has been quiet -- no event of it reached us for ``quiet_seconds`` (``card_balances.
-heard_at``) -- and leaves a card it has heard of since untouched (``waiting``). A flag is
-then never raised for webhooks that are merely late within that window, and so never
-needs clearing by a later run. A movement outside ``first`` .. ``last`` (before the
-first report, or after the last one) cannot be seen, by construction.
-
-Each drifting card gets one open ``drift`` flag (a unique index keeps it to one), naming
-the card and the gap, its message updated with the latest figures; when the gap closes
-(the missing webhook arrives: re-driven, replayed, healed) the job resolves the flag
-itself with a note. When a person resolves a drift flag, the gap is accepted: the card's
-``accepted_drift`` takes the gap of that moment and later runs measure from there; when
-the missing movement arrives after all (the gap is 0 again), nothing is accepted any more. The
-gauge ``reconciliation_drifting_cards`` gives the number of drifting cards per kind.
-
-With the API, before the cards are checked, the cards whose events never named a holder
-are asked for theirs (``workers.jobs.card_lookup``: one call per card, ever), so that
-their entries -- verify's heals among them -- are on the holder's books.
+The ledger holds every movement of a card once, with its time, its signed amount and,
+where the event reported it, the balance right after it. For a quiet card (no event of it
+for ``quiet_seconds``: a webhook still on its way looks like a lost one), the balance
+before its first reporting movement plus every movement up to its last one must equal
+that last report; what is left, less a gap a person accepted (``accepted_drift``), is the
+drift: the amount of the movements missing from the ledger, whatever the order and the
+duplicates of the webhooks. A drifting card gets one open ``drift`` flag, which the job
+resolves itself once the gap closes. With the API, the job first learns the holder of the
+cards without one (``workers.jobs.card_lookup``) and heals a drifting card from its
+transactions (``workers.jobs.drift_heal``) before it flags what is still missing. The
+model and its limits: docs/reconciliation.md, "Balance drift".
 """
 
 from __future__ import annotations

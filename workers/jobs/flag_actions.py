@@ -1,34 +1,16 @@
 """Act on a flag through Voucherify's API: compensate, retry, settle -- never twice.
 
-A failed rollback leaves a flag that a person resolves. Three actions end it through the
-API instead of Voucherify's dashboard (docs/operations.md, "Acting on a flag"):
-
-- ``compensate``: put back on each card what the rollback would have restored
-  (``POST /v1/vouchers/{id}/balance``, ``source_id`` = the action's own key), the amount
-  taken from our ledger's debit of the redemption (a stack: of its children), never typed.
-- ``retry``: ``GET /v1/redemptions/{id}`` first; already rolled back there, apply what our
-  books miss and resolve without a write; else ``POST /v1/redemptions/{id}/rollback``
-  (``/rollbacks`` for a stack's parent) with the failed attempt's ``reason`` and the
-  redemption's ``tracking_id``.
-- ``settle``: no write; resolved when Voucherify shows the redemption rolled back and our
-  books, healed as the verify job heals, agree.
-
-Never twice: an action and its calls are recorded (``flag_actions``, migration 0016) before
-the first call, one open action per flag (a unique key), and the flag's actions are done
-under a PostgreSQL advisory lock of the transaction (two people at once: one acts, the
-other gets ``ActionRefused`` 409, also behind PgBouncer in transaction mode). An action
-still open when the next is asked (its answer lost: a timeout, a crash between the call
-and its record) is looked up at Voucherify first (the card's transactions for our
-``source_id``, the redemption for its rollback) and what was done is not sent again.
-
-Into the books once: what an answer reports goes through ``workers.processing`` as an
-event of its own -- a balance transaction as its ``voucher.*.transaction.created`` (keyed by
-its transaction id, like the webhook Voucherify sends after it), a rollback as verify
-heals it -- so the later webhook is the same ledger entry, whichever comes first.
-
-Calls count against the shared budget but never queue behind the jobs (a slot within
-``ACTION_MAX_WAIT``): a refusal
-is ``ActionRefused`` 503 with the seconds to wait.
+A failed rollback leaves a flag that a person ends; these actions end it through the API
+instead of Voucherify's dashboard: ``compensate`` puts back on each card the debit our
+ledger holds without its restore (never an amount typed), ``retry`` rolls the redemption
+back again (settled instead when Voucherify did already), ``settle`` writes nothing and
+resolves the flag when Voucherify and our books, healed as verify heals, agree. An action
+and its calls are recorded (``flag_actions``, migration 0016) before the first call, one
+open action per flag, under a transaction's advisory lock (which holds behind PgBouncer in
+transaction mode too); one left open is looked up at Voucherify before anything is sent
+again. What an answer reports goes into the books through ``workers.processing`` as an
+event of its own, keyed like Voucherify's later webhook. The calls, the refusals
+(``ActionRefused``) and the budget: docs/operations.md, "Acting on a flag".
 """
 
 from __future__ import annotations

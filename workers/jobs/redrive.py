@@ -1,26 +1,15 @@
 """Re-drive: put events whose processing never finished back on the queue, or give up loudly.
 
-An event is stuck when it is still ``received`` or ``failed`` ``REDRIVE_AFTER_SECONDS``
-after its row last moved: its message was lost from Redis, or its task ran out of retries
-on a transient fault (PostgreSQL down for longer than the retries last), or it crashed on
-a bug. While a task still retries an event, every attempt moves ``updated_at``, so an
-event in the hands of a worker is not taken (the retry backoff is capped far below the
-threshold).
-
-Each stuck event is re-driven at most ``REDRIVE_MAX_ATTEMPTS`` times: a new delivery of
-its stored body on the ``deliveries`` queue. Then it is dead-lettered with the reason
-(its last error), where a person sees it and can replay it. An event without a stored
-body has nothing to re-drive and is dead-lettered at once.
-
-Then the deliveries parked in Redis (``deliveries.parked``: the worker could not even
-record them because PostgreSQL was gone) go back to the queue, now that PostgreSQL
-answers again. Last, the accepted set is swept (``workers.queue.sweep``): deliveries the
-receiver accepted that never reached the inbox and are neither waiting in a list nor held
-by a worker -- lost by Celery's transport between its BRPOP and its bookkeeping -- are
-pushed again once ``ACCEPTED_GRACE_SECONDS`` old; one lost ``queue.MAX_PUSHES`` times is
-recorded ``failed`` here (``fail_in``), its body kept, and from then on is a stuck event
-like any other: re-driven, a bounded number of times, then dead-lettered. A waiting
-delivery is never touched, however long the backlog.
+An event still ``received`` or ``failed`` ``REDRIVE_AFTER_SECONDS`` after its row last
+moved is stuck (its message lost, its retries spent on a long outage, or a crash on a
+bug; a worker moves the row at every attempt, so an event still being retried is left
+alone): it gets a new delivery of its stored body, at most ``max_attempts`` times, then a
+dead letter with its last error (at once when no body is stored). Then the parked
+deliveries go back to the queue, and the accepted set is swept (``workers.queue.sweep``):
+a delivery lost in flight is pushed again once ``ACCEPTED_GRACE_SECONDS`` old, and one
+lost ``queue.MAX_PUSHES`` times is recorded ``failed`` here (``fail_in``), its body kept,
+a stuck event like any other from then on. A waiting delivery is never touched, however
+long the backlog. Details: docs/reconciliation.md, "Re-drive".
 """
 
 from __future__ import annotations

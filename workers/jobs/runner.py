@@ -36,7 +36,7 @@ from config import logs
 from config.settings import Settings
 from schemas.vocabulary import JobName, JobOutcome
 from workers import queue
-from workers.db import get_pool
+from workers.db import settings_pool
 from workers.faults import describe, where
 from workers.jobs import metrics
 from workers.jobs.drift import check_drift
@@ -72,12 +72,21 @@ class JobSpec:
         return self.time_limit + 30
 
 
+# Once settings, turned by nobody (issue 25): named constants of the jobs.
+REDRIVE_MAX_ATTEMPTS = 5
+"""Re-drives of one stuck event before it is dead-lettered with its last error."""
+VERIFY_OVERLAP_SECONDS = 900
+"""Each verify run lists again this much before its watermark (what Voucherify listed late)."""
+VERIFY_BATCH_SIZE = 100
+"""Failed-rollback and mismatch flags verify checks by id per run."""
+
+
 def _redrive(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: float) -> Any:
     return redrive(
         pool,
         client,
         s.redrive_after_seconds,
-        s.redrive_max_attempts,
+        REDRIVE_MAX_ATTEMPTS,
         deadline,
         grace_seconds=accepted_grace(s.broker_visibility_timeout_seconds),
     ).as_dict()
@@ -100,8 +109,8 @@ def _verify(s: Settings, pool: ConnectionPool, client: redis.Redis, deadline: fl
         pool,
         api,
         s.verify_after_seconds,
-        s.verify_overlap_seconds,
-        s.verify_batch_size,
+        VERIFY_OVERLAP_SECONDS,
+        VERIFY_BATCH_SIZE,
         deadline,
     ).as_dict()
 
@@ -186,9 +195,7 @@ def run_job(
     database_url, redis_url = settings.database_url, settings.redis_url
     if database_url is None or redis_url is None:
         raise ValueError("run_job needs settings with both URLs resolved")
-    pool = get_pool(
-        database_url, settings.db_pool_max_size, prepare_threshold=settings.db_prepare_threshold
-    )
+    pool = settings_pool(settings)
     client = queue.connect(redis_url, timeout=10)
 
     def work(deadline: float) -> dict[str, int]:

@@ -1,44 +1,16 @@
 """Call Voucherify's REST API within a budget: one request path, endpoint methods on top.
 
-Every request goes through ``VoucherifyApi.get``: the ``X-App-Id`` / ``X-App-Token``
-headers, the budget, the spacing of calls, the retries and Voucherify's own rate-limit
-headers are handled there once, so an endpoint method is a path and its query
-(``get_redemption``, ``list_redemptions``, ``get_voucher``, ``list_voucher_transactions``;
-add others the same way).
-
-Why urllib3 and not the official ``voucherify`` package: the package (OpenAPI-generated,
-v6) does list redemptions with the ``created_at`` filters, but (1) its typed methods return
-pydantic models that reject any value outside the enums of its spec version, so every call
-would go through its ``*_without_preload_content`` variants and our own JSON reading
-anyway; (2) a single generic GET path would have to drive its internals
-(``ApiClient.param_serialize`` / ``call_api``); (3) it turns TLS errors into
-``ApiException(status=0)`` with the error flattened into a string; (4) importing its
-1,400 generated models takes seconds. urllib3 is its transport anyway.
-
-The budget (``Budget``): calls per UTC day counted in PostgreSQL
-(``voucherify_api_calls``), and one pace of calls (``voucherify_api_pace``: a slot every
-60 / per-minute seconds, and Voucherify's pause), so that every job and process shares it;
-``SWEEP_SHARE`` of each day is kept for verify's window sweep. Voucherify blocks a
-project's API at once when it goes over its plan (Business: 100 calls a minute, 100,000 a
-billing cycle), and the shop's checkout uses the same quota: the defaults take at most a
-third of the minute and about a sixth of a cycle. On top, its response headers:
-``X-Rate-Limit-Remaining`` at or below a third of ``X-Rate-Limit-Limit`` (the shop is
-busy) pauses the calls of every process until ``X-Rate-Limit-Retry`` (a Unix time) or
-the next minute.
-A call the budget refuses is not made: ``BudgetExhausted`` tells the job to stop and
-leave the rest for its next run (``voucherify_api_calls_skipped_total{reason}``).
-
-Retries: 429, 408, 5xx, and any connection or TLS error (``urllib3.exceptions.HTTPError``,
-``OSError``) are retried with exponential backoff and jitter, honouring ``Retry-After`` (or
-``X-Rate-Limit-Retry``), bounded by an attempt count and by the job's deadline; then
-``VoucherifyApiError``, which the job counts and moves on from. 401 and 403 are permanent.
-
-Writes (``post``: ``rollback_redemption``, ``rollback_stack``, ``add_balance``) share that
-path, budget and headers, but a POST is not idempotent: it is resent only when it cannot
-have been processed (429, or the connection never made); a timeout, a connection dropped
-after sending or a 5xx raise ``OutcomeUnknown``: look the outcome up before sending again.
-A 4xx raises ``VoucherifyApiError`` with Voucherify's ``key`` (``already_rolled_back``).
-``max_wait=0``: the budget's slot now or ``BudgetExhausted`` at once (a person clicking).
+Every request, a GET (``get``) or a write (``post``), goes through ``_request``: the
+``X-App-Id`` / ``X-App-Token`` headers, the budget, Voucherify's rate-limit headers and the
+retries are handled there once, so an endpoint method is a path and its query. The budget
+(``Budget``) is shared by every job and process through PostgreSQL: calls per UTC day and
+one pace of calls, with ``SWEEP_SHARE`` of each day kept for verify's window sweep, since
+going over the plan blocks the project's API, the shop's checkout included. A call the
+budget refuses is not made (``BudgetExhausted``: the job stops and leaves the rest to its
+next run); a write is resent only when it cannot have been processed, else
+``OutcomeUnknown``: look the outcome up before sending it again. The figures, the retry
+rules and why urllib3 rather than the ``voucherify`` package: docs/reconciliation.md,
+"The budget" and "Errors".
 """
 
 from __future__ import annotations

@@ -5,26 +5,12 @@ accepts a delivery (``DeliveryPublisher``), the worker forgets its accepted copy
 is recorded (``forget``) or parks it when PostgreSQL is gone (``park``), the re-drive job
 pushes stuck events again (``requeue``), moves parked ones back (``unpark``) and sweeps
 the accepted set (``sweep``), the ops tools replay (``requeue``) and read the depths
-(``depths``). The keys, the message format and the client settings live nowhere else.
-
-The keys (Redis lists are pushed left and consumed right, by kombu's Redis transport):
-
-- ``deliveries``: what the workers consume (``DELIVERY_QUEUE``); ``jobs``: the jobs' tasks.
-- ``deliveries.parked``: deliveries the worker could not even record; never consumed.
-- ``deliveries.accepted`` (hash: delivery id -> message) and ``deliveries.accepted.index``
-  (sorted set: delivery id -> accepted-at): a copy of every delivery answered 202 and not
-  yet recorded in PostgreSQL. Celery's Redis transport takes a message off the list
-  (BRPOP) before it records it as unacknowledged: a worker killed, or a Redis restarted,
-  between the two loses it. The accept script writes the copy in the same atomic step as
-  the push, the worker forgets it once the delivery is in PostgreSQL, and the sweep pushes
-  again what stayed too long and never reached the inbox, counting its pushes in
-  ``deliveries.accepted.pushes`` (hash: delivery id -> pushes) and handing a copy pushed
-  ``MAX_PUSHES`` times to its caller's give-up (a dead letter) instead of a fourth push.
-
-Modules: ``keys`` (names), ``message`` (Celery's wire format), ``client`` (the one client
-factory and its timeouts), ``publisher`` (the accept script), ``lists`` (requeue, park,
-unpark, depths), ``accepted`` (forget, sweep). Nothing here touches PostgreSQL: the sweep
-is told which deliveries are recorded by its caller.
+(``depths``). The keys (``keys``: lists pushed left and consumed right by kombu's Redis
+transport), the message format (``message``), the body rule (``body``) and the client
+factory (``client``) live nowhere else; ``publisher`` holds the accept script, ``lists``
+and ``accepted`` the rest. Nothing here touches PostgreSQL: the sweep is told which
+deliveries are recorded by its caller. Why the accepted set: docs/architecture.md,
+"Receiver", and docs/guarantees.md.
 """
 
 from workers.queue.accepted import (

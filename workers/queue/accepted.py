@@ -1,28 +1,15 @@
 """The accepted set: forget a recorded delivery's copy; sweep the copies left behind.
 
 The worker forgets a copy once the delivery is recorded in PostgreSQL, whatever the
-outcome (processed, duplicate, ignored, dead, or failed and left to the re-drive job).
-The sweep (run by the re-drive job) looks at copies older than a short grace and asks
-what the delivery itself says, never what the head of the queue says:
-
-- recorded in PostgreSQL: forgotten (the worker died after its commit);
-- still waiting in one of the queue's lists (``deliveries``, ``deliveries.parked``), or
-  held by a worker (kombu's unacknowledged hash, which kombu itself restores after the
-  visibility timeout): left alone, however long a backlog keeps it waiting, never counted;
-- none of these: lost in flight (Celery's transport takes a message off the list with
-  BRPOP before it records it as unacknowledged; a worker SIGKILLed or a Redis failover
-  between the two loses it): pushed again.
-
-The lists are read once per sweep, from the left in chunks (a push at the left only
-shifts what is read next, so nothing waiting is missed), and kombu's hash after them, so
-a message taken meanwhile is found there. A push too many is harmless: a delivery id
-already recorded is recorded once, its event applied once.
-
-Pushing again is bounded: the sweep counts its pushes of each copy
-(``deliveries.accepted.pushes``), and a copy pushed ``MAX_PUSHES`` times that was lost each
-time is not pushed again but handed to the caller's ``GiveUp`` (the re-drive job records
-its event failed, body kept, where the re-drive of stuck events takes over), then
-forgotten. Nothing loops.
+outcome, and counts the unfinished starts of a delivery here (``count_starts``, cleared
+by ``forget``). The sweep (run by the re-drive job) asks of each copy older than a short
+grace where its delivery is, never what the head of the queue says: recorded, it is
+forgotten; waiting in one of the queue's lists or held by a worker (kombu's
+unacknowledged hash), it is left alone, however long a backlog keeps it; neither, it was
+lost in flight (kombu takes a message off the list with BRPOP before it records it) and
+is pushed again, at most ``MAX_PUSHES`` times, then handed to the caller's ``GiveUp``.
+A push too many is harmless: the inbox records a delivery once. Details:
+docs/reconciliation.md, "Re-drive", and docs/guarantees.md.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""The verify job: settle the failed-rollback flags, then sweep the listing's window.
+"""The verify job: sweep the listing's window, then settle the failed-rollback flags.
 
-Flags (``claims.FLAGS``, few): ``reconcile`` asks Voucherify for the redemption (and its
-successful rollback), applies the events our records miss (``compare.missing_events``,
-written by ``translate``) through ``workers.processing`` as events of their own, reads
-our record again and concludes; ``_settle_flag`` then resolves or annotates the flag.
+The window first: it is what finds lost webhooks, and the flags get what the budget
+keeps beyond the sweep's share. Flags (``claims.FLAGS``, few): ``reconcile`` asks
+Voucherify for the redemption (and its successful rollback), applies the events our
+records miss (``compare.missing_events``, written by ``translate``) through
+``workers.processing`` as events of their own, reads our record again and concludes;
+``_settle_flag`` then resolves or annotates the flag.
 
 Redemptions (``window.sweep``): listed by creation time, 100 a page, compared with our
 rows page by page, healed through the same ``_heal``. Agreement resolves the job's own
