@@ -41,6 +41,9 @@ WEB_WORKER_CLASSES = ("gthread", "sync")
 PSYCOPG_PREPARE_THRESHOLD = 5
 """psycopg's own default: a statement run this many times on a connection is then prepared."""
 NO_SECRETS: tuple[bytes, ...] = ()
+SECRET_FIELDS = frozenset(
+    {"webhook_secrets", "ops_api_token", "metrics_token", "voucherify_app_token"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +114,6 @@ class Settings:
 
     # --- reconciliation jobs -----------------------------------------------------------
     redrive_after_seconds: int = 600
-    redrive_max_attempts: int = 5
     redrive_interval_seconds: int = 60
     verify_interval_seconds: int = 900
     verify_after_seconds: int = 3600
@@ -120,27 +122,29 @@ class Settings:
     retention_days: int = 30
     retention_event_ids_days: int = 90
     """Event ids (no bodies) are kept this long after an event was last seen, for dedup."""
-    verify_batch_size: int = 100
     voucherify_api_url: str | None = None
     voucherify_app_id: str | None = None
     voucherify_app_token: str | None = None
-    verify_overlap_seconds: int = 900
-    """Each verify run lists again this much before its watermark (late writes)."""
     voucherify_api_calls_per_minute: int = 33
     """Calls all jobs together may make to Voucherify's API per minute (Business: 100)."""
     voucherify_api_calls_per_day: int = 500
     """Calls all jobs together may make per UTC day (Business: 100,000 per billing cycle)."""
 
-    def __repr__(self) -> str:  # never print secrets
-        hidden = {"webhook_secrets", "ops_api_token", "metrics_token", "voucherify_app_token"}
-        parts = []
+    def redacted(self) -> dict[str, Any]:
+        """Every setting by name, secrets as ``***`` and URLs without their password:
+        what may be printed (``vfy-pipeline config check``, ``repr``)."""
+        shown: dict[str, Any] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name in hidden and value:
+            if field.name in SECRET_FIELDS and value:
                 value = "***"
             elif field.name in ("database_url", "redis_url") and value:
                 value = redact_url(value)
-            parts.append(f"{field.name}={value!r}")
+            shown[field.name] = value
+        return shown
+
+    def __repr__(self) -> str:  # never print secrets
+        parts = [f"{name}={value!r}" for name, value in self.redacted().items()]
         return f"Settings({', '.join(parts)})"
 
     @property
@@ -293,7 +297,6 @@ def _jobs(env: Env) -> dict[str, Any]:
     """The reconciliation jobs."""
     return dict(
         redrive_after_seconds=env.get("REDRIVE_AFTER_SECONDS", parse.int_range(1, 10**7), 600),
-        redrive_max_attempts=env.get("REDRIVE_MAX_ATTEMPTS", parse.int_range(1, 1000), 5),
         redrive_interval_seconds=env.get("REDRIVE_INTERVAL_SECONDS", parse.int_range(1, 10**7), 60),
         verify_interval_seconds=env.get("VERIFY_INTERVAL_SECONDS", parse.int_range(1, 10**7), 900),
         verify_after_seconds=env.get("VERIFY_AFTER_SECONDS", parse.int_range(1, 10**7), 3600),
@@ -305,11 +308,9 @@ def _jobs(env: Env) -> dict[str, Any]:
         retention_event_ids_days=env.get(
             "RETENTION_EVENT_IDS_DAYS", parse.int_range(15, 36500), 90
         ),
-        verify_batch_size=env.get("VERIFY_BATCH_SIZE", parse.int_range(1, 10_000), 100),
         voucherify_api_url=env.get("VOUCHERIFY_API_URL", parse.http_url, None),
         voucherify_app_id=env.get("VOUCHERIFY_APP_ID", parse.token, None),
         voucherify_app_token=env.get("VOUCHERIFY_APP_TOKEN", parse.token, None),
-        verify_overlap_seconds=env.get("VERIFY_OVERLAP_SECONDS", parse.int_range(0, 86400), 900),
         voucherify_api_calls_per_minute=env.get(
             "VOUCHERIFY_API_CALLS_PER_MINUTE", parse.int_range(1, 10_000), 33
         ),

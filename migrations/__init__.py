@@ -34,6 +34,25 @@ def migration_files() -> list[tuple[str, str]]:
     ]
 
 
+def migration_status(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """Every migration the code has, in order, with when it was applied (None: pending),
+    and any version the database records that the code does not have (``known`` False)."""
+    exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+    applied: dict[str, Any] = {}
+    if exists and exists[0]:
+        rows = conn.execute("SELECT version, applied_at FROM schema_migrations").fetchall()
+        applied = {version: at for version, at in rows}
+    status = [
+        {"version": version, "applied_at": applied.pop(version, None), "known": True}
+        for version, _ in migration_files()
+    ]
+    status += [
+        {"version": version, "applied_at": at, "known": False}
+        for version, at in sorted(applied.items())
+    ]
+    return status
+
+
 def apply_migrations(conn: psycopg.Connection[Any]) -> list[str]:
     """Apply what is missing; return the versions applied now (empty when up to date)."""
     applied_now: list[str] = []

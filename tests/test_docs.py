@@ -86,7 +86,7 @@ def _cli_problem(words: list[str], root: argparse.ArgumentParser) -> str | None:
             return f"'{' '.join(path)} {word}' is not a command (known: {known})"
         parser = choices[word]
         path.append(word)
-    if _subcommands(parser) is not None and not {"-h", "--help"} & set(words):
+    if _subcommands(parser) is not None and not {"-h", "--help", "--version"} & set(words):
         return f"'{' '.join(path)}' is not a complete command"
     return None
 

@@ -60,9 +60,12 @@ def main(
 ) -> int:
     args = build_parser().parse_args(argv)
     log_to_stderr()
-    settings = load_settings("cli", os.environ if environ is None else environ)
-    context = OpsContext(settings, connect=direct_connect(settings.database_url))
+    environ = os.environ if environ is None else environ
     output = Output(bool(getattr(args, "json", False)), out or sys.stdout)
+    if not getattr(args, "needs_settings", True):  # config check: the environment is its input
+        return int(args.handler(args, environ, output))
+    settings = load_settings("cli", environ)
+    context = OpsContext(settings, connect=direct_connect(settings.database_url))
     try:
         return int(args.handler(args, context, output))
     except ParamError as exc:

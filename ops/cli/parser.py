@@ -42,7 +42,12 @@ class Tree:
         return p.add_subparsers(dest="command", required=True, metavar="ACTION")
 
     def command(
-        self, sub: Any, name: str, run: c.Command, help_text: str, paged: bool = False
+        self,
+        sub: Any,
+        name: str,
+        run: c.Command | c.EnvironCommand,
+        help_text: str,
+        paged: bool = False,
     ) -> argparse.ArgumentParser:
         parents: Sequence[argparse.ArgumentParser] = [self.common, *([self.paged] if paged else [])]
         p: argparse.ArgumentParser = sub.add_parser(
@@ -62,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'%(prog)s events replay --since today --dry-run'.",
     )
     parser.add_argument("--json", action="store_true", help="print JSON for machines")
+    parser.add_argument("--version", action="version", version=f"{PROG} {c.package_version()}")
     tree = Tree(parser)
     add_events(tree)
     add_lookups(tree)
@@ -71,7 +77,38 @@ def build_parser() -> argparse.ArgumentParser:
         tree.groups, "stats", c.stats, "queue, lag, failures, flags and dead letters right now"
     )
     add_jobs(tree)
+    add_config(tree)
+    add_migrations(tree)
     return parser
+
+
+def add_config(tree: Tree) -> None:
+    config = tree.group("config", "the configuration the processes read from the environment")
+    p = tree.command(
+        config,
+        "check",
+        c.config_check,
+        "read the environment exactly as a process does and print every setting, secrets "
+        "redacted; exit 2 with that process's one-line error when a setting is missing or bad",
+    )
+    p.add_argument(
+        "--process",
+        choices=c.CHECKED_PROCESSES,
+        default="web",
+        help="whose rules (default web: it also needs VOUCHERIFY_WEBHOOK_SECRET)",
+    )
+    p.set_defaults(needs_settings=False)
+
+
+def add_migrations(tree: Tree) -> None:
+    migrations = tree.group("migrations", "the database schema's migrations")
+    tree.command(
+        migrations,
+        "status",
+        c.migrations_status,
+        "every migration, applied (when) or pending; exit 1 when one is pending or the "
+        "database has one this code does not know",
+    )
 
 
 def add_jobs(tree: Tree) -> None:

@@ -15,11 +15,11 @@ import redis
 
 from devtools.fake_voucherify import APP_ID, APP_TOKEN, FakeVoucherify
 from ops.cli import build_parser, main
-from tests.jobs.verify_support import CARD_CODE, _fresh_verify_tables, failed_rollback_flag, fake
+from tests.jobs.verify_support import CARD_CODE, failed_rollback_flag
 from tests.ops.conftest import State
 from workers.queue import DELIVERY_QUEUE
 
-__all__ = ["_fresh_verify_tables", "fake"]  # fixtures
+pytestmark = pytest.mark.usefixtures("fresh_verify_tables")
 
 COMMANDS = [
     [],
@@ -44,6 +44,10 @@ COMMANDS = [
     ["stats"],
     ["jobs"],
     ["jobs", "run"],
+    ["config"],
+    ["config", "check"],
+    ["migrations"],
+    ["migrations", "status"],
 ]
 
 
@@ -254,7 +258,7 @@ def test_jobs_run_runs_a_job_now_and_records_it(cli: Cli, database_url: str) -> 
         runs = conn.execute("SELECT job, outcome FROM job_runs").fetchall()
     assert runs == [("redrive", "succeeded")]
 
-    code, out, _ = cli("jobs", "run", "retention")  # JSON without --json too (CONTRACT.md)
+    code, out, _ = cli("jobs", "run", "retention")  # JSON without --json too (docs/contract.md)
     assert code == 0
     assert json.loads(out)["status"] == "succeeded"
 
