@@ -14,6 +14,7 @@ import secrets
 import tomllib
 from typing import Any
 
+import yaml
 from packaging.specifiers import SpecifierSet
 
 from config.settings import MIN_TOKEN_CHARS, Settings, SettingsError
@@ -168,3 +169,62 @@ def test_python_version_file_agrees_with_requires_python() -> None:
     requires = SpecifierSet(project["project"]["requires-python"])
     assert requires.contains(f"{pinned}.0"), (pinned, str(requires))
     assert not (ROOT / "runtime.txt").exists()  # deprecated by Heroku; it would win
+
+
+# --- render.yaml (Render's Blueprint) ----------------------------------------------------
+
+BLUEPRINT = ROOT / "render.yaml"
+BUILD = "pip install -r requirements.txt && pip install --no-deps ."
+"""The lock's exact versions (hash-checked), then the project itself for the CLI."""
+
+
+def blueprint() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(BLUEPRINT.read_text(encoding="utf-8"))
+    return loaded
+
+
+def render_services() -> dict[str, dict[str, Any]]:
+    """The Python services by the Procfile process each runs (its name after ``vfy-``)."""
+    return {
+        service["name"].removeprefix("vfy-"): service
+        for service in blueprint()["services"]
+        if service.get("runtime") == "python"
+    }
+
+
+def test_render_runs_each_procfile_process_with_the_procfiles_command() -> None:
+    services, procfile = render_services(), procfile_types()
+    assert set(services) == set(procfile) - {"release"}
+    for name, service in services.items():
+        assert service["startCommand"] == procfile[name], name
+        assert service["buildCommand"] == BUILD, name
+    assert services["web"]["preDeployCommand"] == procfile["release"]
+    assert services["web"]["type"] == "web"
+    assert services["worker"]["type"] == services["beat"]["type"] == "worker"
+    assert services["beat"]["numInstances"] == 1  # a second one sends every job twice
+
+
+def test_render_gives_every_service_the_urls_and_the_web_its_required_secret() -> None:
+    for name, service in render_services().items():
+        keys = {entry["key"] for entry in service["envVars"]}
+        assert {"DATABASE_URL", "REDIS_URL"} <= keys, name
+    web = {entry["key"]: entry for entry in render_services()["web"]["envVars"]}
+    for variable in required_variables():
+        assert variable in web, f"{variable}: required by Settings, absent from render.yaml"
+    assert web["VOUCHERIFY_WEBHOOK_SECRET"] == {"key": "VOUCHERIFY_WEBHOOK_SECRET", "sync": False}
+
+
+def test_every_variable_of_render_yaml_is_one_the_processes_read() -> None:
+    environ = RecordingEnviron()
+    Settings.from_env(environ)
+    keys = {e["key"] for s in render_services().values() for e in s["envVars"]}
+    unknown = keys - set(environ.asked) - LIBPQ_VARIABLES
+    assert not unknown, f"render.yaml sets variables nothing reads: {', '.join(sorted(unknown))}"
+
+
+def test_render_keeps_the_broker_from_evicting_accepted_webhooks() -> None:
+    [broker] = [s for s in blueprint()["services"] if s["type"] == "keyvalue"]
+    assert broker["maxmemoryPolicy"] == "noeviction"
+    assert broker["ipAllowList"] == []
+    [database] = blueprint()["databases"]
+    assert database["ipAllowList"] == []
