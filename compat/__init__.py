@@ -12,6 +12,9 @@ upgrade inside the pinned series (``pyproject.toml``) cannot break delivery sile
 - ``celery_asynpool``: ``AsynPool.flush``, ``._flush_writer``, ``._active_writers`` and a
   job's ``_write_to``: a warm shutdown finishes writing a batch job before the pool is
   joined.
+- ``celery_strategy``: ``celery.worker.request.create_request_cls``, the protocol readers
+  of ``celery.worker.strategy`` and ``celery.worker.state``'s shutdown flags: the batch
+  task's strategy builds its requests as Celery's default one does.
 - ``celery_worker``: ``celery.apps.worker.safe_say``: the lines Celery writes from its
   signal handlers come out as JSON.
 - ``gunicorn_gthread``: gunicorn's gthread worker (``ThreadWorker``'s accept and

@@ -20,15 +20,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from celery import Celery, Task, bootsteps
-from celery.utils.imports import symbol_by_name
-from celery.worker import state as worker_state
+from celery import Celery, Task
 from celery.worker.consumer import Consumer
-from celery.worker.request import Request, create_request_cls
-from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
+from celery.worker.request import Request
 from kombu.message import Message as KombuMessage
 
-from compat import kombu_redis
+from compat import celery_strategy, kombu_redis
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +63,19 @@ class BatchTask(Task):  # type: ignore[misc]  # celery ships no annotations
     def Strategy(self, task: BatchTask, app: Celery, consumer: Consumer) -> Callable[..., None]:
         pool = consumer.pool
         timer = consumer.timer
-        hostname = consumer.hostname
-        eventer = consumer.event_dispatcher
-        connection_errors = consumer.connection_errors
-        request_cls = create_request_cls(
-            symbol_by_name(task.Request), task, pool, hostname, eventer, app=app
-        )
+        make_request = celery_strategy.request_maker(task, app, consumer)
         buffer: list[Entry] = []  # in order of arrival
         deadline: list[Any] = []  # the pending flush timer, if any
         # At most one batch per pool process: the rest waits here, unacknowledged, and
         # fills the next batch (a warm shutdown hands it back at once).
-        limit = max(1, int(getattr(pool, "limit", 1) or 1))
+        limit = celery_strategy.pool_processes(consumer)
         in_flight = [0]
         held: set[str] = set()  # the keys of the batches in flight
 
         def flush() -> None:
             if deadline:
                 deadline.pop().cancel()
-            if stopping(consumer):
+            if celery_strategy.stopping(consumer):
                 return  # what is buffered goes back to the queue with the channel
             while buffer and in_flight[0] < limit:
                 if len(buffer) < task.flush_every:
@@ -113,32 +105,7 @@ class BatchTask(Task):  # type: ignore[misc]  # celery ships no annotations
             callbacks: Any,
             **_: Any,
         ) -> None:
-            # As celery.worker.strategy.default reads the three protocol versions.
-            if body is None and "args" not in message.payload:
-                body, headers, decoded, utc = (
-                    message.body,
-                    message.headers,
-                    False,
-                    app.uses_utc_timezone(),
-                )
-            elif "args" in message.payload:
-                body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
-            else:
-                body, headers, decoded, utc = proto1_to_proto2(message, body)
-            request = request_cls(
-                message,
-                on_ack=ack,
-                on_reject=reject,
-                app=app,
-                hostname=hostname,
-                eventer=eventer,
-                task=task,
-                body=body,
-                headers=headers,
-                decoded=decoded,
-                utc=utc,
-                connection_errors=connection_errors,
-            )
+            request = make_request(message, body, ack, reject)
             buffer.append((request, task.keys_of(request.kwargs), time.monotonic()))
             if len(buffer) >= task.flush_every:
                 flush()
@@ -164,16 +131,6 @@ def take_batch(buffer: list[Entry], held: set[str], size: int) -> tuple[list[Req
             kept.append(entry)
     buffer[:] = kept
     return taken, keys
-
-
-def stopping(consumer: Consumer) -> bool:
-    """Whether the worker is shutting down: a signal asked it to (``should_stop``,
-    ``should_terminate``: set in the handler, before the event loop ends), or its consumer
-    is being stopped."""
-    asked = (worker_state.should_stop, worker_state.should_terminate)
-    return any(flag is not None and flag is not False for flag in asked) or (
-        consumer.blueprint is not None and consumer.blueprint.state != bootsteps.RUN
-    )
 
 
 def dispatch(task: BatchTask, pool: Any, requests: list[Request], done: Callable[[], None]) -> None:

@@ -147,3 +147,23 @@ def test_each_patch_names_the_version_it_was_checked_on_and_that_is_what_runs(
         f"{library} {importlib.metadata.version(library)} runs, compat/{module}.py was"
         f" checked on {checked}: run tests/compat/ and update its line"
     )
+
+
+def test_celery_still_builds_requests_and_flags_shutdown_as_the_batch_strategy_does() -> None:
+    # compat.celery_strategy copies celery.worker.strategy.default's request building and
+    # reads the worker's shutdown flags: each symbol must still be where and what it was.
+    from celery.concurrency.base import BasePool
+    from celery.worker import state, strategy
+    from celery.worker.request import create_request_cls
+
+    default = inspect.getsource(strategy.default)
+    for name in ("create_request_cls", "hybrid_to_proto2", "proto1_to_proto2", "connection_errors"):
+        assert name in default, name
+    assert list(inspect.signature(create_request_cls).parameters)[:5] == [
+        "base", "task", "pool", "hostname", "eventer",
+    ]  # fmt: skip
+    assert len(inspect.signature(strategy.hybrid_to_proto2).parameters) == 2
+    assert len(inspect.signature(strategy.proto1_to_proto2).parameters) >= 2
+    assert hasattr(state, "should_stop")
+    assert hasattr(state, "should_terminate")
+    assert "self.limit = limit" in inspect.getsource(BasePool.__init__)  # the processes
