@@ -1,6 +1,7 @@
 """The alert rules of ``prometheus/alerts.yml``, unit-tested by ``promtool test rules``:
 every rule fires on the series that should page someone and stays quiet on a healthy
-pipeline's, and names a runbook section of docs/operations.md that exists.
+pipeline's, names a runbook section of docs/operations.md that exists, and uses only
+metrics the web app and the worker export.
 
 The cases below become a promtool test file (written next to a copy of the rules in a
 temporary folder): one ``alert_rule_test`` per case, expecting the alert's labels and
@@ -21,13 +22,16 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import REGISTRY, generate_latest
 
+from config.settings import Settings
 from tests.conftest import ROOT
+from web.app import create_app
 
 RULES = ROOT / "prometheus" / "alerts.yml"
 OPERATIONS = ROOT / "docs" / "operations.md"
 WEBHOOK = 'path="/webhooks/voucherify"'
-UP = ('pipeline_state_up{source="database"}', "1x200")
+UP = ('pipeline_state_up{source="postgres"}', "1x200")
 
 
 @dataclass(frozen=True)
@@ -168,3 +172,45 @@ def test_every_rule_names_a_runbook_section_that_exists() -> None:
         page, _, anchor = runbook.partition("#")
         assert page == "docs/operations.md", rule["alert"]
         assert anchor in headings, f"{rule['alert']}: no section '{anchor}' in {page}"
+
+
+PROMQL_WORDS = {
+    "sum",
+    "max",
+    "min",
+    "rate",
+    "increase",
+    "by",
+    "on",
+    "or",
+    "and",
+    "unless",
+    "vector",
+}
+
+
+def metric_names_in_rules() -> set[str]:
+    names = set()
+    for rule in rules():
+        expr = re.sub(r"\{[^}]*\}|\[[^]]*\]", " ", rule["expr"])  # label sets, ranges
+        for word in re.findall(r"[a-z_][a-z0-9_]*", expr):
+            if word not in PROMQL_WORDS and "_" in word:
+                names.add(re.sub(r"_(bucket|count|sum)$", "", word))
+    return names
+
+
+def exported_names(text: str) -> set[str]:
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
+def test_every_metric_the_rules_use_is_one_the_processes_export(settings: Settings) -> None:
+    """The web app's /metrics (its counters and the pipeline_* gauges read from a real
+    PostgreSQL and Redis), and every metric the worker and its jobs declare."""
+    import workers.jobs.metrics
+    import workers.metrics  # noqa: F401 - declaring registers them
+
+    web = create_app(settings).test_client().get("/metrics").get_data(as_text=True)
+    exported = exported_names(web) | exported_names(generate_latest(REGISTRY).decode())
+    used = metric_names_in_rules()
+    assert {"receiver_requests_total", "pipeline_state_up", "worker_dead_letters_total"} <= used
+    assert used - exported == set(), f"the rules use metrics nothing exports: {used - exported}"
