@@ -29,8 +29,9 @@ import redis
 from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
+from devtools.fake_voucherify import FakeVoucherify, fake_voucherify
 from devtools.servers import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
-from devtools.webhooks import SECRET, body_of, envelope
+from devtools.webhooks import SECRET, body_of, envelope, sign
 from migrations import apply_migrations
 from workers.processing import process_delivery
 
@@ -121,6 +122,20 @@ def pool(database_url: str) -> Iterator[ConnectionPool]:
         yield pool
 
 
+@pytest.fixture
+def fake() -> Iterator[FakeVoucherify]:
+    """A fake Voucherify API on loopback (``devtools.fake_voucherify``)."""
+    with fake_voucherify() as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_verify_tables(db: psycopg.Connection[Any]) -> None:
+    """No watermark, call count or pace left by another test: a module whose tests call
+    Voucherify asks for it with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    db.execute("TRUNCATE verify_watermarks, voucherify_api_calls, voucherify_api_pace")
+
+
 def deliver(
     pool: ConnectionPool,
     event_type: str,
@@ -182,6 +197,16 @@ def settings(database_url: str, redis_url: str) -> Settings:
 # --- real processes -------------------------------------------------------------------
 
 
+def run_captured(
+    args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``args`` run to their end in a process of their own, with only ``env``, in ``cwd``;
+    its output captured as text, its exit code left for the test to check."""
+    return subprocess.run(
+        args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
 def process_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_"))}
     env.update({"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "INFO"})
@@ -205,6 +230,14 @@ def http_call(
         return response, response.read()
     finally:
         conn.close()
+
+
+def post_signed(
+    port: int, body: bytes, timeout: float = 15
+) -> tuple[http.client.HTTPResponse, bytes]:
+    """A webhook's ``body`` posted to a receiver with its signature (by ``SECRET``)."""
+    headers = {"Content-Type": "application/json", "x-voucherify-signature": sign(body)}
+    return http_call(port, "POST", "/webhooks/voucherify", body, headers, timeout)
 
 
 class Processes:

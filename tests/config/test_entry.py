@@ -8,7 +8,6 @@ starts a server itself), and no production module imports ``devtools``.
 from __future__ import annotations
 
 import ast
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 from config import entry
 from config.settings import Settings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_captured
 
 URLS = {
     # Valid DSNs of servers that are never contacted: start-up must fail before any connection.
@@ -87,15 +86,7 @@ def test_a_procfile_process_without_a_url_exits_2_naming_it(
         **URLS,
     }
     del env[variable]
-    result = subprocess.run(
-        ["sh", "-c", command],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_captured(["sh", "-c", command], env, tmp_path, timeout=120)
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(

@@ -3,11 +3,10 @@ environment reads no setting, starts no embedded server and opens no connection.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_captured
 
 MODULES = (
     "web.app",
@@ -51,16 +50,9 @@ def test_modules_import_without_settings_servers_or_sockets(tmp_path: Path) -> N
         "print(sorted(m for m in sys.modules\n"
         "             if m.split('.')[0] in ('config', 'web', 'workers', 'devtools')))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        # No DATABASE_URL, REDIS_URL or secret; nothing inherited but a PATH.
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": f"{hooks}:{ROOT}"},
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    # No DATABASE_URL, REDIS_URL or secret; nothing inherited but a PATH.
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": f"{hooks}:{ROOT}"}
+    result = run_captured([sys.executable, "-c", script], env, workdir, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "guard-active" in result.stdout  # the guard really was in place
     assert list(workdir.iterdir()) == []  # no .local folder, nothing written

@@ -59,7 +59,7 @@ def test_without_both_urls_the_database_url_is_named_first() -> None:
 def test_defaults_of_an_environment_with_only_the_urls() -> None:
     settings = Settings.from_env(URLS)
     assert settings == Settings(database_url=DATABASE_URL, redis_url=REDIS_URL)
-    # CONTRACT.md's defaults.
+    # docs/contract.md's defaults.
     assert settings.database_url == DATABASE_URL
     assert settings.redis_url == REDIS_URL
     assert settings.webhook_secrets == ()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -33,6 +36,22 @@ class Servers:
     def stop(self) -> None:
         self.redis.stop()
         self.postgres.stop(mode="immediate")
+
+
+@contextlib.contextmanager
+def started_servers(prefix: str) -> Iterator[Servers]:
+    """Servers started in a folder of their own, stopped and removed after.
+
+    Not under pytest's tmp_path: every pytest session that starts on this machine takes
+    group and other access off /tmp/pytest-of-<user>, and PostgreSQL runs as another
+    user when we are root (see devtools/servers.py), so a concurrent session could
+    lock it out of its data folder mid-run."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    servers = Servers(root)
+    servers.start()
+    yield servers
+    servers.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def unacked(redis_url: str) -> int:

@@ -35,7 +35,7 @@ BACKLOG = 300
 
 @pytest.fixture
 def servers() -> Iterator[tuple[EmbeddedPostgres, EmbeddedRedis]]:
-    # Outside pytest's tmp_path: see tests/fault/test_under_fire.py (servers fixture).
+    # Outside pytest's tmp_path: see tests/fault/servers.py (started_servers).
     root = Path(tempfile.mkdtemp(prefix="vfy-broker-restart-"))
     postgres = EmbeddedPostgres(root / "pg", durable=False)
     broker = EmbeddedRedis(root / "redis", appendfsync="everysec")

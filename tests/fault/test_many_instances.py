@@ -43,10 +43,8 @@ import dataclasses
 import itertools
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from datetime import timedelta
@@ -66,8 +64,15 @@ from tests.fault.servers import (
     kill_groups,
     normal_job_runs,
     slow_job_runs,
+    started_servers,
 )
-from tests.fault.test_under_fire import query, reached, read_logs, settled_probe
+from tests.fault.test_under_fire import (
+    ledger_totals,
+    query,
+    reached,
+    read_logs,
+    settled_probe,
+)
 from workers.jobs.runner import JOBS
 
 pytestmark = pytest.mark.fault
@@ -86,13 +91,8 @@ SENDING = re.compile(r"Sending due task (\w+)")
 
 @pytest.fixture
 def servers() -> Iterator[Servers]:
-    # Not under tmp_path, for the reason test_under_fire.py gives.
-    root = Path(tempfile.mkdtemp(prefix="vfy-many-"))
-    servers = Servers(root)
-    servers.start()
-    yield servers
-    servers.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    with started_servers("vfy-many-") as servers:
+        yield servers
 
 
 def with_twins(stream: Stream, every: int) -> Stream:
@@ -337,12 +337,7 @@ def test_two_webs_three_workers_and_a_second_beat_apply_every_delivery_exactly_o
     ):
         per_event[event_id][outcome] = n
     ledger = query(url, "SELECT redemption_id, effect, count(*) FROM ledger_entries GROUP BY 1, 2")
-    totals = {
-        (c, k): int(t)
-        for c, k, t in query(
-            url, "SELECT customer_id, kind, sum(amount) FROM ledger_entries GROUP BY 1, 2"
-        )
-    }
+    totals = ledger_totals(url)
     flags = dict(query(url, "SELECT event_id, count(*) FROM flags GROUP BY 1"))
     dead_letters = query(url, "SELECT event_id, reason FROM dead_letters")
     logged, _ = read_logs(processes.log_dir)

@@ -31,7 +31,7 @@ OUTAGE_SECONDS = 20.0
 
 @pytest.fixture
 def postgres() -> Iterator[EmbeddedPostgres]:
-    # Outside pytest's tmp_path: see tests/fault/test_under_fire.py (servers fixture).
+    # Outside pytest's tmp_path: see tests/fault/servers.py (started_servers).
     root = Path(tempfile.mkdtemp(prefix="vfy-pool-reconnect-"))
     server = EmbeddedPostgres(root / "pg", durable=False)
     server.start()

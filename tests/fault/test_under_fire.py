@@ -37,12 +37,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +53,7 @@ from devtools.sender import CONNECTION_ERROR, Sender, percentile
 from devtools.stream import Stream, build_stream
 from devtools.webhooks import SECRET, wait_until
 from tests.conftest import Processes, process_env
-from tests.fault.servers import Servers, unacked
+from tests.fault.servers import Servers, started_servers, unacked
 from workers.queue import ACCEPTED_HASH, DELIVERY_QUEUE, PARKED_QUEUE
 
 pytestmark = pytest.mark.fault
@@ -72,16 +70,8 @@ UNRECORDED = "accepted, not recorded"
 
 @pytest.fixture
 def servers() -> Iterator[Servers]:
-    # Not under pytest's tmp_path: every pytest session that starts on this machine takes
-    # group and other access off /tmp/pytest-of-<user>, and PostgreSQL runs as another
-    # user when we are root (see devtools/servers.py), so a concurrent session could
-    # lock it out of its data folder mid-run.
-    root = Path(tempfile.mkdtemp(prefix="vfy-under-fire-"))
-    servers = Servers(root)
-    servers.start()
-    yield servers
-    servers.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    with started_servers("vfy-under-fire-") as servers:
+        yield servers
 
 
 @dataclass(frozen=True)
@@ -195,6 +185,16 @@ def fire(servers: Servers, processes: Processes, tmp_path: Path) -> Fire:
 def query(url: str, sql: str, params: dict[str, Any] | None = None) -> list[Any]:
     with psycopg.connect(url, connect_timeout=3) as conn:
         return conn.execute(sql, params).fetchall()
+
+
+def ledger_totals(url: str) -> dict[tuple[str, str], int]:
+    """The ledger's sum of each (customer, kind)."""
+    return {
+        (c, k): int(t)
+        for c, k, t in query(
+            url, "SELECT customer_id, kind, sum(amount) FROM ledger_entries GROUP BY 1, 2"
+        )
+    }
 
 
 def pipeline_state(url: str, redis_url: str, accepted_ids: list[str]) -> dict[str, int]:
@@ -324,30 +324,40 @@ def read_logs(log_dir: Path) -> tuple[Counter[str], Counter[str]]:
     return processed, notable
 
 
+def write_csv(name: str, header: list[str], records: Iterable[list[Any]]) -> None:
+    with (ARTIFACTS / name).open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(header)
+        writer.writerows(records)
+
+
 def write_artifacts(sender: Sender, faults: list[Fault], lag_rows: list[Any]) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with (ARTIFACTS / "under_fire_requests.csv").open("w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(["t_s", "ack_ms", "status", "index", "attempt"])
-        for a in sorted(sender.attempts, key=lambda a: a.sent_at):
-            writer.writerow([f"{a.sent_at:.4f}", f"{a.ack_ms:.2f}", a.status, a.index, a.attempt])
-    with (ARTIFACTS / "under_fire_lag.csv").open("w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(["received_t_s", "processed_t_s", "lag_ms", "event_id"])
-        for event_id, received, processed in sorted(lag_rows, key=lambda r: r[1]):
-            writer.writerow(
-                [
-                    f"{float(received) - sender.started_wall:.4f}",
-                    f"{float(processed) - sender.started_wall:.4f}",
-                    f"{(float(processed) - float(received)) * 1000:.1f}",
-                    event_id,
-                ]
-            )
-    with (ARTIFACTS / "under_fire_faults.csv").open("w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(["fault", "start_s", "end_s"])
-        for fault in faults:
-            writer.writerow([fault.name, f"{fault.start:.3f}", f"{fault.end:.3f}"])
+    start = sender.started_wall
+    attempts = sorted(sender.attempts, key=lambda a: a.sent_at)
+    write_csv(
+        "under_fire_requests.csv",
+        ["t_s", "ack_ms", "status", "index", "attempt"],
+        ([f"{a.sent_at:.4f}", f"{a.ack_ms:.2f}", a.status, a.index, a.attempt] for a in attempts),
+    )
+    write_csv(
+        "under_fire_lag.csv",
+        ["received_t_s", "processed_t_s", "lag_ms", "event_id"],
+        (
+            [
+                f"{float(received) - start:.4f}",
+                f"{float(processed) - start:.4f}",
+                f"{(float(processed) - float(received)) * 1000:.1f}",
+                event_id,
+            ]
+            for event_id, received, processed in sorted(lag_rows, key=lambda r: r[1])
+        ),
+    )
+    write_csv(
+        "under_fire_faults.csv",
+        ["fault", "start_s", "end_s"],
+        ([fault.name, f"{fault.start:.3f}", f"{fault.end:.3f}"] for fault in faults),
+    )
 
 
 @pytest.mark.timeout(600)
@@ -401,12 +411,7 @@ def test_every_accepted_delivery_is_applied_exactly_once_under_fire(
     # --- what the database says -------------------------------------------------------
     events = dict(query(url, "SELECT event_id, status FROM events"))
     ledger = query(url, "SELECT redemption_id, effect, count(*) FROM ledger_entries GROUP BY 1, 2")
-    totals = {
-        (c, k): int(t)
-        for c, k, t in query(
-            url, "SELECT customer_id, kind, sum(amount) FROM ledger_entries GROUP BY 1, 2"
-        )
-    }
+    totals = ledger_totals(url)
     flags = dict(query(url, "SELECT event_id, count(*) FROM flags GROUP BY 1"))
     redemption_status = dict(query(url, "SELECT redemption_id, status FROM redemptions"))
     dead_letters = query(url, "SELECT event_id, reason FROM dead_letters")

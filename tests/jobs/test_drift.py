@@ -35,6 +35,13 @@ def redeem(pool: ConnectionPool, kind: str, rid: str, amount: int, after: int, a
     assert deliver(pool, "redemption.succeeded", data) == "processed"
 
 
+def fifty_points_unheard_of(pool: ConnectionPool, later: str = "r_l2") -> None:
+    """Two redemptions of the loyalty card: 100 points at 08:00 (balance 900), 50 at 09:00
+    as ``later`` (balance 800). Missed: 50 points spent at 08:30 (balance 850)."""
+    redeem(pool, "loyalty", "r_l1", 100, 900, "2024-02-01T08:00:00Z")
+    redeem(pool, "loyalty", later, 50, 800, "2024-02-01T09:00:00Z")
+
+
 def move(pool: ConnectionPool, kind: str, tx: str, ttype: str, amount: int, after: int, at: str):
     """A movement of no redemption, by its transaction event."""
     transaction = card_transaction(kind, tx, ttype, amount, after, at)
@@ -75,9 +82,7 @@ def test_top_ups_accruals_and_expiries_are_movements_not_drift(
 def test_a_card_that_missed_a_movement_gets_one_flag_naming_the_gap(
     pool: ConnectionPool, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    redeem(pool, "loyalty", "r_l1", 100, 900, "2024-02-01T08:00:00Z")
-    # Missed: 50 points spent at 08:30 (balance 850). Voucherify then reports 800.
-    redeem(pool, "loyalty", "r_l2", 50, 800, "2024-02-01T09:00:00Z")
+    fifty_points_unheard_of(pool)
     redeem(pool, "gift", "r_g1", 2000, 8000, "2024-02-01T08:00:00Z")  # a matching card
 
     result = run(pool)
@@ -104,8 +109,7 @@ def test_a_card_that_missed_a_movement_gets_one_flag_naming_the_gap(
 def test_the_missing_webhook_arriving_closes_the_gap_and_the_job_resolves_the_flag(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    redeem(pool, "loyalty", "r_l1", 100, 900, "2024-02-01T08:00:00Z")
-    redeem(pool, "loyalty", "r_l2", 50, 800, "2024-02-01T09:00:00Z")
+    fifty_points_unheard_of(pool)
     assert run(pool).flags_raised == 1
     # The missing movement arrives: here its transaction, not its redemption webhook.
     transaction = card_transaction(
@@ -134,8 +138,7 @@ def test_a_card_heard_of_within_the_quiet_period_waits_for_a_later_run(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
     # A gap while the card is still moving may be a webhook on its way: no flag yet.
-    redeem(pool, "loyalty", "r_l1", 100, 900, "2024-02-01T08:00:00Z")
-    redeem(pool, "loyalty", "r_l2", 50, 800, "2024-02-01T09:00:00Z")
+    fifty_points_unheard_of(pool)
 
     assert run(pool, quiet_seconds=3600) == DriftResult(waiting=1)
     assert drift_flags(db) == []
@@ -169,9 +172,7 @@ def test_a_gap_a_person_accepted_is_measured_from_then_on(
 def test_the_accepted_gap_closed_by_the_late_movement_raises_no_new_flag(
     pool: ConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
-    redeem(pool, "loyalty", "r_l1", 100, 900, "2024-02-01T08:00:00Z")
-    # Missed for now: 50 points spent at 08:30 (balance 850).
-    redeem(pool, "loyalty", "r_l3", 50, 800, "2024-02-01T09:00:00Z")
+    fifty_points_unheard_of(pool, later="r_l3")  # r_l2 comes late
     assert run(pool).flags_raised == 1
     db.execute("UPDATE flags SET status = 'resolved', resolved_at = now(), note = 'accepted'")
     assert run(pool).rebased == 1

@@ -24,22 +24,13 @@ from devtools.fake_voucherify import (
 from devtools.webhooks import card_redemption
 from ops import store
 from tests.conftest import deliver
-from tests.jobs.conftest import rows, scalar
-from tests.jobs.verify_support import (
-    REDEEMED,
-    Clock,
-    _fresh_verify_tables,
-    api,
-    client,
-    clock,
-    fake,
-    run,
-)
+from tests.jobs.conftest import Clock, client, rows, scalar
+from tests.jobs.verify_support import REDEEMED, run
 from workers.jobs.card_lookup import MAX_LOOKUP_FAILURES
 from workers.jobs.drift import DriftResult, check_drift
 from workers.jobs.voucherify_api import Budget, VoucherifyApi
 
-__all__ = ["_fresh_verify_tables", "api", "clock", "fake"]  # fixtures
+pytestmark = pytest.mark.usefixtures("fresh_verify_tables")
 
 HOLDER = "cust_gift_holder"
 

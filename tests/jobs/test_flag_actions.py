@@ -4,6 +4,7 @@ settle, against the fake Voucherify over HTTP and the real PostgreSQL; never twi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -19,22 +20,49 @@ from devtools.fake_voucherify import (
 )
 from devtools.webhooks import card_redemption, card_rollback_failed, card_transaction_event
 from tests.conftest import deliver
-from tests.jobs.conftest import rows
-from tests.jobs.verify_support import (
-    CARD_CODE,
-    CARD_ID,
-    Clock,
-    _fresh_verify_tables,
-    api,
-    client,
-    clock,
-    failed_rollback_flag,
-    fake,
-)
+from tests.jobs.conftest import Clock, client, rows
+from tests.jobs.verify_support import CARD_CODE, CARD_ID, failed_rollback_flag
 from workers.jobs.flag_actions import ActionRefused, act, preview
 from workers.jobs.voucherify_api import VoucherifyApi
 
-__all__ = ["_fresh_verify_tables", "api", "clock", "fake"]  # fixtures
+pytestmark = pytest.mark.usefixtures("fresh_verify_tables")
+
+
+@dataclass(frozen=True)
+class Desk:
+    """An operator's desk: flags to act on (``failed_rollback_flag``'s, the fake knowing
+    the redemption and its card), previews and actions with the client on the fake, each
+    given 30 s from the clock's now."""
+
+    pool: ConnectionPool
+    db: psycopg.Connection[Any]
+    fake: FakeVoucherify
+    api: VoucherifyApi
+    clock: Clock
+
+    def flag(self, code: str = ROLLBACK_WINDOW_KEY) -> int:
+        """A failed-rollback flag: the rollback of r_1 refused with ``code``."""
+        return failed_rollback_flag(self.pool, self.db, self.fake, code=code)
+
+    def deadline(self) -> float:
+        return self.clock.monotonic() + 30
+
+    def preview(self, flag_id: int, kind: str) -> dict[str, Any]:
+        return preview(self.pool, self.api, flag_id, kind, self.deadline())
+
+    def act(self, flag_id: int, kind: str, by: str) -> dict[str, Any]:
+        return act(self.pool, self.api, flag_id, kind, by, self.deadline())
+
+
+@pytest.fixture
+def desk(
+    pool: ConnectionPool,
+    db: psycopg.Connection[Any],
+    fake: FakeVoucherify,
+    api: VoucherifyApi,
+    clock: Clock,
+) -> Desk:
+    return Desk(pool, db, fake, api, clock)
 
 
 def flag_row(db: psycopg.Connection[Any], flag_id: int) -> tuple[Any, ...]:
@@ -52,15 +80,11 @@ def card_entries(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
 
 
 def test_compensate_previews_the_card_and_the_ledgers_amount_and_sends_nothing(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    clock: Clock,
+    desk: Desk, db: psycopg.Connection[Any], fake: FakeVoucherify
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake)
+    flag_id = desk.flag()
 
-    shown = preview(pool, api, flag_id, "compensate", clock.monotonic() + 30)
+    shown = desk.preview(flag_id, "compensate")
 
     [card] = shown["cards"]
     assert (card["voucher_id"], card["amount"], card["kind"], card["balance_now"]) == (
@@ -77,15 +101,11 @@ def test_compensate_previews_the_card_and_the_ledgers_amount_and_sends_nothing(
 
 
 def test_compensate_adds_the_amount_once_and_the_later_webhook_is_the_same_entry(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    clock: Clock,
+    desk: Desk, db: psycopg.Connection[Any], fake: FakeVoucherify
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake)
+    flag_id = desk.flag()
 
-    action = act(pool, api, flag_id, "compensate", "alice", clock.monotonic() + 30)
+    action = desk.act(flag_id, "compensate", "alice")
 
     assert action["state"] == "succeeded"
     [(target, body)] = fake.posts
@@ -103,24 +123,20 @@ def test_compensate_adds_the_amount_once_and_the_later_webhook_is_the_same_entry
     assert transaction["id"] in note
     # Voucherify's own webhook of that transaction, after: the same entry.
     event = card_transaction_event("gift", transaction)
-    deliver(pool, event[0], event[1])
+    deliver(desk.pool, event[0], event[1])
     assert card_entries(db) == [("debit", -2000, None), ("movement", 2000, transaction["id"])]
     with pytest.raises(ActionRefused) as again:
-        act(pool, api, flag_id, "compensate", "bob", clock.monotonic() + 30)
+        desk.act(flag_id, "compensate", "bob")
     assert (again.value.status, again.value.code) == (409, "flag_resolved")
     assert len(fake.posts) == 1
 
 
 def test_retry_rolls_back_with_the_attempts_reason_and_tracking_id(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    clock: Clock,
+    desk: Desk, db: psycopg.Connection[Any], fake: FakeVoucherify
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake, code="rollback_failed_for_a_while")
+    flag_id = desk.flag("rollback_failed_for_a_while")
 
-    action = act(pool, api, flag_id, "retry", "alice", clock.monotonic() + 30)
+    action = desk.act(flag_id, "retry", "alice")
 
     assert action["state"] == "succeeded"
     [(target, _body)] = fake.posts
@@ -138,17 +154,13 @@ def test_retry_rolls_back_with_the_attempts_reason_and_tracking_id(
 
 
 def test_retry_of_what_voucherify_shows_rolled_back_sends_nothing_and_heals(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    clock: Clock,
+    desk: Desk, db: psycopg.Connection[Any], fake: FakeVoucherify
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake, code="already_rolled_back")
-    api.rollback_redemption("r_1", "by hand", None, clock.monotonic() + 30)  # in the dashboard
+    flag_id = desk.flag("already_rolled_back")
+    desk.api.rollback_redemption("r_1", "by hand", None, desk.deadline())  # in the dashboard
     fake.posts.clear()
 
-    action = act(pool, api, flag_id, "retry", "alice", clock.monotonic() + 30)
+    action = desk.act(flag_id, "retry", "alice")
 
     assert action["state"] == "succeeded"
     assert fake.posts == []
@@ -157,42 +169,31 @@ def test_retry_of_what_voucherify_shows_rolled_back_sends_nothing_and_heals(
 
 
 def test_a_retry_voucherify_refuses_fails_and_leaves_the_flag_open(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    clock: Clock,
+    desk: Desk, db: psycopg.Connection[Any], fake: FakeVoucherify
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake)
+    flag_id = desk.flag()
     fake.rollback_window_closed.add("r_1")
 
-    action = act(pool, api, flag_id, "retry", "alice", clock.monotonic() + 30)
+    action = desk.act(flag_id, "retry", "alice")
 
     assert (action["state"], action["error"] is not None) == ("failed", True)
     status, note = flag_row(db, flag_id)
     assert status == "open"
     assert ROLLBACK_WINDOW_KEY in note
     # The flag can be acted on again: compensate now.
-    assert act(pool, api, flag_id, "compensate", "alice", clock.monotonic() + 30)["state"] == (
-        "succeeded"
-    )
+    assert desk.act(flag_id, "compensate", "alice")["state"] == "succeeded"
 
 
 def test_settle_resolves_only_what_voucherify_shows_rolled_back(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    clock: Clock,
+    desk: Desk, db: psycopg.Connection[Any], fake: FakeVoucherify
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake, code="already_rolled_back")
+    flag_id = desk.flag("already_rolled_back")
 
-    refused = act(pool, api, flag_id, "settle", "alice", clock.monotonic() + 30)
-    assert refused["state"] == "failed"
+    assert desk.act(flag_id, "settle", "alice")["state"] == "failed"
     assert flag_row(db, flag_id)[0] == "open"
 
-    api.rollback_redemption("r_1", "by hand", None, clock.monotonic() + 30)
-    settled = act(pool, api, flag_id, "settle", "alice", clock.monotonic() + 30)
+    desk.api.rollback_redemption("r_1", "by hand", None, desk.deadline())
+    settled = desk.act(flag_id, "settle", "alice")
 
     assert settled["state"] == "succeeded"
     assert flag_row(db, flag_id)[0] == "resolved"
@@ -201,22 +202,18 @@ def test_settle_resolves_only_what_voucherify_shows_rolled_back(
 
 
 def test_a_lost_answer_is_looked_up_before_anything_is_sent_again(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    clock: Clock,
+    desk: Desk, db: psycopg.Connection[Any], fake: FakeVoucherify
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake)
+    flag_id = desk.flag()
     fake.timeout_after_effect.add(f"/v1/vouchers/{CARD_ID}/balance")
 
     with pytest.raises(ActionRefused) as lost:
-        act(pool, api, flag_id, "compensate", "alice", clock.monotonic() + 30)
+        desk.act(flag_id, "compensate", "alice")
     assert (lost.value.status, lost.value.code) == (504, "outcome_unknown")
     assert rows(db, "SELECT state FROM flag_actions") == [("unknown",)]
 
     fake.timeout_after_effect.clear()
-    action = act(pool, api, flag_id, "compensate", "alice", clock.monotonic() + 30)
+    action = desk.act(flag_id, "compensate", "alice")
 
     assert action["state"] == "succeeded"
     assert len(fake.posts) == 1
@@ -225,18 +222,14 @@ def test_a_lost_answer_is_looked_up_before_anything_is_sent_again(
 
 
 def test_a_call_that_never_took_effect_is_sent_again_when_asked(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    clock: Clock,
+    desk: Desk, fake: FakeVoucherify
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake, code="rollback_failed_for_a_while")
+    flag_id = desk.flag("rollback_failed_for_a_while")
     fake.fail_first("/v1/redemptions/r_1/rollback", Failure(DROP))
 
     with pytest.raises(ActionRefused):
-        act(pool, api, flag_id, "retry", "alice", clock.monotonic() + 30)
-    action = act(pool, api, flag_id, "retry", "alice", clock.monotonic() + 30)
+        desk.act(flag_id, "retry", "alice")
+    action = desk.act(flag_id, "retry", "alice")
 
     assert action["state"] == "succeeded"
     assert len(fake.posts) == 2  # the first never reached the effect
@@ -262,34 +255,25 @@ def test_the_budget_refuses_at_once_and_nothing_is_recorded(
 
 
 def test_an_action_under_way_refuses_a_second_one(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    clock: Clock,
-    database_url: str,
+    desk: Desk, fake: FakeVoucherify, database_url: str
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake)
+    flag_id = desk.flag()
     with psycopg.connect(database_url) as other, other.transaction():
         other.execute("SELECT pg_advisory_xact_lock(%s, %s)", (0x76667961, flag_id))
 
         with pytest.raises(ActionRefused) as busy:
-            act(pool, api, flag_id, "compensate", "bob", clock.monotonic() + 30)
+            desk.act(flag_id, "compensate", "bob")
 
     assert (busy.value.status, busy.value.code) == (409, "action_in_progress")
     assert fake.posts == []
 
 
 def test_a_drift_flag_and_an_unknown_kind_are_refused_clearly(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    clock: Clock,
+    desk: Desk, db: psycopg.Connection[Any]
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake)
+    flag_id = desk.flag()
     with pytest.raises(ActionRefused) as unknown:
-        act(pool, api, flag_id, "refund", "alice", clock.monotonic() + 30)
+        desk.act(flag_id, "refund", "alice")
     assert (unknown.value.status, unknown.value.code) == (400, "invalid_parameter")
     [(drift_id,)] = rows(
         db,
@@ -297,26 +281,22 @@ def test_a_drift_flag_and_an_unknown_kind_are_refused_clearly(
         " RETURNING id",
     )
     with pytest.raises(ActionRefused) as drift:
-        preview(pool, api, int(drift_id), "compensate", clock.monotonic() + 30)
+        desk.preview(int(drift_id), "compensate")
     assert (drift.value.status, drift.value.code) == (409, "not_actionable")
 
 
 def test_a_loyalty_cards_compensation_adds_its_points(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    clock: Clock,
+    desk: Desk, db: psycopg.Connection[Any], fake: FakeVoucherify
 ) -> None:
-    deliver(pool, "redemption.succeeded", card_redemption("loyalty", "r_pts", 300, 700))
+    deliver(desk.pool, "redemption.succeeded", card_redemption("loyalty", "r_pts", 300, 700))
     failed = card_rollback_failed(
         "r_pts", "rr_pts", ROLLBACK_WINDOW_KEY, voucher_id="v_loyalty_test"
     )
-    deliver(pool, "redemption.rollback.failed", failed)
+    deliver(desk.pool, "redemption.rollback.failed", failed)
     fake.vouchers["LOYAL-1"] = api_voucher("loyalty", "v_loyalty_test", "LOYAL-1", balance=700)
     [(flag_id,)] = rows(db, "SELECT id FROM flags WHERE redemption_id = 'r_pts'")
 
-    action = act(pool, api, int(flag_id), "compensate", "alice", clock.monotonic() + 30)
+    action = desk.act(int(flag_id), "compensate", "alice")
 
     assert action["state"] == "succeeded"
     assert fake.posts[0][1]["amount"] == 300

@@ -20,28 +20,26 @@ from devtools.fake_voucherify import (
 )
 from devtools.webhooks import card_rollback
 from tests.conftest import deliver
-from tests.jobs.conftest import rows, scalar
-from tests.jobs.verify_support import (
-    REDEEMED,
-    ROLLED,
-    Clock,
-    _fresh_verify_tables,
-    ago,
-    api,
-    client,
-    clock,
-    fake,
-    ledger,
-    redeem,
-    roll_back,
-    run,
-)
+from tests.jobs.conftest import Clock, client, rows, scalar
+from tests.jobs.verify_support import REDEEMED, ROLLED, ago, ledger, redeem, roll_back, run
 from workers.jobs import run_job
 from workers.jobs.verify import VerifyResult
 from workers.jobs.verify.job import FLAG_STATES, MISMATCH, RAISE_MISMATCH
 from workers.jobs.voucherify_api import VoucherifyApi, VoucherifyApiError
 
-__all__ = ["_fresh_verify_tables", "api", "clock", "fake"]  # fixtures
+pytestmark = pytest.mark.usefixtures("fresh_verify_tables")
+
+
+def rolled_back_unheard(
+    pool: ConnectionPool, fake: FakeVoucherify, redemption_id: str, rollback_id: str
+) -> None:
+    """A gift card redemption of 2000 we recorded, rolled back in Voucherify (its listing
+    shows both) and the rollback's webhook lost."""
+    redeem(pool, redemption_id)
+    fake.add(
+        api_redemption("gift", redemption_id, 2000, "ROLLED_BACK", rollback_id, date=REDEEMED),
+        api_rollback("gift", rollback_id, redemption_id, 2000, date=ROLLED),
+    )
 
 
 @pytest.mark.parametrize(
@@ -74,11 +72,7 @@ def test_a_lost_card_redemption_is_healed_with_its_debit_from_the_published_shap
 def test_a_lost_rollback_is_healed_from_its_listed_rollback_once(
     pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
 ) -> None:
-    redeem(pool, "r_1")
-    fake.add(
-        api_redemption("gift", "r_1", 2000, "ROLLED_BACK", "rr_1", date=REDEEMED),
-        api_rollback("gift", "rr_1", "r_1", 2000, date=ROLLED),
-    )
+    rolled_back_unheard(pool, fake, "r_1", "rr_1")
 
     result = run(pool, api)
 
@@ -271,11 +265,7 @@ def test_wrong_credentials_stop_the_run(
 def test_run_job_verifies_with_the_settings_and_the_budget(
     settings: Settings, db: psycopg.Connection[Any], pool: ConnectionPool, fake: FakeVoucherify
 ) -> None:
-    redeem(pool, "r_9")
-    fake.add(
-        api_redemption("gift", "r_9", 2000, "ROLLED_BACK", "rr_9", date=REDEEMED),
-        api_rollback("gift", "rr_9", "r_9", 2000, date=ROLLED),
-    )
+    rolled_back_unheard(pool, fake, "r_9", "rr_9")
     enabled = dataclasses.replace(
         settings,
         voucherify_api_url=fake.url,

@@ -12,18 +12,8 @@ from prometheus_client import REGISTRY
 from psycopg_pool import ConnectionPool
 
 from devtools.fake_voucherify import DROP, LIST, Failure, FakeVoucherify, api_redemption
-from tests.jobs.conftest import scalar
-from tests.jobs.verify_support import (
-    REDEEMED,
-    Clock,
-    _fresh_verify_tables,
-    api,
-    client,
-    clock,
-    fake,
-    ledger,
-    run,
-)
+from tests.jobs.conftest import Clock, client, scalar
+from tests.jobs.verify_support import REDEEMED, ledger, run
 from workers.jobs.voucherify_api import (
     Budget,
     BudgetExhausted,
@@ -31,7 +21,7 @@ from workers.jobs.voucherify_api import (
     VoucherifyApiError,
 )
 
-__all__ = ["_fresh_verify_tables", "api", "clock", "fake"]  # fixtures
+pytestmark = pytest.mark.usefixtures("fresh_verify_tables")
 
 
 def skipped(reason: str) -> float:
@@ -165,10 +155,7 @@ def test_few_calls_left_in_voucherifys_period_pause_ours_until_x_rate_limit_retr
 
 
 def test_dropped_connections_are_retried_like_a_5xx(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
+    pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
 ) -> None:
     fake.add(api_redemption("gift", "r_7", 2000, date=REDEEMED))
     fake.fail_first(LIST, Failure(DROP), Failure(DROP))

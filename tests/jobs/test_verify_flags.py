@@ -6,25 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg_pool import ConnectionPool
 
 from devtools.fake_voucherify import Failure, FakeVoucherify, api_redemption, api_rollback
 from devtools.webhooks import card_rollback_failed
 from tests.conftest import deliver
 from tests.jobs.conftest import rows
-from tests.jobs.verify_support import (
-    _fresh_verify_tables,
-    api,
-    clock,
-    fake,
-    ledger,
-    redeem,
-    roll_back,
-    run,
-)
+from tests.jobs.verify_support import ledger, redeem, roll_back, run
 from workers.jobs.voucherify_api import VoucherifyApi
 
-__all__ = ["_fresh_verify_tables", "api", "clock", "fake"]  # fixtures
+pytestmark = pytest.mark.usefixtures("fresh_verify_tables")
 
 # Older than the listing's window: these are healed through their flag, by id.
 LONG_AGO = "2020-01-01T08:00:00.000Z"
@@ -41,6 +33,13 @@ def fail_rollback(
         "redemption.rollback.failed",
         card_rollback_failed(redemption_id, f"rrf_{redemption_id}", code),
     )
+
+
+def too_old_to_roll_back(pool: ConnectionPool, redemption_id: str) -> None:
+    """Our record of a redemption whose rollback Voucherify refused as too old: a flag
+    for review."""
+    redeem(pool, redemption_id)
+    fail_rollback(pool, redemption_id, code="redemption_too_old")
 
 
 def serve_rolled_back(fake: FakeVoucherify, redemption_id: str) -> None:
@@ -135,8 +134,7 @@ def test_the_rollback_applied_is_the_one_that_succeeded_not_the_newest(
 def test_a_review_flag_voucherify_does_not_confirm_stays_open_with_a_note(
     pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
 ) -> None:
-    redeem(pool, "r_6")
-    fail_rollback(pool, "r_6", code="redemption_too_old")
+    too_old_to_roll_back(pool, "r_6")
     fake.add(api_redemption("gift", "r_6", 2000, date=LONG_AGO))  # still SUCCEEDED
 
     result = run(pool, api)
@@ -150,8 +148,7 @@ def test_a_review_flag_voucherify_does_not_confirm_stays_open_with_a_note(
 def test_a_flag_that_does_not_settle_is_checked_ever_less_often(
     pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
 ) -> None:
-    redeem(pool, "r_7")
-    fail_rollback(pool, "r_7", code="redemption_too_old")
+    too_old_to_roll_back(pool, "r_7")
     fake.add(api_redemption("gift", "r_7", 2000, date=LONG_AGO))  # never settles
     waits = []
     for _ in range(3):
@@ -169,8 +166,7 @@ def test_a_flag_that_does_not_settle_is_checked_ever_less_often(
 def test_a_flag_whose_call_keeps_failing_waits_its_back_off_instead_of_coming_first(
     pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
 ) -> None:
-    redeem(pool, "r_8")
-    fail_rollback(pool, "r_8", code="redemption_too_old")
+    too_old_to_roll_back(pool, "r_8")
     fake.fail_first("r_8", *[Failure(500)] * 5)
 
     assert run(pool, api).errors == 1

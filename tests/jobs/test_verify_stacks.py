@@ -11,15 +11,7 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from devtools.fake_voucherify import FakeVoucherify, api_redemption, api_rollback
-from tests.jobs.verify_support import (
-    REDEEMED,
-    ROLLED,
-    _fresh_verify_tables,
-    api,
-    clock,
-    fake,
-    run,
-)
+from tests.jobs.verify_support import REDEEMED, ROLLED, run
 from tests.workers.test_stacks import (
     CHILD_ROLLBACKS,
     PARENT,
@@ -31,7 +23,7 @@ from tests.workers.test_stacks import (
 )
 from workers.jobs.voucherify_api import VoucherifyApi
 
-__all__ = ["_fresh_verify_tables", "api", "clock", "fake"]  # fixtures
+pytestmark = pytest.mark.usefixtures("fresh_verify_tables")
 
 CHILDREN = {"gift": ("r_stack_gift", 1000), "loyalty": ("r_stack_loyalty", 30)}
 
@@ -71,16 +63,17 @@ def listed_stack(rolled_back: bool, child_rollbacks: bool) -> list[dict[str, Any
     return items
 
 
-@pytest.mark.parametrize("child_rollbacks", [True, False], ids=["child-rollbacks", "parent-only"])
-def test_a_stack_whose_webhooks_were_all_lost_is_healed_through_its_children(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    child_rollbacks: bool,
-) -> None:
-    fake.add(*listed_stack(rolled_back=True, child_rollbacks=child_rollbacks))
+@pytest.fixture(params=[True, False], ids=["child-rollbacks", "parent-only"])
+def rolled_back_stack(request: pytest.FixtureRequest, fake: FakeVoucherify) -> None:
+    """The fake lists the stack rolled back: with its children's rollbacks, or the parent's
+    alone."""
+    fake.add(*listed_stack(rolled_back=True, child_rollbacks=request.param))
 
+
+@pytest.mark.usefixtures("rolled_back_stack")
+def test_a_stack_whose_webhooks_were_all_lost_is_healed_through_its_children(
+    pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi
+) -> None:
     result = run(pool, api)
 
     assert books(db) == ROLLED_BACK_BOOKS  # each child debited and restored once, no flag
@@ -88,16 +81,11 @@ def test_a_stack_whose_webhooks_were_all_lost_is_healed_through_its_children(
     assert result.mismatches == 0
 
 
-@pytest.mark.parametrize("child_rollbacks", [True, False], ids=["child-rollbacks", "parent-only"])
+@pytest.mark.usefixtures("rolled_back_stack")
 def test_a_lost_rollback_of_a_stacks_parent_restores_every_childs_card(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    child_rollbacks: bool,
+    pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi
 ) -> None:
     apply(pool, STACK[:3])  # the children's and the parent's redemptions came
-    fake.add(*listed_stack(rolled_back=True, child_rollbacks=child_rollbacks))
 
     run(pool, api)
 

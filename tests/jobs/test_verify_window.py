@@ -10,36 +10,24 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from devtools.fake_voucherify import FakeVoucherify, api_redemption
-from tests.jobs.conftest import rows, scalar
-from tests.jobs.verify_support import (
-    OVERLAP,
-    SETTLE,
-    Clock,
-    _fresh_verify_tables,
-    ago,
-    api,
-    client,
-    clock,
-    fake,
-    run,
-)
+from tests.jobs.conftest import Clock, client, rows, scalar
+from tests.jobs.verify_support import OVERLAP, SETTLE, ago, run
 from workers.jobs.verify import window
 from workers.jobs.verify.job import Tally, _apply, _heal
 from workers.jobs.voucherify_api import BudgetExhausted, VoucherifyApi
 
-__all__ = ["_fresh_verify_tables", "api", "clock", "fake"]  # fixtures
+pytestmark = pytest.mark.usefixtures("fresh_verify_tables")
 
 
-def sweep(
-    pool: ConnectionPool, api: VoucherifyApi, clock: Clock, page_limit: int, max_page: int
-) -> Tally:
+def sweep(pool: ConnectionPool, api: VoucherifyApi, page_limit: int, max_page: int) -> Tally:
+    """One sweep of the window, given 60 s on the client's clock."""
     tally = Tally()
     window.sweep(
         pool,
         api,
         SETTLE,
         OVERLAP,
-        clock.monotonic() + 60,
+        api.clock() + 60,
         lambda found: _heal(pool, found, tally),
         tally,
         lambda event: _apply(pool, event),
@@ -50,11 +38,7 @@ def sweep(
 
 
 def test_a_window_needing_more_pages_than_voucherify_serves_is_split(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    clock: Clock,
+    pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
 ) -> None:
     # 2 a page, at most 2 pages deep: 9 redemptions (two sharing one instant) need 3 chunks,
     # each from 1 ms before the last instant the one before listed (re-listed items: once).
@@ -64,7 +48,7 @@ def test_a_window_needing_more_pages_than_voucherify_serves_is_split(
     for i, date in enumerate(dates):
         fake.add(api_redemption("gift", f"r_{i}", 100 + i, date=date))
 
-    tally = sweep(pool, api, clock, page_limit=2, max_page=2)
+    tally = sweep(pool, api, page_limit=2, max_page=2)
 
     assert scalar(db, "SELECT count(*) FROM redemptions") == 9
     assert scalar(db, "SELECT count(*) FROM ledger_entries WHERE effect = 'debit'") == 9
@@ -77,11 +61,7 @@ def test_a_window_needing_more_pages_than_voucherify_serves_is_split(
 
 
 def test_the_watermark_moves_to_the_window_end_and_the_next_run_lists_from_it_less_the_overlap(
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-    api: VoucherifyApi,
-    fake: FakeVoucherify,
-    clock: Clock,
+    pool: ConnectionPool, db: psycopg.Connection[Any], api: VoucherifyApi, fake: FakeVoucherify
 ) -> None:
     run(pool, api)
     swept_to = scalar(db, "SELECT swept_to FROM verify_watermarks")
@@ -119,12 +99,12 @@ def test_a_run_cut_short_by_the_day_budget_goes_on_from_its_last_page_next_time(
     tight = client(pool, fake.url, clock, per_day=2)
 
     with pytest.raises(BudgetExhausted):
-        sweep(pool, tight, clock, page_limit=2, max_page=99)
+        sweep(pool, tight, page_limit=2, max_page=99)
 
     # Two pages, then the day's budget was spent: the watermark is the last date listed.
     assert scalar(db, "SELECT count(*) FROM redemptions") == 4
     watermark = scalar(db, "SELECT swept_to FROM verify_watermarks")
     assert watermark == datetime.fromisoformat(fake.redemptions["r_3"]["date"])
 
-    sweep(pool, client(pool, fake.url, clock, per_day=100), clock, page_limit=2, max_page=99)
+    sweep(pool, client(pool, fake.url, clock, per_day=100), page_limit=2, max_page=99)
     assert scalar(db, "SELECT count(*) FROM redemptions") == 5

@@ -17,15 +17,8 @@ from devtools.fake_voucherify import (
     api_redemption,
     api_voucher,
 )
-from tests.jobs.verify_support import (
-    REDEEMED,
-    Clock,
-    _fresh_verify_tables,
-    api,
-    client,
-    clock,
-    fake,
-)
+from tests.jobs.conftest import Clock, client
+from tests.jobs.verify_support import REDEEMED
 from workers.jobs.voucherify_api import (
     BudgetExhausted,
     OutcomeUnknown,
@@ -33,7 +26,7 @@ from workers.jobs.voucherify_api import (
     VoucherifyApiError,
 )
 
-__all__ = ["_fresh_verify_tables", "api", "clock", "fake"]  # fixtures
+pytestmark = pytest.mark.usefixtures("fresh_verify_tables")
 
 ROLLBACK = "/v1/redemptions/r_1/rollback"
 

@@ -1,30 +1,25 @@
-"""What the verify tests share: the fake server, a clock that sleeps at once, the client."""
+"""What the verify tests share: dates, the run, our records of redemptions and rollbacks, a
+failed-rollback flag (the fixtures: ``tests/conftest.py``, ``tests/jobs/conftest.py``)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-import pytest
 from psycopg_pool import ConnectionPool
 
 from devtools.fake_voucherify import (
-    APP_ID,
-    APP_TOKEN,
     ROLLBACK_WINDOW_KEY,
     FakeVoucherify,
     api_redemption,
     api_voucher,
-    fake_voucherify,
 )
 from devtools.webhooks import card_redemption, card_rollback, card_rollback_failed, gift_voucher
 from tests.conftest import deliver
-from tests.jobs.conftest import rows
+from tests.jobs.conftest import Clock, rows
 from workers.jobs.verify import VerifyResult, verify
-from workers.jobs.voucherify_api import Budget, VoucherifyApi
+from workers.jobs.voucherify_api import VoucherifyApi
 
 SETTLE = 60
 OVERLAP = 900
@@ -39,66 +34,6 @@ def ago(**delta: float) -> str:
 # Within the first run's window (a day back), older than the settle time.
 REDEEMED = ago(hours=3)
 ROLLED = ago(hours=2)
-
-
-class Clock:
-    """Monotonic and wall time that move only when slept: waits are recorded, not waited."""
-
-    def __init__(self) -> None:
-        self.mono = time.monotonic()
-        self.wall = datetime.now(UTC).timestamp()
-        self.sleeps: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def time(self) -> float:
-        return self.wall
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.mono += seconds
-        self.wall += seconds
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeVoucherify]:
-    with fake_voucherify() as server:
-        yield server
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_verify_tables(db: psycopg.Connection[Any]) -> None:
-    db.execute("TRUNCATE verify_watermarks, voucherify_api_calls, voucherify_api_pace")
-
-
-def client(
-    pool: ConnectionPool,
-    url: str,
-    clock: Clock,
-    per_minute: int = 6000,
-    per_day: int = 100_000,
-    token: str = APP_TOKEN,
-) -> VoucherifyApi:
-    return VoucherifyApi(
-        url,
-        APP_ID,
-        token,
-        Budget(pool, per_minute, per_day),
-        sleep=clock.sleep,
-        clock=clock.monotonic,
-        wall_clock=clock.time,
-    )
-
-
-@pytest.fixture
-def api(pool: ConnectionPool, fake: FakeVoucherify, clock: Clock) -> VoucherifyApi:
-    return client(pool, fake.url, clock)
 
 
 def run(

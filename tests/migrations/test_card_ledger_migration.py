@@ -5,14 +5,10 @@ by; existing cards are measured from their next movement, not flagged."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
-import psycopg
 from psycopg_pool import ConnectionPool
 
-from migrations import apply_migrations
-from tests.conftest import create_database, drop_database
-from tests.migrations import migrate_before
+from tests.migrations import migrated_across
 from workers.jobs.drift import DriftResult, check_drift
 
 LEGACY = """
@@ -33,18 +29,11 @@ VALUES ('v_1', 'gift_credit', 'cust_redeemer', 700, '2024-01-02T10:00:00Z');
 def test_existing_entries_move_to_the_holder_keep_the_redeemer_and_do_not_drift(
     postgres_server: str,
 ) -> None:
-    url = create_database(postgres_server, migrated=False)
-    try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            migrate_before(conn, "0006")
-            conn.execute(LEGACY.encode())
-
-            assert "0006_card_ledger" in apply_migrations(conn)
-
-            rows: list[Any] = conn.execute(
-                "SELECT redemption_id, customer_id, redeemer_id, moved_at::text, balance_after"
-                " FROM ledger_entries ORDER BY redemption_id"
-            ).fetchall()
+    entries = (
+        "SELECT redemption_id, customer_id, redeemer_id, moved_at::text, balance_after"
+        " FROM ledger_entries ORDER BY redemption_id"
+    )
+    with migrated_across(postgres_server, "0006_card_ledger", LEGACY, entries) as (url, rows):
         assert rows == [
             ("r_1", "cust_holder", "cust_redeemer", "2024-01-01 10:00:00+00", None),
             ("r_2", "cust_redeemer", "cust_redeemer", "2024-01-02 10:00:00+00", None),
@@ -53,5 +42,3 @@ def test_existing_entries_move_to_the_holder_keep_the_redeemer_and_do_not_drift(
             result = check_drift(pool, time.monotonic() + 30, quiet_seconds=0)
         # No movement reports a balance after yet: the card is counted unmeasured, not checked.
         assert result == DriftResult(unmeasured=1)
-    finally:
-        drop_database(postgres_server, url)

@@ -7,13 +7,13 @@ import psycopg
 
 from migrations import apply_migrations, migration_files
 from tests.conftest import create_database, drop_database
+from tests.migrations import unmigrated_database
 
 
 def test_migrations_apply_to_an_empty_database_and_a_second_run_does_nothing(
     postgres_server: str,
 ) -> None:
-    url = create_database(postgres_server, migrated=False)
-    try:
+    with unmigrated_database(postgres_server) as url:
         with psycopg.connect(url, autocommit=True) as conn:
             first = apply_migrations(conn)
             second = apply_migrations(conn)
@@ -26,8 +26,6 @@ def test_migrations_apply_to_an_empty_database_and_a_second_run_does_nothing(
         assert first == [version for version, _ in migration_files()]
         assert second == []
         assert {"events", "deliveries", "dead_letters", "ledger_entries", "flags"} <= tables
-    finally:
-        drop_database(postgres_server, url)
 
 
 def test_two_release_processes_at_once_apply_each_migration_once(postgres_server: str) -> None:

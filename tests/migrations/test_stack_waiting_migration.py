@@ -5,13 +5,7 @@ parent's own entries and ordinary ones are left as they were."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import psycopg
-
-from migrations import apply_migrations
-from tests.conftest import create_database, drop_database
-from tests.migrations import migrate_before
+from tests.migrations import migrated_across
 
 # Two stacks' parents (the old key allowed one parent-keyed debit each): p_1's child c_gift
 # on card v_gift is known, p_2's child on v_points is not yet. r_plain is an ordinary
@@ -36,22 +30,14 @@ INSERT INTO ledger_entries (customer_id, voucher_id, kind, amount, redemption_id
 def test_parent_keyed_transactions_wait_for_their_child_or_go_to_the_known_one(
     postgres_server: str,
 ) -> None:
-    url = create_database(postgres_server, migrated=False)
-    try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            migrate_before(conn, "0015")
-            conn.execute(BEFORE.encode())
-
-            assert "0015_stack_waiting_entries" in apply_migrations(conn)
-
-            rows: list[Any] = conn.execute(
-                "SELECT transaction_id, redemption_id, stack_parent_id, effect, amount"
-                " FROM ledger_entries ORDER BY transaction_id"
-            ).fetchall()
+    entries = (
+        "SELECT transaction_id, redemption_id, stack_parent_id, effect, amount"
+        " FROM ledger_entries ORDER BY transaction_id"
+    )
+    migration = "0015_stack_waiting_entries"
+    with migrated_across(postgres_server, migration, BEFORE, entries) as (_, rows):
         assert rows == [
             ("vtx_gift", "c_gift", None, "debit", -300),
             ("vtx_plain", "r_plain", None, "debit", -100),
             ("vtx_points", None, "p_2", "debit", -40),
         ]
-    finally:
-        drop_database(postgres_server, url)

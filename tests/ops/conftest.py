@@ -8,18 +8,21 @@ pipeline really writes.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
+from devtools.fake_voucherify import APP_ID, APP_TOKEN, ROLLBACK_WINDOW_KEY, FakeVoucherify
 from devtools.webhooks import (
     body_of,
     card_redemption,
@@ -28,6 +31,8 @@ from devtools.webhooks import (
     envelope,
     fixture,
 )
+from tests.conftest import PipelineEnv, Processes
+from tests.jobs.verify_support import failed_rollback_flag
 from web.app import create_app
 from workers.db import close_pool
 from workers.processing import process_delivery
@@ -137,3 +142,47 @@ def state(pool: ConnectionPool) -> State:
     ignored = envelope("voucher.published", {"voucher": {"id": "v_1"}}, event_id="ev_ops_ign")
     assert deliver(pool, ignored) == "ignored"
     return s
+
+
+@dataclass(frozen=True)
+class Site:
+    """Real processes on the test's database and Redis, the fake Voucherify API, and
+    failed-rollback flags to act on (``failed_rollback_flag``'s: the fake knows the
+    redemption and its card)."""
+
+    processes: Processes
+    pipeline_env: PipelineEnv
+    fake: FakeVoucherify
+    pool: ConnectionPool
+    db: psycopg.Connection[Any]
+
+    def flag(self, code: str = ROLLBACK_WINDOW_KEY) -> int:
+        """A failed-rollback flag: the rollback of r_1 refused with ``code``."""
+        return failed_rollback_flag(self.pool, self.db, self.fake, code=code)
+
+    def api_env(self, **more: str) -> dict[str, str]:
+        """The processes' environment with the ops token and the fake's API (600 calls a
+        minute); ``more`` variables as keywords."""
+        return self.pipeline_env(
+            OPS_API_TOKEN=TOKEN,
+            VOUCHERIFY_API_URL=self.fake.url,
+            VOUCHERIFY_APP_ID=APP_ID,
+            VOUCHERIFY_APP_TOKEN=APP_TOKEN,
+            VOUCHERIFY_API_CALLS_PER_MINUTE="600",
+            **more,
+        )
+
+    def web(self, **more: str) -> tuple[subprocess.Popen[bytes], int]:
+        """A web process on ``api_env(**more)``: it, and its port."""
+        return self.processes.web(self.api_env(**more))
+
+
+@pytest.fixture
+def site(
+    processes: Processes,
+    pipeline_env: PipelineEnv,
+    fake: FakeVoucherify,
+    pool: ConnectionPool,
+    db: psycopg.Connection[Any],
+) -> Site:
+    return Site(processes, pipeline_env, fake, pool, db)

@@ -1,4 +1,4 @@
-"""The ops API as CONTRACT.md ("Ops API") describes it, on real PostgreSQL and Redis."""
+"""The ops API as docs/contract.md ("Ops API") describes it, on real PostgreSQL and Redis."""
 
 from __future__ import annotations
 

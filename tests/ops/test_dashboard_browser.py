@@ -17,17 +17,15 @@ from typing import Any
 import psycopg
 import pytest
 import redis
-from psycopg_pool import ConnectionPool
 
 from devtools.fake_voucherify import APP_ID, APP_TOKEN, FakeVoucherify
 from tests.conftest import ROOT, PipelineEnv, Processes
-from tests.jobs.verify_support import CARD_CODE, _fresh_verify_tables, failed_rollback_flag, fake
-from tests.ops.conftest import TOKEN, State
+from tests.jobs.verify_support import CARD_CODE
+from tests.ops.conftest import TOKEN, Site, State
 from workers.queue import DELIVERY_QUEUE
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("fresh_verify_tables")]
 
-__all__ = ["_fresh_verify_tables", "fake"]  # fixtures
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM_ARGS = [
@@ -135,21 +133,16 @@ def test_an_operator_logs_in_resolves_a_flag_and_replays_a_dead_letter(
 
 
 def test_an_operator_previews_and_confirms_a_compensation_on_the_flags_page(
-    page: Any,
-    processes: Processes,
-    pipeline_env: PipelineEnv,
-    fake: FakeVoucherify,
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
+    page: Any, site: Site, db: psycopg.Connection[Any], fake: FakeVoucherify
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake)
-    env = pipeline_env(
+    flag_id = site.flag()
+    env = site.pipeline_env(
         OPS_API_TOKEN=TOKEN,
         VOUCHERIFY_API_URL=fake.url,
         VOUCHERIFY_APP_ID=APP_ID,
         VOUCHERIFY_APP_TOKEN=APP_TOKEN,
     )
-    _, port = processes.web(env)
+    _, port = site.processes.web(env)
     base = f"http://127.0.0.1:{port}"
     ARTIFACTS.mkdir(exist_ok=True)
     open_flag_page(page, base, flag_id)
@@ -174,16 +167,9 @@ def test_an_operator_previews_and_confirms_a_compensation_on_the_flags_page(
     page.screenshot(path=str(ARTIFACTS / "ops-flag-acted.png"), full_page=True)
 
 
-def test_the_flags_page_hides_the_actions_without_the_api(
-    page: Any,
-    processes: Processes,
-    pipeline_env: PipelineEnv,
-    fake: FakeVoucherify,
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake)
-    _, port = processes.web(pipeline_env(OPS_API_TOKEN=TOKEN))
+def test_the_flags_page_hides_the_actions_without_the_api(page: Any, site: Site) -> None:
+    flag_id = site.flag()
+    _, port = site.processes.web(site.pipeline_env(OPS_API_TOKEN=TOKEN))
     open_flag_page(page, f"http://127.0.0.1:{port}", flag_id)
 
     assert page.locator("#preview-compensate").count() == 0

@@ -16,7 +16,6 @@ from typing import Any
 import psycopg
 import pytest
 import urllib3
-from psycopg_pool import ConnectionPool
 
 from devtools.fake_voucherify import FakeVoucherify, api_redemption
 from devtools.webhooks import (
@@ -24,41 +23,18 @@ from devtools.webhooks import (
     card_redemption,
     card_transaction_event,
     envelope,
-    sign,
     stack_child,
     stack_parent_redemption,
     wait_until,
 )
-from tests.conftest import PipelineEnv, Processes, deliver, http_call
+from tests.conftest import deliver, post_signed
 from tests.jobs.conftest import rows
-from tests.jobs.verify_support import (
-    CARD_CODE,
-    CARD_ID,
-    REDEEMED,
-    _fresh_verify_tables,
-    failed_rollback_flag,
-    fake,
-)
-from tests.ops.conftest import AUTH, TOKEN
+from tests.jobs.verify_support import CARD_CODE, CARD_ID, REDEEMED
+from tests.ops.conftest import AUTH, TOKEN, Site
 
-__all__ = ["_fresh_verify_tables", "fake"]  # fixtures
-
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("fresh_verify_tables")]
 
 HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=60))
-
-
-def api_env(pipeline_env: PipelineEnv, fake: FakeVoucherify, **more: str) -> dict[str, str]:
-    from devtools.fake_voucherify import APP_ID, APP_TOKEN
-
-    return pipeline_env(
-        OPS_API_TOKEN=TOKEN,
-        VOUCHERIFY_API_URL=fake.url,
-        VOUCHERIFY_APP_ID=APP_ID,
-        VOUCHERIFY_APP_TOKEN=APP_TOKEN,
-        VOUCHERIFY_API_CALLS_PER_MINUTE="600",
-        **more,
-    )
 
 
 def ask(port: int, flag_id: int, kind: str, confirm: bool, **more: Any) -> tuple[int, Any, Any]:
@@ -73,14 +49,10 @@ def ask(port: int, flag_id: int, kind: str, confirm: bool, **more: Any) -> tuple
 
 
 def test_compensate_preview_then_confirm_adds_the_ledgers_amount_once(
-    processes: Processes,
-    pipeline_env: PipelineEnv,
-    fake: FakeVoucherify,
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
+    site: Site, db: psycopg.Connection[Any], fake: FakeVoucherify
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake)
-    _, port = processes.web(api_env(pipeline_env, fake))
+    flag_id = site.flag()
+    _, port = site.web()
 
     status, shown, _ = ask(port, flag_id, "compensate", False)
     assert status == 200
@@ -107,24 +79,18 @@ def test_compensate_preview_then_confirm_adds_the_ledgers_amount_once(
 
     # Voucherify's own webhook of the transaction, later, through the receiver and a
     # worker: the same ledger entry.
-    processes.worker(api_env(pipeline_env, fake))
+    site.processes.worker(site.api_env())
     [transaction] = fake.transactions[CARD_CODE]
     event_type, data = card_transaction_event("gift", transaction)
     body = body_of(envelope(event_type, data, event_id="evtx_after_action"))
-    answer, _ = http_call(
-        port,
-        "POST",
-        "/webhooks/voucherify",
-        body,
-        {"Content-Type": "application/json", "x-voucherify-signature": sign(body)},
-    )
+    answer, _ = post_signed(port, body)
     assert answer.status == 202
     wait_until(
         lambda: (
             rows(db, "SELECT status FROM events WHERE event_id = 'evtx_after_action'")
             == [("processed",)]
         ),
-        what=processes.logs,
+        what=site.processes.logs,
     )
     assert rows(db, "SELECT effect, amount FROM ledger_entries ORDER BY id") == [
         ("debit", -2000),
@@ -133,19 +99,15 @@ def test_compensate_preview_then_confirm_adds_the_ledgers_amount_once(
 
 
 def test_retry_of_a_single_redemption_and_of_a_stack(
-    processes: Processes,
-    pipeline_env: PipelineEnv,
-    fake: FakeVoucherify,
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
+    site: Site, db: psycopg.Connection[Any], fake: FakeVoucherify
 ) -> None:
-    single = failed_rollback_flag(pool, db, fake, code="rollback_failed_for_a_while")
+    single = site.flag("rollback_failed_for_a_while")
     # A stack: parent p_1, one gift card child c_1 (another card than the single one's).
-    deliver(pool, "redemption.succeeded", stack_parent_redemption("p_1", 500, ["c_1"]))
+    deliver(site.pool, "redemption.succeeded", stack_parent_redemption("p_1", 500, ["c_1"]))
     child = stack_child(
         card_redemption("gift", "c_1", 500, 1500, date=REDEEMED, voucher_id="v_stack"), "p_1"
     )
-    deliver(pool, "redemption.succeeded", child)
+    deliver(site.pool, "redemption.succeeded", child)
     failed = {
         "redemption": {"id": "p_1", "object": "redemption"},
         "redemption_rollback": {
@@ -157,14 +119,14 @@ def test_retry_of_a_single_redemption_and_of_a_stack(
             "failure_message": "try again",
         },
     }
-    deliver(pool, "redemption.rollback.failed", failed)
+    deliver(site.pool, "redemption.rollback.failed", failed)
     [(stack_flag,)] = rows(db, "SELECT id FROM flags WHERE redemption_id = 'p_1'")
     parent = api_redemption("gift", "p_1", 500, date=REDEEMED)
     parent.update({"voucher": None, "gift": None})
     theirs_child = api_redemption("gift", "c_1", 500, date=REDEEMED, voucher_id="v_stack")
     theirs_child["redemption"] = "p_1"
     fake.add(parent, theirs_child)
-    _, port = processes.web(api_env(pipeline_env, fake))
+    _, port = site.web()
 
     assert ask(port, single, "retry", True)[1]["state"] == "succeeded"
     assert ask(port, stack_flag, "retry", True)[1]["state"] == "succeeded"
@@ -183,13 +145,9 @@ def test_retry_of_a_single_redemption_and_of_a_stack(
 
 
 def test_settle_of_an_already_rolled_back_flag_writes_nothing(
-    processes: Processes,
-    pipeline_env: PipelineEnv,
-    fake: FakeVoucherify,
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
+    site: Site, db: psycopg.Connection[Any], fake: FakeVoucherify
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake, code="already_rolled_back")
+    flag_id = site.flag("already_rolled_back")
     fake.redemptions["r_1"]["status"] = "ROLLED_BACK"
     rollback = api_redemption("gift", "rr_by_hand", 2000, date=REDEEMED)
     rollback.update({"object": "redemption_rollback", "redemption": "r_1", "result": "SUCCESS"})
@@ -197,7 +155,7 @@ def test_settle_of_an_already_rolled_back_flag_writes_nothing(
     fake.redemptions["r_1"]["related_redemptions"]["rollbacks"] = [
         {"id": "rr_by_hand", "date": REDEEMED}
     ]
-    _, port = processes.web(api_env(pipeline_env, fake))
+    _, port = site.web()
 
     status, done, _ = ask(port, flag_id, "settle", True)
 
@@ -207,17 +165,13 @@ def test_settle_of_an_already_rolled_back_flag_writes_nothing(
 
 
 def test_the_web_killed_mid_call_then_asked_again_makes_one_balance_transaction(
-    processes: Processes,
-    pipeline_env: PipelineEnv,
-    fake: FakeVoucherify,
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
+    site: Site, db: psycopg.Connection[Any], fake: FakeVoucherify
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake)
+    flag_id = site.flag()
     held = threading.Event()
     fake.held_after_effect[f"/v1/vouchers/{CARD_ID}/balance"] = held
-    env = api_env(pipeline_env, fake)
-    web, port = processes.web(env)
+    env = site.api_env()
+    web, port = site.processes.web(env)
     asking = threading.Thread(target=lambda: _quietly(ask, port, flag_id, "compensate", True))
     asking.start()
     _wait(lambda: len(fake.posts) == 1)
@@ -228,7 +182,7 @@ def test_the_web_killed_mid_call_then_asked_again_makes_one_balance_transaction(
     asking.join(timeout=30)
     assert rows(db, "SELECT state FROM flag_actions") == [("pending",)]
 
-    _, port = processes.web(env)
+    _, port = site.processes.web(env)
     status, done, _ = ask(port, flag_id, "compensate", True)
 
     assert (status, done["state"]) == (200, "succeeded")
@@ -240,17 +194,11 @@ def test_the_web_killed_mid_call_then_asked_again_makes_one_balance_transaction(
     ]
 
 
-def test_two_confirms_at_once_make_one_call_and_one_409(
-    processes: Processes,
-    pipeline_env: PipelineEnv,
-    fake: FakeVoucherify,
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake, code="rollback_failed_for_a_while")
+def test_two_confirms_at_once_make_one_call_and_one_409(site: Site, fake: FakeVoucherify) -> None:
+    flag_id = site.flag("rollback_failed_for_a_while")
     held = threading.Event()
     fake.held_after_effect["/v1/redemptions/r_1/rollback"] = held
-    _, port = processes.web(api_env(pipeline_env, fake))
+    _, port = site.web()
     answers: list[tuple[int, Any, Any]] = []
     first = threading.Thread(target=lambda: answers.append(ask(port, flag_id, "retry", True)))
     first.start()
@@ -266,14 +214,10 @@ def test_two_confirms_at_once_make_one_call_and_one_409(
 
 
 def test_the_budget_refuses_an_action_at_once_with_retry_after(
-    processes: Processes,
-    pipeline_env: PipelineEnv,
-    fake: FakeVoucherify,
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
+    site: Site, db: psycopg.Connection[Any], fake: FakeVoucherify
 ) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake)
-    _, port = processes.web(api_env(pipeline_env, fake, VOUCHERIFY_API_CALLS_PER_DAY="1"))
+    flag_id = site.flag()
+    _, port = site.web(VOUCHERIFY_API_CALLS_PER_DAY="1")
     assert ask(port, flag_id, "compensate", False)[0] == 200  # the day's one call
 
     status, answer, headers = ask(port, flag_id, "compensate", True)
@@ -284,15 +228,9 @@ def test_the_budget_refuses_an_action_at_once_with_retry_after(
     assert rows(db, "SELECT count(*) FROM flag_actions") == [(0,)]
 
 
-def test_without_the_api_an_action_answers_a_clear_error(
-    processes: Processes,
-    pipeline_env: PipelineEnv,
-    fake: FakeVoucherify,
-    pool: ConnectionPool,
-    db: psycopg.Connection[Any],
-) -> None:
-    flag_id = failed_rollback_flag(pool, db, fake)
-    _, port = processes.web(pipeline_env(OPS_API_TOKEN=TOKEN))
+def test_without_the_api_an_action_answers_a_clear_error(site: Site) -> None:
+    flag_id = site.flag()
+    _, port = site.processes.web(site.pipeline_env(OPS_API_TOKEN=TOKEN))
 
     status, answer, _ = ask(port, flag_id, "retry", False)
 

@@ -1,4 +1,4 @@
-"""The receiver app against CONTRACT.md's Receiver section: every answer, and what lands
+"""The receiver app against docs/contract.md's Receiver section: every answer, and what lands
 in Redis (a real server) for each. Flask's test client, except where noted."""
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import redis
 
 from devtools.servers import free_port
 from devtools.webhooks import SECRET, sign
-from tests.conftest import ROOT, Processes, process_env
+from tests.conftest import ROOT, Processes, process_env, run_captured
 from workers.queue import DELIVERY_QUEUE
 
 # Valid DSNs of servers that are never contacted: start-up must fail before any connection.
@@ -60,15 +59,9 @@ def bare_env(tmp_path: Path, **variables: str) -> dict[str, str]:
 def test_bad_environment_stops_the_web_process_with_one_line(
     tmp_path: Path, command: str, variables: dict[str, str], named: str
 ) -> None:
-    result = subprocess.run(
-        COMMANDS[command],
-        env=bare_env(tmp_path, **UNUSED_URLS, **variables),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,  # gunicorn used to respawn failing workers forever
-        check=False,
-    )
+    env = bare_env(tmp_path, **UNUSED_URLS, **variables)
+    # A timeout: gunicorn used to respawn failing workers forever.
+    result = run_captured(COMMANDS[command], env, tmp_path, timeout=60)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr

@@ -195,6 +195,7 @@ def start_tls_redis(
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate ``proc`` if it still runs: killed if it has not exited within 10 s."""
     if proc.poll() is None:
         proc.terminate()
         try:

@@ -21,6 +21,7 @@ import redis
 
 from devtools.servers import free_port
 from devtools.webhooks import wait_until
+from tests.topology.conftest import stop
 
 MASTER = "mymaster"
 DOWN_AFTER_MS = 1000
@@ -244,7 +245,7 @@ class SentinelGroup:
         node.process.wait(timeout=10)
 
     def stop_node(self, node: Node) -> None:
-        _stop(node.process)
+        stop(node.process)
 
     def restart_node(self, node: Node) -> None:
         """Start a stopped data node again: same port, folder and settings."""
@@ -259,17 +260,7 @@ class SentinelGroup:
 
     def stop(self) -> None:
         for node in self.watchers + self.nodes:
-            _stop(node.process)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+            stop(node.process)
 
 
 def elapsed_since(start: float) -> float:

@@ -44,7 +44,7 @@ from psycopg.rows import dict_row
 
 from config.settings import Settings
 from devtools.servers import EmbeddedServerError, free_port, wait_for_port
-from devtools.webhooks import SECRET, body_of, card_redemption, envelope, sign, wait_until
+from devtools.webhooks import SECRET, body_of, card_redemption, envelope, wait_until
 from migrations import migration_files
 from ops.context import OpsContext, direct_connect
 from tests.conftest import (
@@ -53,6 +53,7 @@ from tests.conftest import (
     create_database,
     drop_database,
     http_call,
+    post_signed,
     process_env,
 )
 from web import health
@@ -308,13 +309,7 @@ def test_web_worker_job_and_cli_through_pgbouncer_apply_each_event_once(
         body = body_of(doc)
         carried = set()
         for _ in range(2):
-            response, raw = http_call(
-                port,
-                "POST",
-                "/webhooks/voucherify",
-                body,
-                {"Content-Type": "application/json", "x-voucherify-signature": sign(body)},
-            )
+            response, raw = post_signed(port, body)
             assert response.status == 202, raw
             carried.add(json.loads(raw)["delivery_id"])
         # The repeat is answered with the delivery that carries the first copy.

@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +37,8 @@ import pytest
 
 from devtools.sender import Sender
 from devtools.stream import build_stream
-from devtools.webhooks import SECRET, body_of, card_redemption, envelope, sign, wait_until
-from tests.conftest import ROOT, Processes, http_call, process_env
+from devtools.webhooks import SECRET, body_of, card_redemption, envelope, wait_until
+from tests.conftest import ROOT, Processes, http_call, post_signed, process_env, run_captured
 from tests.fault.test_under_fire import UNRECORDED, pipeline_state, where_are
 from tests.topology.conftest import TlsRedis
 from tests.topology.sentinel import MASTER, SentinelGroup, redis_server
@@ -115,15 +114,7 @@ def readyz(port: int) -> dict[str, Any]:
 
 
 def cli_stats(env: dict[str, str]) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-m", "ops.cli", "stats", "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_captured([sys.executable, "-m", "ops.cli", "stats", "--json"], env, ROOT)
     assert result.returncode == 0, result.stderr
     stats: dict[str, Any] = json.loads(result.stdout)
     return stats
@@ -276,8 +267,7 @@ def test_a_sigkilled_primary_fails_over_and_every_202_is_applied_exactly_once(
 
 
 def post(port: int, body: bytes) -> tuple[int, dict[str, Any], str | None]:
-    headers = {"Content-Type": "application/json", "x-voucherify-signature": sign(body)}
-    response, raw = http_call(port, "POST", "/webhooks/voucherify", body, headers)
+    response, raw = post_signed(port, body)
     return response.status, json.loads(raw or b"{}"), response.getheader("Retry-After")
 
 

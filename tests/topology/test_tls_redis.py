@@ -19,8 +19,8 @@ import redis
 from kombu.exceptions import OperationalError
 
 from config.settings import Settings
-from devtools.webhooks import SECRET, body_of, card_redemption, envelope, sign, wait_until
-from tests.conftest import ROOT, Processes, http_call, process_env
+from devtools.webhooks import SECRET, body_of, card_redemption, envelope, wait_until
+from tests.conftest import ROOT, Processes, http_call, post_signed, process_env, run_captured
 from tests.topology.conftest import TlsRedis
 from workers.celery_app import make_celery
 from workers.db import close_pool
@@ -43,10 +43,13 @@ def env_for(database_url: str, redis_url: str, **more: str) -> dict[str, str]:
     )
 
 
-def post_webhook(port: int, doc: dict[str, Any]) -> tuple[int, dict[str, Any], str | None]:
-    body = body_of(doc)
-    headers = {"Content-Type": "application/json", "x-voucherify-signature": sign(body)}
-    response, raw = http_call(port, "POST", "/webhooks/voucherify", body, headers)
+def post_redemption(
+    port: int, redemption_id: str, amount: int, balance_after: int, event_id: str
+) -> tuple[int, dict[str, Any], str | None]:
+    """A gift card redemption's webhook, signed: the status, JSON answer and Retry-After."""
+    data = card_redemption("gift", redemption_id, amount=amount, balance_after=balance_after)
+    doc = envelope("redemption.succeeded", data, event_id=event_id)
+    response, raw = post_signed(port, body_of(doc))
     return response.status, json.loads(raw or b"{}"), response.getheader("Retry-After")
 
 
@@ -58,15 +61,7 @@ def get_json(port: int, path: str, token: str | None = None) -> tuple[int, dict[
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """``vfy-pipeline`` (the console script's module) in a process of its own."""
-    return subprocess.run(
-        [sys.executable, "-m", "ops.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_captured([sys.executable, "-m", "ops.cli", *args], env, ROOT)
 
 
 def test_every_process_works_over_tls_with_ssl_cert_reqs_none(
@@ -87,12 +82,7 @@ def test_every_process_works_over_tls_with_ssl_cert_reqs_none(
         timeout=30,
         what=lambda: f"/readyz 200 over TLS: {get_json(port, '/readyz')}\n{processes.logs()}",
     )
-    doc = envelope(
-        "redemption.succeeded",
-        card_redemption("gift", "r_tls", amount=1500, balance_after=8500),
-        event_id="evred_tls_1",
-    )
-    status, payload, _ = post_webhook(port, doc)
+    status, payload, _ = post_redemption(port, "r_tls", 1500, 8500, "evred_tls_1")
     assert status == 202, payload
 
     def processed() -> bool:
@@ -142,12 +132,9 @@ def test_without_ssl_cert_reqs_the_self_signed_certificate_is_refused(
         database_url, tls_redis.url(), OPS_API_TOKEN=OPS_TOKEN, ENQUEUE_TIMEOUT_SECONDS="1"
     )
     _, port = processes.web(env)
-    doc = envelope(
-        "redemption.succeeded",
-        card_redemption("gift", "r_tls_refused", amount=100, balance_after=900),
-        event_id="evred_tls_refused",
+    status, payload, retry_after = post_redemption(
+        port, "r_tls_refused", 100, 900, "evred_tls_refused"
     )
-    status, payload, retry_after = post_webhook(port, doc)
     assert status == 503, payload
     assert retry_after is not None
 

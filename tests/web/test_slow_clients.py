@@ -5,7 +5,6 @@ reads each request whole in its main loop before a thread takes it
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import socket
 import threading
@@ -15,8 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from devtools.webhooks import SECRET, body_of, card_redemption, envelope, sign
-from tests.conftest import Processes, process_env
+from devtools.webhooks import SECRET, body_of, card_redemption, envelope
+from tests.conftest import Processes, post_signed, process_env
 from workers.queue import DELIVERY_QUEUE
 
 TRICKLERS = 64
@@ -83,19 +82,19 @@ class Tricklers:
 def post_webhook(port: int, timeout: float, n: int = 0) -> int:
     data = card_redemption("gift", f"r_slow_{n}", 100, 900)
     body = body_of(envelope("redemption.succeeded", data, event_id=f"ev_slow_{n}"))
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(
-            "POST",
-            "/webhooks/voucherify",
-            body,
-            {"Content-Type": "application/json", "x-voucherify-signature": sign(body)},
-        )
-        response = conn.getresponse()
-        json.loads(response.read())
-        return response.status
-    finally:
-        conn.close()
+    response, raw = post_signed(port, body, timeout)
+    json.loads(raw)
+    return response.status
+
+
+def webhooks_get_their_202_at_once(
+    port: int, redis_client: redis.Redis, processes: Processes
+) -> None:
+    """``WEBHOOKS`` webhooks, on new connections: each answered 202 within a second (whichever
+    process accepts one must answer it), all of them queued."""
+    for n in range(WEBHOOKS):
+        assert post_webhook(port, timeout=1.0, n=n) == 202, processes.logs()
+    assert redis_client.llen(DELIVERY_QUEUE) == WEBHOOKS
 
 
 @pytest.mark.e2e
@@ -106,10 +105,7 @@ def test_a_webhook_gets_its_202_while_64_clients_trickle_their_requests(
     try:
         time.sleep(1.0)  # every trickler is past its head and holding on
         # Each within a second, though 64 connections trickle (more than 2 x 8 threads).
-        # Several, on new connections: whichever process accepts one must answer it.
-        for n in range(WEBHOOKS):
-            assert post_webhook(web_port, timeout=1.0, n=n) == 202, processes.logs()
-        assert redis_client.llen(DELIVERY_QUEUE) == WEBHOOKS
+        webhooks_get_their_202_at_once(web_port, redis_client, processes)
     finally:
         tricklers.close()
 
@@ -140,9 +136,7 @@ def test_webhooks_get_their_202_while_32_chunked_clients_stall_past_the_limit_of
     stalled = [stalled_chunked(web_port) for _ in range(STALLED)]
     try:
         time.sleep(0.5)  # all of it sent and read by the servers
-        for n in range(WEBHOOKS):
-            assert post_webhook(web_port, timeout=1.0, n=n) == 202, processes.logs()
-        assert redis_client.llen(DELIVERY_QUEUE) == WEBHOOKS
+        webhooks_get_their_202_at_once(web_port, redis_client, processes)
     finally:
         for sock in stalled:
             sock.close()
