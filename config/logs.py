@@ -69,6 +69,12 @@ def bind(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
+def masked_in(text: str, code: str | None) -> str:
+    """``text`` with the card's code masked wherever it appears (an error that quotes a
+    request's path, an answer's body)."""
+    return text.replace(code, masked_code(code) or "") if code else text
+
+
 def masked_code(code: str | None) -> str | None:
     """A card's code as logs and flag messages show it: its last 4 characters (a gift card
     code can be spent by whoever reads it). ``…WXYZ``; a code of 4 or fewer: ``…``."""

@@ -4,14 +4,16 @@ the same handler as its webhook; the flag is then never raised."""
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg_pool import ConnectionPool
 
-from devtools.fake_voucherify import APP_ID, APP_TOKEN, fake_voucherify
+from devtools.fake_voucherify import APP_ID, APP_TOKEN, Failure, fake_voucherify
 from devtools.webhooks import CARD_IDS, card_transaction, card_transaction_event, gift_voucher
 from tests.conftest import deliver
 from tests.jobs.conftest import rows
@@ -115,3 +117,24 @@ def test_a_spent_budget_ends_the_healing_instead_of_trying_every_card(
     assert calls == 1  # the one call the day allows; the other cards were not tried
     assert api.skipped == 1
     assert result.flags_raised == 3  # still flagged this run, healed on a later one
+
+
+def test_a_failed_healing_logs_the_card_by_id_with_its_code_masked(
+    pool: ConnectionPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gift card's code can be spent by whoever reads it: the error of a failed listing
+    quotes its path (``/v1/vouchers/<code>/transactions``), and the log line masks it."""
+    first = card_transaction("gift", "vtx_1", "CREDITS_ADDITION", 100, 100, _at(0))
+    last = card_transaction("gift", "vtx_3", "CREDITS_ADDITION", 100, 250, _at(2))
+    for transaction in (first, last):
+        assert deliver(pool, *card_transaction_event("gift", transaction)) == "processed"
+
+    with fake_voucherify() as fake, caplog.at_level(logging.WARNING, "workers.jobs.drift"):
+        fake.fail_first(CODE, *[Failure(400)] * 5)  # a client error: not retried
+        api = VoucherifyApi(fake.url, APP_ID, APP_TOKEN, Budget(pool, 6000, 100_000))
+        check_drift(pool, time.monotonic() + 60, quiet_seconds=0, api=api)
+
+    [failed] = [r for r in caplog.records if r.getMessage() == "drift.heal_failed"]
+    assert "/transactions" in failed.error  # type: ignore[attr-defined]
+    assert CODE not in str(failed.__dict__)
+    assert failed.voucher_code == "\u2026" + CODE[-4:]  # type: ignore[attr-defined]

@@ -21,7 +21,7 @@ from typing import Any
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
-from config.logs import masked_code
+from config.logs import masked_code, masked_in
 from schemas.vocabulary import LedgerKind
 from workers.handlers import sql
 from workers.jobs.voucherify_api import BudgetExhausted, VoucherifyApi, VoucherifyApiError
@@ -119,7 +119,7 @@ def learn_holders(
                         "voucher_id": card.voucher_id,
                         "voucher_code": masked_code(card.voucher_code),
                         "status": exc.status,
-                        "error": _masked(str(exc), card.voucher_code),
+                        "error": masked_in(str(exc), card.voucher_code),
                     },
                 )
                 if exc.permanent:
@@ -168,8 +168,3 @@ def _balance(voucher: dict[str, Any] | None, kind: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_BALANCE:
         return None
     return value
-
-
-def _masked(text: str, code: str | None) -> str:
-    """``text`` with the card's code masked, wherever an answer's body quotes it."""
-    return text.replace(code, masked_code(code) or "") if code else text

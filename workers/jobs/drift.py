@@ -25,7 +25,7 @@ import psycopg
 from psycopg.rows import class_row, dict_row
 from psycopg_pool import ConnectionPool
 
-from config.logs import masked_code
+from config.logs import masked_code, masked_in
 from schemas.vocabulary import FlagCategory, FlagStatus, LedgerKind
 from workers.jobs import metrics
 from workers.jobs.card_lookup import Lookups, learn_holders
@@ -276,7 +276,12 @@ def _heal_and_recheck(
             break  # the budget is spent: the cards left are flagged now, healed next run
         except VoucherifyApiError as exc:
             log.warning(
-                "drift.heal_failed", extra={"voucher_id": card.voucher_id, "error": str(exc)}
+                "drift.heal_failed",
+                extra={
+                    "voucher_id": card.voucher_id,
+                    "voucher_code": masked_code(card.voucher_code),
+                    "error": masked_in(str(exc), card.voucher_code),  # its path has the code
+                },
             )
         tried.append(card.voucher_id)
     only = [card.voucher_id for card in cards]
