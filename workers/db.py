@@ -68,8 +68,6 @@ def get_pool(
 def settings_pool(settings: Settings, max_size: int | None = None) -> ConnectionPool:
     """This process's pool as the settings say: their URL, pool size (unless ``max_size``)
     and ``db_prepare_threshold``."""
-    if settings.database_url is None:
-        raise ValueError("a pool needs settings with DATABASE_URL resolved")
     return get_pool(
         settings.database_url,
         settings.db_pool_max_size if max_size is None else max_size,

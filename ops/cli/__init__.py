@@ -9,7 +9,7 @@ Exit status: 0 done, 1 not found or refused (a pruned payload, Redis down), 2 us
 configuration error.
 
 Modules: ``parser`` (the commands and their options), ``commands`` (what each one does),
-``output`` (how it prints).
+``explain`` (version, config check, migrations status), ``output`` (how it prints).
 """
 
 from __future__ import annotations

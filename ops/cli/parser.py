@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ops.cli import commands as c
+from ops.cli import explain
 from ops.cli.output import PROG
 from ops.params import ANY, DEFAULT_LIMIT, MAX_LIMIT, one_of
 from ops.service import ATTENTION_STATUSES, MAX_REPLAY_EVENTS
@@ -45,7 +46,7 @@ class Tree:
         self,
         sub: Any,
         name: str,
-        run: c.Command | c.EnvironCommand,
+        run: c.Command | explain.EnvironCommand,
         help_text: str,
         paged: bool = False,
     ) -> argparse.ArgumentParser:
@@ -67,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         "'%(prog)s events replay --since today --dry-run'.",
     )
     parser.add_argument("--json", action="store_true", help="print JSON for machines")
-    parser.add_argument("--version", action="version", version=f"{PROG} {c.package_version()}")
+    parser.add_argument(
+        "--version", action="version", version=f"{PROG} {explain.package_version()}"
+    )
     tree = Tree(parser)
     add_events(tree)
     add_lookups(tree)
@@ -87,13 +90,13 @@ def add_config(tree: Tree) -> None:
     p = tree.command(
         config,
         "check",
-        c.config_check,
+        explain.config_check,
         "read the environment exactly as a process does and print every setting, secrets "
         "redacted; exit 2 with that process's one-line error when a setting is missing or bad",
     )
     p.add_argument(
         "--process",
-        choices=c.CHECKED_PROCESSES,
+        choices=explain.CHECKED_PROCESSES,
         default="web",
         help="whose rules (default web: it also needs VOUCHERIFY_WEBHOOK_SECRET)",
     )
@@ -105,7 +108,7 @@ def add_migrations(tree: Tree) -> None:
     tree.command(
         migrations,
         "status",
-        c.migrations_status,
+        explain.migrations_status,
         "every migration, applied (when) or pending; exit 1 when one is pending or the "
         "database has one this code does not know",
     )

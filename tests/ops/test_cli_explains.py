@@ -14,7 +14,7 @@ import pytest
 
 from migrations import apply_migrations, migration_files
 from ops.cli import main
-from ops.cli.commands import package_version
+from ops.cli.explain import package_version
 from tests.conftest import ROOT, create_database, drop_database
 
 GOOD = {
